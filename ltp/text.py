@@ -1,0 +1,85 @@
+"""
+Tokenization with the `tokenizers` library, in each family's format, and batching.
+
+RoBERTa: <s> A </s>            and  <s> A </s></s> B </s>     (one token type)
+BERT:    [CLS] A [SEP]         and  [CLS] A [SEP] B [SEP]      (token types 0 ... 0 1 ... 1)
+Too-long inputs are truncated to the model's maximum length the way `transformers` does it
+(the Rust "longest_first" strategy: the longer text loses tokens first), never rejected.
+"""
+import json
+import os
+
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+
+
+class Tokenizer:
+    def __init__(self, tok, max_length, single_type):
+        self.tok = tok
+        self.max_length = max_length
+        self.single_type = single_type  # RoBERTa: every token has type 0
+        tok.no_padding()
+        tok.enable_truncation(max_length=max_length, strategy="longest_first")
+
+    @classmethod
+    def from_dir(cls, path, cfg):
+        """tokenizer.json, or RoBERTa's vocab.json + merges.txt; max length from the model's positions."""
+        max_length = cfg.max_tokens
+        tc = os.path.join(path, "tokenizer_config.json")
+        if os.path.isfile(tc):
+            with open(tc) as f:
+                m = json.load(f).get("model_max_length")
+            if isinstance(m, int) and 0 < m < max_length:
+                max_length = m
+        tj = os.path.join(path, "tokenizer.json")
+        vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
+        if os.path.isfile(tj):
+            tok = HFTokenizer.from_file(tj)
+        elif os.path.isfile(vocab) and os.path.isfile(merges):
+            tok = roberta_bpe(vocab, merges)
+        else:
+            raise FileNotFoundError(f"{path}: no tokenizer.json (nor vocab.json + merges.txt) found")
+        return cls(tok, max_length, cfg.type_vocab_size == 1)
+
+    def encode(self, texts):
+        """
+        texts: a list of str (single sentences) or (str, str) pairs. Returns a list of (ids, type_ids).
+        Example (BERT): ["hi"] -> [([101, 7632, 102], [0, 0, 0])]; the empty string gives [CLS] [SEP].
+        """
+        out = []
+        for e in self.tok.encode_batch([t if isinstance(t, str) else tuple(t) for t in texts]):
+            types = [0] * len(e.ids) if self.single_type else list(e.type_ids)
+            out.append((list(e.ids), types))
+        return out
+
+
+def roberta_bpe(vocab, merges):
+    """RoBERTa's byte-level BPE from its original vocab.json + merges.txt files."""
+    from tokenizers import decoders, models, pre_tokenizers, processors
+    tok = HFTokenizer(models.BPE.from_file(vocab, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    with open(vocab, encoding="utf-8") as f:
+        v = json.load(f)
+    for name in ("<s>", "</s>", "<pad>"):
+        if name not in v:
+            raise KeyError(f"{vocab}: special token {name!r} missing")
+    tok.add_special_tokens(["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    tok.post_processor = processors.RobertaProcessing(("</s>", v["</s>"]), ("<s>", v["<s>"]), trim_offsets=True)
+    return tok
+
+
+def collate(encoded, pad_id):
+    """
+    Right-pad a list of (ids, type_ids) into tensors (B, N): input_ids, attention_mask, token_type_ids.
+    Example: [([5, 6, 7], [0, 0, 0]), ([5, 7], [0, 0])], pad 1 -> ids [[5, 6, 7], [5, 7, 1]], mask [[1, 1, 1], [1, 1, 0]].
+    """
+    N = max(len(ids) for ids, _ in encoded)
+    ids = torch.full((len(encoded), N), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), N), dtype=torch.long)
+    types = torch.zeros((len(encoded), N), dtype=torch.long)
+    for b, (i, t) in enumerate(encoded):
+        ids[b, :len(i)] = torch.tensor(i)
+        mask[b, :len(i)] = 1
+        types[b, :len(t)] = torch.tensor(t)
+    return ids, mask, types
