@@ -184,7 +184,8 @@ class Encoder(nn.Module):
                 x = x * m[..., None]                                             # eqs. 10-11: x~_out = M~ * x_out
                 # A pruned token takes no further part, as query or key: it leaves the live set.
                 # Soft pruning does the same softly through log M~ (at T -> 0 exactly the hard mask).
-                log_keep = log_keep + torch.log(m)
+                # (clamped: log 0 would give NaN gradients; e^-69 is as good as 0 next to live keys)
+                log_keep = log_keep + torch.log(m.clamp_min(1e-30))
                 masks.append(m)
                 kept.append((m > 0.5).sum(1).to(real.dtype) if p.mode == "soft" else m.sum(1))
             else:

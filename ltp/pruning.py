@@ -53,8 +53,8 @@ def hard_mask(s, theta, alive):
     does not say so and its official code does not protect it.
     s, alive: (B, N); theta: scalar tensor. Returns a float mask (B, N).
     """
-    m = (s > theta) & (alive > 0)
-    m[:, 0] = alive[:, 0] > 0
+    m = (s > theta) & (alive > 0.5)
+    m[:, 0] = alive[:, 0] > 0.5
     return m.to(s.dtype)
 
 

@@ -1,0 +1,361 @@
+"""
+Learned Token Pruning on GLUE: Algorithm 1 of Kim et al. (KDD 2022), plus the fine-tuning that makes its input.
+
+  finetune  fine-tune the pretrained encoder on the task (no pruning)          -> OUTPUT/finetune/
+  soft      step 1: soft masks (eq. 9-11) + regulariser (eq. 12), learn theta -> OUTPUT/soft/
+            step 2: binarize the mask (eq. 8) and freeze theta (the saved checkpoint prunes hard)
+  hard      step 3: fine-tune the weights with the hard mask, theta fixed     -> OUTPUT/hard/
+
+Each stage directory is an HF-layout checkpoint (+ ltp.json with the thresholds) that infer.py reads;
+OUTPUT/metrics.jsonl gets one row per evaluation. Multi-process: torchrun --nproc_per_node 2 train.py ...
+"""
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import ltp
+from ltp import glue
+from ltp.model import atomic_write, resolve
+from ltp.pruning import PruneConfig, init_thresholds, mask_regularizer, relative_flops, sequence_flops
+from ltp.text import Tokenizer, collate
+
+# Table A.1 of the paper (GLUE): soft pruning lr 2e-5, final threshold 0.01 at init, T in {1,2,5,10,20}e-4,
+# hard pruning 10 epochs; soft pruning 1-10 epochs "depending on the dataset size"; batch size 64.
+DEFAULTS = dict(lr=2e-5, threshold_lr=2e-5, batch_size=64, temperature=1e-3, final_threshold=0.01, lam=0.1,
+                finetune_epochs=3, soft_epochs=1, hard_epochs=10, weight_decay=0.1, warmup=0.06)
+TASK_OVERRIDES = {  # small datasets get more soft-pruning epochs
+    "mrpc": dict(soft_epochs=10, finetune_epochs=10),
+    "stsb": dict(soft_epochs=10, finetune_epochs=10),
+    "rte": dict(soft_epochs=10, finetune_epochs=10),
+    "wnli": dict(soft_epochs=10, finetune_epochs=5),
+    "cola": dict(soft_epochs=5, finetune_epochs=10),
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "vocab.txt",
+                   "special_tokens_map.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+def encode_split(tok, examples):
+    texts = [e.text_a if e.text_b is None else (e.text_a, e.text_b) for e in examples]
+    return tok.encode(texts), [e.label for e in examples]
+
+
+def epoch_batches(lengths, batch_size, seed, epoch):
+    """
+    Length-bucketed batches (dynamic padding), deterministic in (seed, epoch): shuffle, cut into
+    chunks of 50 batches, sort each chunk by length, split into batches, shuffle the batch order.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    idx = rng.permutation(len(lengths))
+    chunk = batch_size * 50
+    batches = []
+    for c in range(0, len(idx), chunk):
+        part = sorted(idx[c:c + chunk], key=lambda i: lengths[i])
+        batches += [part[b:b + batch_size] for b in range(0, len(part), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def to_batch(enc, labels, ids, pad_id, regression, device):
+    input_ids, mask, types = collate([enc[i] for i in ids], pad_id)
+    y = torch.tensor([labels[i] for i in ids], dtype=torch.float32 if regression else torch.long)
+    return input_ids.to(device), mask.to(device), types.to(device), y.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation: task metrics + FLOPs of the hard-pruned model on the real (unpadded) lengths
+
+@torch.no_grad()
+def evaluate(model, task, dev_sets, pad_id, device, batch_size=64):
+    was_training = model.training
+    model.eval()
+    cfg = model.cfg
+    row = {}
+    for suffix, (enc, labels) in dev_sets.items():
+        order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]))
+        preds, golds, kept = [], [], []
+        for b in range(0, len(order), batch_size):
+            ids = order[b:b + batch_size]
+            x, m, t, y = to_batch(enc, labels, ids, pad_id, task.num_labels == 1, device)
+            logits, _, aux = model(x, m, t)
+            preds += (logits.squeeze(-1) if task.num_labels == 1 else logits.argmax(-1)).tolist()
+            golds += y.tolist()
+            kept += aux["kept"].long().tolist()
+        name = [k for k, v in glue.TASKS.items() if v is task][0]
+        for k, v in glue.compute_metrics(name, preds, golds).items():
+            row[k + suffix] = round(v, 6)
+        if not suffix:
+            row["relative_flops"] = round(relative_flops(kept, cfg.num_hidden_layers, cfg.hidden_size,
+                                                         cfg.intermediate_size), 6)
+            row["gflops"] = round(sum(sequence_flops(k, cfg.hidden_size, cfg.intermediate_size)
+                                      for k in kept) / len(kept) / 1e9, 6)
+            row["kept_per_layer"] = [round(float(v), 2) for v in np.mean(kept, axis=0)]
+    model.train(was_training)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints: the model in HF layout per stage, plus state.pt for --resume (written atomically)
+
+def save_stage(model, path, src_dir):
+    ltp.save(model, path)
+    for f in TOKENIZER_FILES:  # so that infer.py --model OUTPUT/<stage> works on its own
+        if os.path.isfile(os.path.join(src_dir, f)):
+            shutil.copyfile(os.path.join(src_dir, f), os.path.join(path, f))
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+def log_row(args, row):
+    with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+
+def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
+    """Train one stage starting from checkpoint directory `src`; returns the stage's directory."""
+    out = os.path.join(args.output_dir, stage)
+    state_path = os.path.join(out, "state.pt")
+    if args.resume and os.path.isfile(os.path.join(out, "DONE")):
+        if rank == 0:
+            print(f"[{stage}] already done: {out}")
+        return out
+    # the model: a pretrained encoder gets a new head; later stages start from the previous stage
+    model = ltp.load(src, num_labels=task.num_labels, new_head_ok=(stage == "finetune"))
+    if task.labels:
+        model.cfg.id2label = {str(i): n for i, n in enumerate(task.labels)}
+        model.cfg.label2id = {n: i for i, n in enumerate(task.labels)}
+    else:
+        model.cfg.problem_type = "regression"
+    L = model.cfg.num_hidden_layers
+    if stage == "finetune":
+        model.prune = PruneConfig(mode="off")
+    elif stage == "soft":  # step 1: soft masks, thresholds initialised linearly rising (section 4.4)
+        model.prune = PruneConfig(mode="soft", temperature=args.temperature, final_threshold=args.final_threshold)
+        model.encoder.theta.data.copy_(init_thresholds(L, args.final_threshold))
+    else:  # step 2 happened when soft saved: binarized mask (mode "hard"), theta frozen from now on
+        model.prune = PruneConfig(**{**model.prune.__dict__, "mode": "hard"})
+    model.encoder.theta.requires_grad_(stage == "soft")
+    model.to(device).train()
+
+    # optimizer: AdamW, no decay on biases and LayerNorm; theta in its own group with its own lr
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 and n != "encoder.theta"]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if stage == "soft":
+        groups.append({"params": [model.encoder.theta], "weight_decay": 0.0, "lr": args.threshold_lr})
+    base_lrs = [args.lr, args.lr] + ([args.threshold_lr] if stage == "soft" else [])
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    epochs = getattr(args, f"{stage}_epochs")
+    enc, labels = train
+    lengths = [len(e[0]) for e in enc]
+    steps_per_epoch = len(epoch_batches(lengths, args.batch_size, args.seed, 0))
+    total = epochs * steps_per_epoch
+    warmup = int(args.warmup * total)
+
+    def get_lr(step):  # linear warm-up then linear decay to 0 (RoBERTa's GLUE recipe)
+        return step / max(1, warmup) if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
+
+    start_epoch, start_batch = 0, 0
+    if args.resume and os.path.isfile(state_path):
+        st = torch.load(state_path, weights_only=False)
+        model.load_state_dict(st["model"])
+        optimizer.load_state_dict(st["optimizer"])
+        set_rng_state(st["rng"])
+        start_epoch, start_batch = st["epoch"], st["batch"]
+        if rank == 0:
+            print(f"[{stage}] resuming at epoch {start_epoch} batch {start_batch}")
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    step = start_epoch * steps_per_epoch + start_batch
+    for epoch in range(start_epoch, epochs):
+        batches = epoch_batches(lengths, args.batch_size, args.seed, epoch)
+        bar = tqdm(range(start_batch, len(batches)), desc=f"{stage} {epoch + 1}/{epochs}", disable=rank != 0,
+                   initial=start_batch, total=len(batches), dynamic_ncols=True)
+        for b in bar:
+            for g, base in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = base * get_lr(step)
+            global_ids = batches[b]
+            ids = global_ids[rank::world]  # this process's share of the global batch
+            x, m, t, y = to_batch(enc, labels, ids, model.cfg.pad_token_id, task.num_labels == 1, device)
+            # losses are sums over the global batch / its size, so any number of processes gives the same
+            # gradient (DDP averages over processes, hence the factor `world`)
+            n_global = len(global_ids)
+            real_global = sum(lengths[i] for i in global_ids)
+            logits, loss, aux = net(x, m, t, y)
+            loss_task = loss * len(ids) * world / n_global
+            loss_total = loss_task
+            if stage == "soft":  # eq. 12: L_new = L + lam * L_reg
+                reg = mask_regularizer(aux["masks"], m.float()) * m.sum() * world / real_global
+                loss_total = loss_task + args.lam * reg
+            optimizer.zero_grad(set_to_none=True)
+            loss_total.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            kept = (aux["kept"][:, -1] / aux["kept"][:, 0]).mean().item()
+            bar.set_postfix(loss=f"{loss_task.item():.4f}", kept=f"{kept:.2f}",
+                            **({"theta_L": f"{model.encoder.theta[-1].item():.4f}"} if stage == "soft" else {}))
+            if args.save_every and step % args.save_every == 0 and b + 1 < len(batches):
+                save_state(model, optimizer, epoch, b + 1, state_path, rank)
+            if args.max_steps and step >= args.max_steps:  # for interruption tests and quick looks
+                save_state(model, optimizer, epoch, b + 1, state_path, rank)
+                return None
+        start_batch = 0
+        save_state(model, optimizer, epoch + 1, 0, state_path, rank)
+        row = evaluate(model, task, dev_sets, model.cfg.pad_token_id, device)
+        row = {"stage": stage, "step": step, "epoch": epoch + 1, **row, "time": round(time.time(), 1)}
+        if stage == "soft":
+            row["thresholds"] = [round(v, 6) for v in model.encoder.theta.tolist()]
+        if rank == 0:
+            log_row(args, row)
+            print(json.dumps(row))
+    if stage == "soft":  # step 2: binarize the mask and fix the thresholds
+        model.prune = PruneConfig(**{**model.prune.__dict__, "mode": "hard"})
+    if rank == 0:
+        save_stage(model, out, resolve(src))
+        atomic_write(os.path.join(out, "DONE"), lambda p: open(p, "w").write("done\n"))
+    if world > 1:
+        dist.barrier()
+    return out
+
+
+def save_state(model, optimizer, epoch, batch, path, rank):
+    """Everything --resume needs: weights (incl. theta), optimizer, RNG streams, data position."""
+    if rank != 0:
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    st = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(),
+          "epoch": epoch, "batch": batch}
+    atomic_write(path, lambda p: torch.save(st, p))
+
+
+def main(args):
+    task = glue.get_task(args.task)
+    for s in ("finetune", "soft", "hard"):  # --epochs sets every stage not set on its own
+        if getattr(args, f"{s}_epochs") is None and args.epochs is not None:
+            setattr(args, f"{s}_epochs", args.epochs)
+    for k, v in {**DEFAULTS, **TASK_OVERRIDES.get(args.task, {})}.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    for s in stages:
+        if s not in ("finetune", "soft", "hard"):
+            raise SystemExit(f"--stages: unknown stage {s!r} (use finetune, soft, hard)")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    device = torch.device(args.device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+
+    # the data and the model source; offline, both fail within seconds with one clear line
+    try:
+        first_src = args.init or args.model
+        src_dir = resolve(first_src)
+        glue.ensure(args.task, args.data_dir, splits=("train", "dev"))
+    except (FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f"error: {e}\n(offline? pass --model with a local model directory and "
+                         f"--data-dir with the GLUE TSV files)")
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+    cfg = ltp.Config.from_json(os.path.join(src_dir, "config.json"))
+    tok = Tokenizer.from_dir(src_dir, cfg)
+    if args.max_length:
+        tok = Tokenizer(tok.tok, min(args.max_length, tok.max_length), tok.single_type)
+    train_ex = glue.read_split(args.task, args.data_dir, "train")
+    if args.max_train_examples:
+        keep = np.random.default_rng(args.seed).permutation(len(train_ex))[:args.max_train_examples]
+        train_ex = [train_ex[i] for i in sorted(keep)]
+    train = encode_split(tok, train_ex)
+    dev_sets = {"": encode_split(tok, glue.read_split(args.task, args.data_dir, "dev"))}
+    if "dev_mismatched" in task.splits:
+        dev_sets["_mm"] = encode_split(tok, glue.read_split(args.task, args.data_dir, "dev_mismatched"))
+    if rank == 0:
+        print(f"{args.task}: {len(train[0])} train, {len(dev_sets[''][0])} dev examples; stages {stages}")
+
+    src = first_src
+    if stages and stages[0] != "finetune" and not args.init:  # continue from the previous stage's output
+        src = os.path.join(args.output_dir, {"soft": "finetune", "hard": "soft"}[stages[0]])
+        if not os.path.isdir(src):
+            raise SystemExit(f"error: --stages {args.stages} needs --init CHECKPOINT or a finished {src}")
+    for stage in stages:
+        t0 = time.time()
+        out = run_stage(stage, args, task, src, train, dev_sets, world, rank, device)
+        if out is None:  # stopped by --max-steps
+            break
+        if rank == 0:
+            print(f"[{stage}] done in {time.time() - t0:.0f} s -> {out}")
+            log_row(args, {"stage": stage, "event": "done", "seconds": round(time.time() - t0, 1)})
+        src = out
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="sst2", help=f"GLUE task: {', '.join(glue.TASKS)}")
+    p.add_argument("--model", default="FacebookAI/roberta-base", help="pretrained model directory or hub id")
+    p.add_argument("--init", default=None, help="start from this already fine-tuned checkpoint (skip finetune)")
+    p.add_argument("--data-dir", default="data/glue", help="GLUE folder (SST-2/, MRPC/, ...); downloaded if missing")
+    p.add_argument("--output-dir", default=None, help="run folder (default runs/<task>)")
+    p.add_argument("--stages", default=None, help="comma list of finetune,soft,hard (default all; "
+                                                  "soft,hard with --init)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs for every stage (overrides the per-stage ones)")
+    p.add_argument("--finetune-epochs", type=int, default=None, help="default 3 (10 for small tasks)")
+    p.add_argument("--soft-epochs", type=int, default=None, help="soft pruning epochs (table A.1: 1-10)")
+    p.add_argument("--hard-epochs", type=int, default=None, help="hard pruning epochs (table A.1: 10)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of the weights (2e-5)")
+    p.add_argument("--threshold-lr", type=float, default=None, help="learning rate of the thresholds (2e-5)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch size (64, table A.1)")
+    p.add_argument("--lam", type=float, default=None, help="lambda of eq. 12 (0.1); larger prunes more")
+    p.add_argument("--temperature", type=float, default=None, help="T of eq. 9 (1e-3)")
+    p.add_argument("--final-threshold", type=float, default=None, help="theta_L at init (0.01)")
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (0.1)")
+    p.add_argument("--warmup", type=float, default=None, help="warm-up fraction of the steps (0.06)")
+    p.add_argument("--max-train-examples", type=int, default=None, help="a random subset of train, for quick runs")
+    p.add_argument("--max-length", type=int, default=None, help="truncate inputs to this many tokens")
+    p.add_argument("--max-steps", type=int, default=None, help="stop (with a resumable state) after this many steps")
+    p.add_argument("--save-every", type=int, default=200, help="write the resumable state every N steps (0: epochs only)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order, init and dropout")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = p.parse_args(argv)
+    if args.output_dir is None:
+        args.output_dir = os.path.join("runs", args.task)
+    if args.stages is None:
+        args.stages = "soft,hard" if args.init else "finetune,soft,hard"
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())
