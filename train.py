@@ -140,6 +140,11 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
         if rank == 0:
             print(f"[{stage}] already done: {out}")
         return out
+    # every stage seeds its own RNG streams: the same result whether it runs alone or after another stage
+    seed = args.seed + ("finetune", "soft", "hard").index(stage)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
     # the model: a pretrained encoder gets a new head; later stages start from the previous stage
     model = ltp.load(src, num_labels=task.num_labels, new_head_ok=(stage == "finetune"))
     if task.labels:
@@ -272,9 +277,6 @@ def main(args):
             torch.cuda.set_device(device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
 
     # the data and the model source; offline, both fail within seconds with one clear line
     try:

@@ -1,0 +1,159 @@
+"""train.py end to end on a tiny random BERT and a tiny SST-2-format fixture written here."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ltp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train  # noqa: E402
+
+WORDS = "good bad great awful fine movie film plot actor boring fun dull superb weak".split()
+
+
+def make_glue(root, n_train=48, n_dev=16):
+    """A tiny SST-2 folder in the official layout: header 'sentence<TAB>label'."""
+    d = os.path.join(root, "SST-2")
+    os.makedirs(d)
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        with open(os.path.join(d, f"{split}.tsv"), "w") as f:
+            f.write("sentence\tlabel\n")
+            for i in range(n):
+                k = int(torch.randint(2, 12, (1,), generator=g))
+                words = [WORDS[int(j)] for j in torch.randint(len(WORDS), (k,), generator=g)]
+                label = int(sum(w in ("good", "great", "fine", "fun", "superb") for w in words) > k / 3)
+                f.write(" ".join(words) + f" \t{label}\n")
+    return root
+
+
+def make_model(path, dropout=0.1):
+    """A tiny random BERT checkpoint with a word-level tokenizer.json over WORDS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    cfg = ltp.Config(model_type="bert", vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=24, max_position_embeddings=32, type_vocab_size=2,
+                     pad_token_id=0, layer_norm_eps=1e-12, hidden_dropout_prob=dropout,
+                     attention_probs_dropout_prob=dropout)
+    torch.manual_seed(0)
+    ltp.save(ltp.Model(cfg), path)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    return path
+
+
+def run(tmp_path, out, *extra):
+    argv = ["--task", "sst2", "--model", str(tmp_path / "m"), "--data-dir", str(tmp_path / "glue"),
+            "--output-dir", str(out), "--batch-size", "8", "--epochs", "2", "--lr", "1e-3",
+            "--threshold-lr", "1e-3", "--lam", "0.5", "--save-every", "1", "--threads", "1", *extra]
+    train.main(train.parse_args(argv))
+
+
+def params(path):
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def test_three_stages_write_checkpoints_and_metrics(tmp_path):
+    make_glue(tmp_path / "glue")
+    make_model(tmp_path / "m")
+    run(tmp_path, tmp_path / "out")
+    rows = [json.loads(l) for l in open(tmp_path / "out" / "metrics.jsonl")]
+    evals = [r for r in rows if "event" not in r]
+    assert [r["stage"] for r in evals] == ["finetune"] * 2 + ["soft"] * 2 + ["hard"] * 2
+    for r in evals:
+        assert {"stage", "step", "accuracy", "relative_flops", "gflops", "kept_per_layer"} <= set(r)
+        assert 0 < r["relative_flops"] <= 1
+    assert evals[0]["relative_flops"] == 1.0  # no pruning while fine-tuning
+    for stage in ("finetune", "soft", "hard"):
+        d = tmp_path / "out" / stage
+        assert (d / "DONE").exists() and (d / "tokenizer.json").exists()
+    # soft learned thresholds (they moved from the linear init); hard kept them frozen
+    soft = json.load(open(tmp_path / "out" / "soft" / "ltp.json"))
+    hard = json.load(open(tmp_path / "out" / "hard" / "ltp.json"))
+    assert soft["mode"] == hard["mode"] == "hard"  # step 2: the saved soft checkpoint prunes hard
+    assert soft["thresholds"] == hard["thresholds"]
+    assert soft["thresholds"] != pytest.approx([0.005, 0.01], abs=1e-7)
+    m = ltp.load(str(tmp_path / "out" / "hard"))
+    assert m.prune.mode == "hard" and m.encoder.theta.tolist() == pytest.approx(hard["thresholds"])
+
+
+def test_resume_is_bit_identical(tmp_path):
+    make_glue(tmp_path / "glue")
+    make_model(tmp_path / "m")
+    run(tmp_path, tmp_path / "a", "--stages", "finetune,soft")
+    # interrupted mid-epoch in each stage (RNG, optimizer, scheduler, data position restored), then resumed
+    run(tmp_path, tmp_path / "b", "--stages", "finetune", "--max-steps", "5")
+    assert not (tmp_path / "b" / "finetune" / "DONE").exists()
+    run(tmp_path, tmp_path / "b", "--stages", "finetune", "--resume")
+    run(tmp_path, tmp_path / "b", "--stages", "soft", "--max-steps", "3")
+    assert not (tmp_path / "b" / "soft" / "DONE").exists()
+    run(tmp_path, tmp_path / "b", "--stages", "soft", "--resume")
+    for stage in ("finetune", "soft"):
+        a, b = params(tmp_path / "a" / stage), params(tmp_path / "b" / stage)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{stage} {k} differs after resume"
+    ta = json.load(open(tmp_path / "a" / "soft" / "ltp.json"))["thresholds"]
+    tb = json.load(open(tmp_path / "b" / "soft" / "ltp.json"))["thresholds"]
+    assert ta == tb
+
+
+def test_two_processes_equal_one(tmp_path):
+    """torchrun with 2 CPU processes (gloo) and the same global batch gives the same parameters."""
+    make_glue(tmp_path / "glue")
+    make_model(tmp_path / "m", dropout=0.0)
+    common = ["--task", "sst2", "--model", str(tmp_path / "m"), "--data-dir", str(tmp_path / "glue"),
+              "--batch-size", "8", "--epochs", "1", "--lr", "1e-3", "--threshold-lr", "1e-3",
+              "--stages", "finetune,soft", "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *common, "--output-dir",
+                          str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29533", os.path.join(ROOT, "train.py"), *common,
+                          "--output-dir", str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    for stage in ("finetune", "soft"):
+        a, b = params(tmp_path / "one" / stage), params(tmp_path / "two" / stage)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=f"{stage} {k}")
+
+
+def test_offline_defaults_fail_fast_with_one_clear_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.time()
+    with pytest.raises(SystemExit, match="--model .*--data-dir"):
+        train.main(train.parse_args(["--task", "sst2", "--data-dir", str(tmp_path / "none"),
+                                     "--output-dir", str(tmp_path / "o")]))
+    assert time.time() - t0 < 20
+
+
+def test_unknown_task_and_stage(tmp_path):
+    with pytest.raises(ValueError, match="unknown task 'sst3'"):
+        train.main(train.parse_args(["--task", "sst3"]))
+    make_glue(tmp_path / "glue")
+    make_model(tmp_path / "m")
+    with pytest.raises(SystemExit, match="unknown stage 'prune'"):
+        run(tmp_path, tmp_path / "o", "--stages", "finetune,prune")
+
+
+def test_epoch_batches_cover_every_example_once_and_are_deterministic():
+    lengths = [int(x) for x in torch.randint(3, 60, (1000,), generator=torch.Generator().manual_seed(1))]
+    b1 = train.epoch_batches(lengths, 32, seed=3, epoch=0)
+    assert sorted(i for b in b1 for i in b) == list(range(1000))
+    assert b1 == train.epoch_batches(lengths, 32, seed=3, epoch=0)
+    assert b1 != train.epoch_batches(lengths, 32, seed=3, epoch=1)
+    # length bucketing: padding inside a batch is far below that of random batches
+    pad = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in b1)
+    assert pad < 0.1 * sum(lengths)
