@@ -175,17 +175,19 @@ class Encoder(nn.Module):
             probs, v = layer.attention_probs(x, log_keep)
             x = layer.finish(x, probs, v)
             if p.mode != "off":
-                keep = log_keep.exp()  # (B, N) 1 = live (soft: in between)
+                keep = log_keep.exp()  # (B, N) 1 = live, 0 = padding / pruned (soft: in between)
                 s = importance_score(probs, keep, p.score_length)               # eq. 7
+                # Both masks are cumulative (times keep): a token pruned before stays pruned, and the
+                # regulariser does not count it again in later layers.
                 if p.mode == "hard":
                     m = hard_mask(s, self.theta[l], keep)                        # eq. 8
                 else:
-                    m = soft_mask(s, self.theta[l], p.temperature, real)         # eq. 9
+                    m = soft_mask(s, self.theta[l], p.temperature, keep)         # eq. 9
                 x = x * m[..., None]                                             # eqs. 10-11: x~_out = M~ * x_out
                 # A pruned token takes no further part, as query or key: it leaves the live set.
                 # Soft pruning does the same softly through log M~ (at T -> 0 exactly the hard mask).
                 # (clamped: log 0 would give NaN gradients; e^-69 is as good as 0 next to live keys)
-                log_keep = log_keep + torch.log(m.clamp_min(1e-30))
+                log_keep = torch.log(m.clamp_min(1e-30)).masked_fill(real == 0, -math.inf)
                 masks.append(m)
                 kept.append((m > 0.5).sum(1).to(real.dtype) if p.mode == "soft" else m.sum(1))
             else:
@@ -325,6 +327,7 @@ def hf_names(model):
 
 def resolve(path_or_id):
     """A local directory, or a hub id (e.g. FacebookAI/roberta-base) downloaded into the HF cache."""
+    path_or_id = os.fspath(path_or_id)  # a pathlib.Path works too
     if os.path.isdir(path_or_id):
         return path_or_id
     if os.path.exists(path_or_id) or path_or_id.startswith((".", "/")) or path_or_id.count("/") != 1:

@@ -58,15 +58,16 @@ def hard_mask(s, theta, alive):
     return m.to(s.dtype)
 
 
-def soft_mask(s, theta, T, real):
+def soft_mask(s, theta, T, keep):
     """
-    Eq. 9: M~(x_i) = sigmoid((s(x_i) - theta) / T), differentiable in theta.
-    The first token keeps mask 1, as in hard_mask; padding (real = 0) gets 0.
+    Eq. 9: M~(x_i) = sigmoid((s(x_i) - theta) / T), differentiable in theta, times keep (B, N), the
+    soft live mask so far (0 for padding): cumulative like hard_mask, so a token pruned in an earlier
+    layer stays near 0 whatever this layer's threshold. The first token keeps its mask (1), as in hard_mask.
     """
-    m = torch.sigmoid((s - theta) / T) * real
+    m = torch.sigmoid((s - theta) / T) * keep
     first = torch.zeros_like(m)
     first[:, 0] = 1.0
-    return torch.where(first > 0, real, m)  # a new tensor: no in-place write into the autograd graph
+    return torch.where(first > 0, keep, m)  # a new tensor: no in-place write into the autograd graph
 
 
 def mask_regularizer(masks, real):

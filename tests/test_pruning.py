@@ -194,7 +194,8 @@ def test_regularizer_gradient_in_theta_matches_eq13():
 
 def test_regularizer_gradient_through_the_model_last_layer():
     # theta of the last layer only moves the last mask, so its autograd gradient through the whole
-    # model must be eq. 13 written with that mask: sum_i -M(1 - M) / T over real non-first tokens.
+    # model must be eq. 13 written with that mask. The mask is cumulative, M = keep * sigma with keep the
+    # previous layer's mask, so dM/dtheta = -keep * sigma (1 - sigma) / T = -M (1 - M / keep) / T.
     model = tiny_model("roberta", layers=3)
     ids, am = padded_batch([12, 8, 5])
     T = 1e-3
@@ -205,8 +206,8 @@ def test_regularizer_gradient_through_the_model_last_layer():
     real = am.float()
     reg = mask_regularizer(aux["masks"], real)
     (grad,) = torch.autograd.grad(reg, model.encoder.theta)
-    M = aux["masks"][-1].detach()
-    d = (-M * (1 - M) / T * real)[:, 1:].sum() / (3 * real.sum())
+    M, keep = aux["masks"][-1].detach(), aux["masks"][-2].detach()
+    d = (-M * (1 - M / keep.clamp_min(1e-30)) / T * real)[:, 1:].sum() / (3 * real.sum())
     assert d.abs() > 1e-3  # some tokens are near the threshold
     torch.testing.assert_close(grad[-1], d, atol=1e-5, rtol=1e-4)
 
@@ -314,6 +315,13 @@ def test_hard_mask_is_cumulative():
     # pruned tokens' outputs are zero in every later layer
     for h in aux["hidden"][1:]:
         assert torch.all(h[first == 0] == 0)
+
+    # soft masks are cumulative too: with negative later thresholds a token pruned in layer 1 stays
+    # pruned (its later masks are keep * sigmoid(...) ~ 0, not sigmoid(-theta / T) ~ 1)
+    _, soft = run(model, ids, am, "soft", [0.9 / 128, -1.0, -1.0, -1.0], T=1e-7)
+    assert torch.equal(soft["kept"], aux["kept"])
+    for m in soft["masks"][1:]:
+        assert torch.all(m[first == 0] < 1e-6)
 
     # rising thresholds: masks are non-increasing token by token, kept counts non-increasing
     logits, aux = run(model, ids, am, "hard", [0.7 / 128, 0.8 / 128, 0.9 / 128, 1.0 / 128])
