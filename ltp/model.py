@@ -44,13 +44,16 @@ class Config:
     extra: dict = field(default_factory=dict)  # keys we do not use, written back unchanged by save()
 
     def __post_init__(self):
-        assert self.model_type in ("roberta", "bert"), \
-            f"config.json: model_type {self.model_type!r} is not supported (use 'roberta' or 'bert')"
-        assert self.hidden_size % self.num_attention_heads == 0, \
-            f"config.json: hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
-        assert self.hidden_act in ("gelu", "gelu_new", "relu"), f"config.json: hidden_act {self.hidden_act!r} is not supported"
-        assert self.position_embedding_type == "absolute", \
-            f"config.json: position_embedding_type {self.position_embedding_type!r} is not supported"
+        # errors, not asserts: a bad config.json must fail the same way under python -O
+        if self.model_type not in ("roberta", "bert"):
+            raise ValueError(f"model_type {self.model_type!r} is not supported (use 'roberta' or 'bert')")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                             f"{self.num_attention_heads}")
+        if self.hidden_act not in ("gelu", "gelu_new", "relu"):
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported")
+        if self.position_embedding_type != "absolute":
+            raise ValueError(f"position_embedding_type {self.position_embedding_type!r} is not supported")
         self.head_dim = self.hidden_size // self.num_attention_heads  # D, derived in this one place
 
     @property
@@ -67,9 +70,11 @@ class Config:
         with open(path) as f:
             d = json.load(f)
         known = {f.name for f in fields(cls)} - {"extra"}
-        cfg = cls(**{k: v for k, v in d.items() if k in known},
-                  extra={k: v for k, v in d.items() if k not in known})
-        return cfg
+        try:
+            return cls(**{k: v for k, v in d.items() if k in known},
+                       extra={k: v for k, v in d.items() if k not in known})
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def to_dict(self):
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}

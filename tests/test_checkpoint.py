@@ -206,7 +206,7 @@ def test_unknown_model_type(tmp_path):
     cfg["model_type"] = "gpt2"
     with open(tmp_path / "config.json", "w") as f:
         json.dump(cfg, f)
-    with pytest.raises(AssertionError, match=re.escape("config.json: model_type 'gpt2' is not supported")):
+    with pytest.raises(ValueError, match=re.escape("config.json: model_type 'gpt2' is not supported")):
         ltp.load(tmp_path)
 
 
