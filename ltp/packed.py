@@ -1,0 +1,161 @@
+"""
+Packed inference with Learned Token Pruning (section 4.5): the pruned tokens really leave.
+
+A batch is one tensor of real tokens x (T, C), sequence after sequence, plus offsets
+cu_seqlens (B+1,) (sequence b owns rows cu_seqlens[b]:cu_seqlens[b+1]). No padding token ever
+goes through a linear layer, a LayerNorm or the FFN. Per layer:
+  1. Q, K, V of the T live tokens: one fused matmul (T, C) -> (T, 3C)
+  2. attention per sequence: the packed rows are scattered into a padded view (B, N, 3C) with one
+     index_copy (N = longest live sequence), padded keys get -inf, probabilities A (B, H, N, N)
+  3. eq. 7 importance scores and the eq. 8 threshold test (pruning.importance_score / hard_mask,
+     the same functions as the mask-based forward of model.py), never a top-k
+  4. the tokens that fail the test leave here: A.V is computed for the surviving query rows only
+     (all live tokens still serve as keys and values in this layer), then W_o, LN, FFN, LN run on
+     the survivors, re-packed with index_select; each sequence's length shrinks on its own.
+This computes what Encoder.forward computes with prune.mode "hard" (there pruned tokens are
+zeroed and masked, not removed), up to float rounding; tests/test_packed.py checks it.
+Inference only: call it under torch.inference_mode(). Letters: B, N, H, D, C as in model.py,
+T = live tokens in the batch, L layers.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .model import activation
+from .pruning import hard_mask, importance_score
+
+
+def pack(encoded, device=None):
+    """
+    A list of (ids, type_ids) (text.Tokenizer.encode) -> ids (T,), type_ids (T,), cu_seqlens (B+1,).
+    Example: [([5, 6, 7], [0, 0, 0]), ([5, 7], [0, 0])] -> ids [5, 6, 7, 5, 7], cu_seqlens [0, 3, 5].
+    """
+    assert all(len(i) > 0 for i, _ in encoded), "every sequence needs at least one token"
+    ids = torch.tensor([t for i, _ in encoded for t in i], dtype=torch.long, device=device)
+    types = torch.tensor([t for _, ty in encoded for t in ty], dtype=torch.long, device=device)
+    lengths = torch.tensor([0] + [len(i) for i, _ in encoded], dtype=torch.long, device=device)
+    return ids, types, lengths.cumsum(0)
+
+
+def onednn_available(device):
+    """oneDNN's prepacked-weight linear exists on CPU builds with MKL-DNN (not on cuda)."""
+    return (torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+class PackedModel:
+    """
+    Wraps an ltp.Model for packed inference; weights are prepared once here (fused Q|K|V,
+    optionally oneDNN-prepacked), so build it after loading and after any change of the weights.
+    onednn: None = use oneDNN's prepacked linear when available on the weights' device, True = require it,
+    False = plain F.linear. Pruning follows model.prune.mode ("off" or "hard"; "soft" is a training
+    mode and is run as "hard") and model.encoder.theta.
+    """
+
+    def __init__(self, model, onednn=None):
+        self.model, self.cfg = model, model.cfg
+        dev = model.encoder.theta.device
+        if onednn is None:
+            onednn = onednn_available(dev)
+        elif onednn and not onednn_available(dev):
+            raise RuntimeError(f"oneDNN prepacked linear is not available on {dev}")
+        self.onednn = onednn
+        self.layers = []
+        for layer in model.encoder.layers:
+            wqkv = torch.cat([layer.query.weight, layer.key.weight, layer.value.weight]).detach()  # (3C, C)
+            bqkv = torch.cat([layer.query.bias, layer.key.bias, layer.value.bias]).detach()        # (3C,)
+            self.layers.append({
+                "qkv": self.weight(wqkv, bqkv), "out": self.weight(layer.attn_out.weight, layer.attn_out.bias),
+                "fc1": self.weight(layer.fc1.weight, layer.fc1.bias), "fc2": self.weight(layer.fc2.weight, layer.fc2.bias),
+                "ln1": layer.ln1, "ln2": layer.ln2})
+
+    def weight(self, w, b):
+        w, b = w.detach(), b.detach()
+        if self.onednn:  # reorder W once into oneDNN's blocked layout, instead of at every call
+            return torch.ops.mkldnn._reorder_linear_weight(w, None), b
+        return w, b
+
+    def linear(self, x, wb):
+        w, b = wb
+        if self.onednn:
+            return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        return F.linear(x, w, b)
+
+    def __call__(self, ids, cu_seqlens, type_ids=None):
+        """
+        ids, type_ids: (T,) packed token ids; cu_seqlens: (B+1,) offsets, starting at 0.
+        Returns (out, kept): out = logits (B, num_labels) when the model has a head, else the packed last
+        hidden states of the surviving tokens (T_L, C) (a sequence's first token is at cumsum(kept[:, -1]) - kept[:, -1]);
+        kept (B, L+1) long: tokens entering layer 1, then surviving each layer (as aux["kept"]).
+        """
+        cfg, enc = self.cfg, self.model.encoder
+        prune = enc.prune.mode != "off"
+        dev = ids.device
+        T, B = ids.shape[0], cu_seqlens.shape[0] - 1
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]                         # (B,)
+        seq = torch.repeat_interleave(torch.arange(B, device=dev), lengths, output_size=T)  # (T,) sequence of each token
+        pos = torch.arange(T, device=dev) - cu_seqlens[:-1][seq]           # (T,) index inside its sequence
+        x = self.embed(ids, pos, type_ids)                                 # (T, C)
+        kept = [lengths]
+        for l, p in enumerate(self.layers):
+            x, seq, pos, lengths = self.layer(x, seq, pos, lengths, p, enc.theta[l] if prune else None)
+            kept.append(lengths)
+        kept = torch.stack(kept, 1)                                        # (B, L+1)
+        if self.model.head is None:
+            return x, kept
+        first = lengths.cumsum(0) - lengths                                # (B,) row of each sequence's first token
+        return self.model.head(x[first][:, None, :]), kept                 # the head reads h[:, 0] of (B, 1, C)
+
+    def embed(self, ids, pos, type_ids):
+        e = self.model.encoder.embeddings
+        if type_ids is None:  # RoBERTa has a single token type
+            type_ids = torch.zeros_like(ids)
+        # positions restart at every sequence (plus RoBERTa's offset pad_token_id + 1, see Config.position_offset)
+        x = e.word_embeddings(ids) + e.position_embeddings(pos + self.cfg.position_offset) + e.token_type_embeddings(type_ids)
+        return e.LayerNorm(x)  # (T, C)
+
+    def layer(self, x, seq, pos, lengths, p, theta):
+        """One encoder layer on packed tokens; theta None = no pruning. Returns the survivors' x, seq, pos, lengths."""
+        cfg = self.cfg
+        T, C = x.shape
+        B, H, D = lengths.shape[0], cfg.num_attention_heads, cfg.head_dim
+        N = int(lengths.max())
+        qkv = self.linear(x, p["qkv"])                                     # (T, 3C)
+        dense = T == B * N  # all sequences have the same length: the packed rows already are the padded view
+        dst = None if dense else seq * N + pos                             # (T,) row of each token in the padded view
+        if not dense:
+            qkv = qkv.new_zeros(B * N, 3 * C).index_copy_(0, dst, qkv)     # (B*N, 3C), padding rows 0
+        q, k, v = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)           # 3 x (B, H, N, D)
+        live = torch.arange(N, device=x.device) < lengths[:, None]         # (B, N) real tokens of each sequence
+        keep = live.to(x.dtype)
+        log_keep = torch.zeros_like(keep).masked_fill(~live, -math.inf)     # (B, N) 0 live, -inf padding
+        # eq. 6, as Layer.attention_probs: A = softmax(q k^T / sqrt(d_h)), padded keys removed
+        probs = ((q @ k.transpose(-2, -1)) / math.sqrt(D) + log_keep[:, None, None, :]).softmax(dim=-1)  # (B, H, N, N)
+        if theta is not None:
+            s = importance_score(probs, keep, self.model.encoder.prune.score_length)  # eq. 7, (B, N)
+            m = hard_mask(s, theta, keep)                                  # eq. 8, (B, N) token 0 always kept
+            survive = m.view(-1)[dst] > 0 if not dense else m.view(-1) > 0  # (T,) in packed order
+            n_out = m.sum(1).long()                                        # (B,)
+        if theta is None or bool(survive.all()):
+            y = (probs @ v).transpose(1, 2).reshape(B * N, C)              # (B, H, N, D) -> (B*N, C)
+            y = y if dense else y.index_select(0, dst)                     # (T, C)
+            return self.finish(x, y, p), seq, pos, lengths
+        # The pruned tokens leave now: only the surviving query rows of A meet V (all live keys stay keys here).
+        idx = survive.nonzero().squeeze(1)                                 # (T',) survivors, still in packed order
+        T2, N2 = idx.shape[0], int(n_out.max())
+        seq2, old = seq.index_select(0, idx), pos.index_select(0, idx)     # (T',) their sequence and old position
+        pos2 = torch.arange(T2, device=x.device) - (n_out.cumsum(0) - n_out)[seq2]  # (T',) new, compact positions
+        rows = torch.zeros(B, N2, dtype=torch.long, device=x.device)       # (B, N2) old row of each surviving row
+        rows[seq2, pos2] = old                                             # (padding rows read row 0, never used)
+        a = probs.gather(2, rows[:, None, :, None].expand(B, H, N2, N))    # (B, H, N2, N)
+        y = (a @ v).transpose(1, 2).reshape(B * N2, C)                     # (B, H, N2, D) -> (B*N2, C)
+        y = y.index_select(0, seq2 * N2 + pos2)                            # (T', C)
+        return self.finish(x.index_select(0, idx), y, p), seq2, pos2, n_out
+
+    def finish(self, x, y, p):
+        """Eqs. 3-5 on packed rows, as Layer.finish: x, y (T, C) the layer input and the heads' concatenation."""
+        ln1, ln2 = p["ln1"], p["ln2"]
+        x = F.layer_norm(self.linear(y, p["out"]) + x, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps)  # eq. 3
+        h = self.linear(activation(self.cfg.hidden_act, self.linear(x, p["fc1"])), p["fc2"])              # eq. 4
+        return F.layer_norm(h + x, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)                    # eq. 5
