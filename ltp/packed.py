@@ -48,12 +48,13 @@ class PackedModel:
     """
     Wraps an ltp.Model for packed inference; weights are prepared once here (fused Q|K|V,
     optionally oneDNN-prepacked), so build it after loading and after any change of the weights.
-    onednn: None = use oneDNN's prepacked linear when available on the weights' device, True = require it,
-    False = plain F.linear. Pruning follows model.prune.mode ("off" or "hard"; "soft" is a training
+    onednn: False = plain F.linear (default: on this project's 2-core AVX2 CPU, oneDNN's prepacked linear
+    measured no faster, see bench.py), True = oneDNN's prepacked-weight linear (CPU only), None = oneDNN when
+    available on the weights' device. Pruning follows model.prune.mode ("off" or "hard"; "soft" is a training
     mode and is run as "hard") and model.encoder.theta.
     """
 
-    def __init__(self, model, onednn=None):
+    def __init__(self, model, onednn=False):
         self.model, self.cfg = model, model.cfg
         dev = model.encoder.theta.device
         if onednn is None:

@@ -1,0 +1,204 @@
+"""
+infer.py on tiny random checkpoints saved with ltp.save, with a tiny WordPiece tokenizer built in tmp_path:
+one output row per input line, in order (empty lines included), logits equal to ltp.Model's forward,
+"kept" only for pruned models, clear one-line errors.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+import ltp
+from ltp import pruning
+from ltp.text import collate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import infer  # noqa: E402
+
+WORDS = "the a movie film was is great bad not very good fun boring plot actors and but it".split()
+LINES = ["the movie was great", "", "a very boring film\tbut the actors are good", "not fun",
+         "it is " + "very " * 30 + "bad", "good\tbad", "plot"]
+
+
+def write_tokenizer(path):
+    """A BERT-style WordPiece tokenizer over a 40-token vocabulary: [CLS] A [SEP] (B [SEP])."""
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + WORDS + [f"##{c}" for c in "aeiorst"])}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.save(os.path.join(path, "tokenizer.json"))
+    return len(vocab)
+
+
+def make_checkpoint(path, num_labels=2, mode="off", family="bert", seed=0):
+    os.makedirs(path, exist_ok=True)
+    vocab_size = write_tokenizer(path)
+    torch.manual_seed(seed)
+    cfg = ltp.Config(model_type=family, vocab_size=vocab_size, hidden_size=32, num_hidden_layers=3,
+                     num_attention_heads=4, intermediate_size=48, max_position_embeddings=64,
+                     type_vocab_size=2 if family == "bert" else 1, pad_token_id=0, initializer_range=0.3)
+    model = ltp.Model(cfg, num_labels).eval()
+    if mode != "off":  # a "pruned checkpoint": ltp.json with thresholds that prune some tokens
+        model.prune = ltp.PruneConfig(mode=mode, score_length=16)
+        model.encoder.theta.data = torch.tensor([0.03, 0.06, 0.09])
+    ltp.save(model, str(path))
+    return model
+
+
+def reference(model_dir, texts):
+    """ltp.Model's mask-based forward, one example at a time, on the checkpoint as reloaded."""
+    model = ltp.load(str(model_dir)).eval()
+    tok = ltp.Tokenizer.from_dir(str(model_dir), model.cfg)
+    out = []
+    with torch.inference_mode():
+        for e in tok.encode(texts):
+            logits, _, aux = model(*_batch(e, model.cfg))
+            out.append((logits[0], aux["kept"][0].long()))
+    return out
+
+
+def _batch(e, cfg):
+    ids, mask, types = collate([e], cfg.pad_token_id)
+    return ids, mask, types
+
+
+def run(args):
+    return infer.main(infer.get_parser().parse_args([str(a) for a in args]))
+
+
+def write_input(tmp_path, lines=LINES):
+    p = tmp_path / "input.txt"
+    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return p
+
+
+def read_rows(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def texts_of(lines):
+    return [tuple(s.split("\t")) if "\t" in s else s for s in lines]
+
+
+def test_rows_in_order_and_logits_equal_model(tmp_path):
+    make_checkpoint(tmp_path / "m")
+    out = tmp_path / "out.jsonl"
+    run(["--model", tmp_path / "m", "--input", write_input(tmp_path), "--output", out, "--batch-size", 3])
+    rows = read_rows(out)
+    assert len(rows) == len(LINES)
+    ref = reference(tmp_path / "m", texts_of(LINES))
+    for row, (logits, _) in zip(rows, ref):
+        assert "kept" not in row  # not a pruned checkpoint
+        torch.testing.assert_close(torch.tensor(row["logits"]), logits, atol=1e-5, rtol=0)
+        assert row["label"] == f"LABEL_{int(logits.argmax())}"  # id2label written by ltp.save
+
+
+def test_pruned_checkpoint_adds_kept(tmp_path):
+    make_checkpoint(tmp_path / "m", mode="hard", family="roberta", num_labels=3)
+    out = tmp_path / "out.jsonl"
+    run(["--model", tmp_path / "m", "--input", write_input(tmp_path), "--output", out])
+    rows = read_rows(out)
+    ref = reference(tmp_path / "m", texts_of(LINES))
+    assert len(rows) == len(LINES)
+    pruned = 0
+    for row, (logits, kept) in zip(rows, ref):
+        torch.testing.assert_close(torch.tensor(row["logits"]), logits, atol=1e-5, rtol=0)
+        assert row["kept"] == kept.tolist() and len(row["kept"]) == 4
+        pruned += row["kept"][-1] < row["kept"][0]
+    assert pruned >= 2
+
+
+def test_order_and_batching_do_not_change_rows(tmp_path):
+    make_checkpoint(tmp_path / "m", mode="hard")
+    inp = write_input(tmp_path)
+    outs = []
+    for extra in (["--batch-size", 32], ["--batch-size", 2, "--no-sort"], ["--batch-size", 1]):
+        out = tmp_path / f"out{len(outs)}.jsonl"
+        run(["--model", tmp_path / "m", "--input", inp, "--output", out] + extra)
+        outs.append(read_rows(out))
+    for rows in outs[1:]:
+        for a, b in zip(outs[0], rows):
+            assert a["kept"] == b["kept"] and a["label"] == b["label"]
+            torch.testing.assert_close(torch.tensor(a["logits"]), torch.tensor(b["logits"]), atol=1e-5, rtol=0)
+
+
+def test_regression_label_is_the_score(tmp_path):
+    make_checkpoint(tmp_path / "m", num_labels=1)
+    out = tmp_path / "out.jsonl"
+    run(["--model", tmp_path / "m", "--input", write_input(tmp_path, ["good\tbad", "fun"]), "--output", out])
+    rows = read_rows(out)
+    assert [r["label"] for r in rows] == [r["logits"][0] for r in rows]
+
+
+def test_final_threshold_prunes_an_unpruned_checkpoint(tmp_path, capsys):
+    make_checkpoint(tmp_path / "m")
+    out = tmp_path / "out.jsonl"
+    run(["--model", tmp_path / "m", "--input", write_input(tmp_path), "--output", out,
+         "--final-threshold", 0.02, "--explain", 2])
+    rows = read_rows(out)
+    assert all(len(r["kept"]) == 4 for r in rows)
+    model = ltp.load(str(tmp_path / "m")).eval()  # the same thresholds by hand, through the mask-based forward
+    model.prune = ltp.PruneConfig(mode="hard")
+    model.encoder.theta.data = pruning.init_thresholds(3, 0.02)
+    tok = ltp.Tokenizer.from_dir(str(tmp_path / "m"), model.cfg)
+    with torch.inference_mode():
+        for row, e in zip(rows, tok.encode(texts_of(LINES))):
+            logits, _, aux = model(*_batch(e, model.cfg))
+            assert row["kept"] == aux["kept"][0].long().tolist()
+            torch.testing.assert_close(torch.tensor(row["logits"]), logits[0], atol=1e-5, rtol=0)
+    err = capsys.readouterr().err
+    assert "relative FLOPs" in err and "examples/s" in err and "layer  3" in err and "[CLS]" in err
+
+
+def test_glue_task_input_reports_metrics(tmp_path, capsys):
+    make_checkpoint(tmp_path / "m")
+    (tmp_path / "glue" / "SST-2").mkdir(parents=True)
+    (tmp_path / "glue" / "SST-2" / "dev.tsv").write_text(
+        "sentence\tlabel\nthe movie was great \t1\nnot fun \t0\nboring plot \t0\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    run(["--model", tmp_path / "m", "--task", "sst2", "--data-dir", tmp_path / "glue", "--output", out])
+    assert len(read_rows(out)) == 3
+    assert "sst2 dev: accuracy" in capsys.readouterr().err
+
+
+def cli(*args, stdin=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), *map(str, args)], input=stdin,
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+
+
+def test_cli_contract_and_stdin(tmp_path):
+    make_checkpoint(tmp_path / "m", mode="hard")
+    out = tmp_path / "out.jsonl"
+    r = cli("--model", tmp_path / "m", "--input", write_input(tmp_path), "--output", out)
+    assert r.returncode == 0, r.stderr
+    r2 = cli("--model", tmp_path / "m", "--input", "-", stdin="\n".join(LINES) + "\n")
+    assert r2.returncode == 0, r2.stderr
+    assert [json.loads(line) for line in r2.stdout.splitlines()] == read_rows(out)
+
+
+def test_clear_errors(tmp_path):
+    make_checkpoint(tmp_path / "base", num_labels=0)
+    make_checkpoint(tmp_path / "m")
+    inp = write_input(tmp_path)
+    cases = [
+        (["--model", tmp_path / "nowhere", "--input", inp], "no such model directory"),
+        (["--model", tmp_path / "m", "--input", tmp_path / "missing.txt"], "input file not found"),
+        (["--model", tmp_path, "--input", inp], "config.json: file not found"),
+        (["--model", tmp_path / "base", "--input", inp], "needs a classifier"),
+    ]
+    for args, message in cases:
+        with pytest.raises((FileNotFoundError, ValueError), match=message):
+            run(args + ["--output", tmp_path / "o.jsonl"])
+    # from the command line: one line, no traceback
+    r = cli("--model", tmp_path / "base", "--input", inp, "--output", tmp_path / "o.jsonl")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("infer.py: error:") and "needs a classifier" in r.stderr
