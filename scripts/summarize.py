@@ -1,0 +1,52 @@
+"""
+Summarize train.py runs into a Markdown table: the last evaluation of each stage of each run.
+
+  python scripts/summarize.py runs/sst2-minilm runs/sst2-minilm-lam* > docs/sst2.md
+"""
+import json
+import os
+import sys
+
+
+def rows(run):
+    path = os.path.join(run, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    args = json.load(open(os.path.join(run, "args.json"))) if os.path.isfile(os.path.join(run, "args.json")) else {}
+    evals, secs = {}, {}
+    for line in open(path):
+        r = json.loads(line)
+        if r.get("event") == "done":
+            secs[r["stage"]] = secs.get(r["stage"], 0) + r["seconds"]
+        elif "stage" in r:
+            evals[r["stage"]] = r  # the last evaluation of the stage
+    out = []
+    for stage, r in evals.items():
+        metrics = {k: v for k, v in r.items() if k in ("accuracy", "f1", "pearson", "spearman", "mcc",
+                                                       "accuracy_mm")}
+        out.append({"run": os.path.basename(run.rstrip("/")), "stage": stage,
+                    "lam": args.get("lam") if stage != "finetune" else None,
+                    "T": args.get("temperature") if stage != "finetune" else None,
+                    **metrics, "relative_flops": r["relative_flops"], "gflops": r["gflops"],
+                    "kept_per_layer": r.get("kept_per_layer"), "minutes": round(secs.get(stage, 0) / 60, 1)})
+    return out
+
+
+def main(runs):
+    table = [r for run in runs for r in rows(run)]
+    if not table:
+        sys.exit("no metrics.jsonl in the given run folders")
+    metric_keys = [k for k in ("accuracy", "f1", "pearson", "spearman", "mcc", "accuracy_mm") if any(k in r for r in table)]
+    head = ["run", "stage", "lambda", "T"] + metric_keys + ["rel. FLOPs", "GFLOPs/ex", "tokens kept per layer", "min"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in table:
+        cells = [r["run"], r["stage"], r["lam"] if r["lam"] is not None else "", r["T"] if r["T"] is not None else ""]
+        cells += [f"{100 * r[k]:.2f}" if k in r else "" for k in metric_keys]
+        cells += [f"{r['relative_flops']:.3f}", f"{r['gflops']:.3f}",
+                  " ".join(f"{v:.1f}" for v in (r["kept_per_layer"] or [])), r["minutes"]]
+        print("| " + " | ".join(str(c) for c in cells) + " |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
