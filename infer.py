@@ -49,7 +49,8 @@ def sync(device):
 def forward_batches(pm, batches, n, progress=False):
     """
     Run every batch; returns (out, kept, seconds) in input order: out (n, num_labels) (None without a head),
-    kept (n, L+1) long. seconds covers the model only (the batches are already packed on the device).
+    kept (n, L+1) long (rows of examples not in `batches` stay 0). seconds covers the model only (the batches
+    are already packed on the device).
     """
     from tqdm import tqdm
     device = batches[0][1].device
@@ -63,11 +64,15 @@ def forward_batches(pm, batches, n, progress=False):
             kepts.append(kept)
     sync(device)
     seconds = time.perf_counter() - t0
-    order = torch.tensor([i for b in batches for i in b[0]])
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(n)  # row of example i in the concatenated batches
-    kept = torch.cat(kepts).cpu()[inverse]
-    out = torch.cat(outs).float().cpu()[inverse] if pm.model.head is not None else None
+    order = torch.tensor([i for b in batches for i in b[0]])  # example index of each row of the batches
+    kepts = torch.cat(kepts).cpu()
+    kept = kepts.new_zeros(n, kepts.shape[1])
+    kept[order] = kepts  # back to input order
+    out = None
+    if pm.model.head is not None:
+        outs = torch.cat(outs).float().cpu()
+        out = outs.new_zeros(n, outs.shape[1])
+        out[order] = outs
     return out, kept, seconds
 
 

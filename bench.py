@@ -1,0 +1,397 @@
+"""
+Benchmark: FLOPs, throughput, achieved GFLOP/s and memory of packed LTP inference (section 4.5),
+against the same packed routine without pruning and against transformers on padded batches,
+plus the top-k vs threshold latency of appendix A.2.
+
+  python bench.py --model DIR --task sst2 --data-dir /work/shared/glue --final-threshold 0.01 --json runs/bench.json
+
+Methods (one row per method and batch size):
+  hf-dataset-order  transformers (AutoModel / ...ForSequenceClassification from DIR), padded batches in dataset order
+  hf-sorted         the same, length-sorted batches
+  packed            ltp/packed.py without pruning, length-sorted batches (the loop of infer.py)
+  ltp               ltp/packed.py with the checkpoint's learned thresholds (ltp.json) or --final-threshold
+Throughput is the median of --repeats full passes after a warm-up, model time only (inputs are tokenized,
+padded or packed beforehand). Useful GFLOP/s counts real tokens only (pruning.sequence_flops).
+"""
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import ltp
+from ltp import pruning
+from ltp.packed import PackedModel, onednn_available
+from ltp.text import collate
+
+import infer
+
+METHODS = ("hf-dataset-order", "hf-sorted", "packed", "ltp")
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement helpers
+
+def timed(fn, device, repeats, warmup=1):
+    """Median wall time of fn() over `repeats` runs after `warmup` discarded runs (synchronized on cuda)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        infer.sync(device)
+        t0 = time.perf_counter()
+        fn()
+        infer.sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def peak_gflops(device, repeats=10, M=2048, K=768, N=3072):
+    """This machine's fp32 GEMM rate on an M x K x N product: F.linear, and oneDNN's prepacked paths on CPU."""
+    x, w, b = torch.randn(M, K, device=device), torch.randn(N, K, device=device) * 0.02, torch.zeros(N, device=device)
+    flops = 2 * M * K * N
+    out = {}
+    with torch.inference_mode():
+        out["F.linear"] = flops / timed(lambda: F.linear(x, w, b), device, repeats, 2)[0] / 1e9
+        if onednn_available(device):
+            wp = torch.ops.mkldnn._reorder_linear_weight(w, M)  # oneDNN's blocked layout, prepacked once
+            out["onednn_prepacked"] = flops / timed(
+                lambda: torch.ops.mkldnn._linear_pointwise(x, wp, b, "none", [], ""), device, repeats, 2)[0] / 1e9
+            # what torch.utils.mkldnn.to_mkldnn's MkldnnLinear runs, with the input kept as an mkldnn tensor
+            xm, wm, bm = x.to_mkldnn(), w.to_mkldnn(), b.to_mkldnn()
+            out["mkldnn_tensor"] = flops / timed(lambda: torch._C._nn.mkldnn_linear(xm, wm, bm), device, repeats, 2)[0] / 1e9
+    out["best"] = max(out.values())
+    return out
+
+
+class PeakMemory:
+    """
+    Peak memory of a block, in MB. CPU: growth of the process's peak resident set (VmHWM, reset through
+    /proc/self/clear_refs on Linux, after glibc's malloc_trim; else the ru_maxrss delta, which only sees new
+    highs) over the resident set before the block: activations and allocator growth, not the weights. cuda: torch.cuda.max_memory_allocated (tensors only) over the allocation before.
+    """
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    @staticmethod
+    def status(key):
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith(key + ":"):
+                        return int(line.split()[1]) / 1024  # kB -> MB
+        except OSError:
+            pass
+        return None
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated() / 2**20
+            return self
+        self.reset = False
+        try:  # hand freed heap pages back to the OS first, so that reused memory shows up as growth again
+            import ctypes
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current resident set
+            self.reset = self.status("VmHWM") is not None
+        except OSError:
+            pass
+        self.base = self.status("VmRSS") if self.reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.mb = torch.cuda.max_memory_allocated() / 2**20 - self.base
+        elif self.reset:
+            self.mb = self.status("VmHWM") - self.base
+        else:
+            self.mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - self.base
+        self.mb = max(self.mb, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The methods
+
+def load_hf(path, has_head, attn, device):
+    """transformers' model from the same directory, fp32, or None when transformers is not installed."""
+    try:
+        import transformers
+    except ImportError:
+        print("transformers is not installed: no hf rows", file=sys.stderr)
+        return None
+    transformers.logging.set_verbosity_error()
+    cls = transformers.AutoModelForSequenceClassification if has_head else transformers.AutoModel
+    return cls.from_pretrained(path, attn_implementation=attn, dtype=torch.float32).to(device).eval()
+
+
+def hf_batches(encoded, batch_size, sort, cfg, device):
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0])) if sort else list(range(len(encoded)))
+    out = []
+    for s in range(0, len(order), batch_size):
+        ids, mask, types = collate([encoded[i] for i in order[s:s + batch_size]], cfg.pad_token_id)
+        out.append({"input_ids": ids.to(device), "attention_mask": mask.to(device), "token_type_ids": types.to(device)})
+    return out
+
+
+def hf_pass(hf, batches):
+    with torch.inference_mode():
+        for b in batches:
+            hf(**b)
+
+
+def check_same_model(hf, pm, encoded, device):
+    """Sanity check before timing: transformers and the packed routine (pruning off) agree on a few examples."""
+    sample = encoded[:4]
+    b = hf_batches(sample, 4, False, pm.cfg, device)[0]
+    ids, types, cu = infer.make_batches(sample, 4, sort=False, device=device)[0][1:]
+    with torch.inference_mode():
+        out, kept = pm(ids, cu, types)
+        ref = hf(**b)
+    if pm.model.head is not None:
+        diff = (ref.logits.float() - out).abs().max().item()
+    else:  # first tokens of each sequence in the packed last hidden states
+        first = kept[:, -1].cumsum(0) - kept[:, -1]
+        diff = (ref.last_hidden_state[:, 0].float() - out[first]).abs().max().item()
+    print(f"transformers vs packed (no pruning), 4 examples: max abs difference {diff:.2e}", file=sys.stderr)
+    return diff
+
+
+# ---------------------------------------------------------------------------------------------
+# Appendix A.2: top-k selection vs the threshold test
+
+def topk_vs_threshold(device, runs, batch=32, lengths=(128, 256, 512, 1024), retains=(0.1, 0.2, 0.3, 0.4, 0.5)):
+    """Mean latency (us) of torch.topk(s, k) vs s > theta on random scores (B, N), k = retain * N."""
+    out = []
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for n in lengths:
+            s = torch.rand(batch, n, generator=g).to(device)
+            for r in retains:
+                k = max(1, int(round(r * n)))
+                theta = s.flatten().kthvalue(s.numel() - k * batch + 1).values  # keeps about k tokens per row
+                t_topk = timed(lambda: torch.topk(s, k, dim=1), device, 1, 0)[0]  # warm-up of the kernel
+                t0 = time.perf_counter()
+                for _ in range(runs):
+                    torch.topk(s, k, dim=1)
+                infer.sync(device)
+                t_topk = (time.perf_counter() - t0) / runs
+                t0 = time.perf_counter()
+                for _ in range(runs):
+                    s > theta
+                infer.sync(device)
+                t_thr = (time.perf_counter() - t0) / runs
+                out.append({"length": n, "retain": r, "topk_us": t_topk * 1e6, "threshold_us": t_thr * 1e6,
+                            "topk_over_threshold": t_topk / t_thr})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+def markdown(result):
+    s = result["setup"]
+    pk = result["peak_gflops"]
+    lines = [f"Model {s['model']} ({s['model_type']}, {s['layers']} layers, hidden {s['hidden']}), "
+             f"{s['examples']} examples of {s['data']} (mean {s['mean_tokens']:.1f} tokens), "
+             f"{s['threads']} threads on {s['device']}, fp32, linear: {s['linear']}.",
+             f"Pruning: {s['pruning']}. GFLOPs per example: {s['gflops_unpruned']:.3f} unpruned, "
+             f"{s['gflops_ltp']:.3f} with LTP (relative FLOPs {s['relative_flops']:.3f}); "
+             f"mean tokens kept per layer: {s['kept_per_layer']}.",
+             "Peak fp32 GEMM (2048x768x3072): " + ", ".join(f"{k} {v:.0f}" for k, v in pk.items()) + " GFLOP/s.",
+             "",
+             "| method | batch | examples/s | tokens/s | useful GFLOP/s | % of peak | rel. FLOPs | vs packed | vs hf-sorted | peak MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        f = lambda v, fmt: "" if v is None else format(v, fmt)  # noqa: E731
+        lines.append(f"| {r['method']} | {r['batch_size']} | {r['examples_per_s']:.1f} | {r['tokens_per_s']:.0f} | "
+                     f"{r['gflops_per_s']:.1f} | {100 * r['gflops_per_s'] / pk['best']:.0f}% | {r['relative_flops']:.3f} | "
+                     f"{f(r['speedup_vs_packed'], '.2f')} | {f(r['speedup_vs_hf_sorted'], '.2f')} | {r['peak_memory_mb']:.0f} |")
+    if result.get("topk"):
+        lines += ["", "Appendix A.2, batch 32: mean latency (us) of torch.topk vs the threshold test (s > theta)",
+                  "", "| length | retain | top-k us | threshold us | top-k / threshold |", "|---:|---:|---:|---:|---:|"]
+        for t in result["topk"]:
+            lines.append(f"| {t['length']} | {t['retain']:.0%} | {t['topk_us']:.1f} | {t['threshold_us']:.1f} | "
+                         f"{t['topk_over_threshold']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in METHODS:
+        rows = [r for r in result["rows"] if r["method"] == m]
+        if rows:
+            ax.plot([r["batch_size"] for r in rows], [r["examples_per_s"] for r in rows], marker="o", label=m)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("examples / s")
+    ax.set_title(f"{result['setup']['model_name']}, {result['setup']['data']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = args.device
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA device available")
+    texts, _ = infer.read_inputs(args)
+    if args.max_examples:
+        texts = texts[:args.max_examples]
+    model = infer.load_model(args.model, args.final_threshold, need_head=False).to(dev)
+    path = ltp.model.resolve(args.model)
+    cfg = model.cfg
+    tok = ltp.Tokenizer.from_dir(path, cfg)
+    encoded = tok.encode(texts)
+    lengths = [len(i) for i, _ in encoded]
+    L, C, I = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
+    prune = model.prune
+    pm = PackedModel(model, onednn=args.onednn)
+    if prune.mode == "off":
+        print("no ltp.json and no --final-threshold: no ltp rows (pass --final-threshold 0.01 to prune)", file=sys.stderr)
+
+    print("measuring the peak GEMM rate ...", file=sys.stderr)
+    peak = peak_gflops(dev, args.peak_repeats)
+    hf = None if args.skip_hf else load_hf(path, model.head is not None, args.hf_attn, dev)
+    if hf is not None:
+        model.prune = ltp.PruneConfig(mode="off")
+        check_same_model(hf, pm, encoded, dev)
+        model.prune = prune
+
+    unpruned_flops = sum(pruning.unpruned_flops(n, L, C, I) for n in lengths)
+    rows, ltp_kept = [], None
+    for bs in args.batch_sizes:
+        for method in METHODS:
+            if method.startswith("hf") and hf is None or method == "ltp" and prune.mode == "off":
+                continue
+            if method.startswith("hf"):
+                batches = hf_batches(encoded, bs, method == "hf-sorted", cfg, dev)
+                run = lambda: hf_pass(hf, batches)  # noqa: E731
+            else:
+                model.prune = prune if method == "ltp" else ltp.PruneConfig(mode="off")
+                batches = infer.make_batches(encoded, bs, sort=True, device=dev)
+                run = lambda: infer.forward_batches(pm, batches, len(encoded))  # noqa: E731
+            warm = batches[:8]  # warm-up on a few batches (allocator, MKL / oneDNN kernel selection)
+            if method.startswith("hf"):
+                hf_pass(hf, warm)
+            else:
+                infer.forward_batches(pm, warm, len(encoded))
+            with PeakMemory(dev) as mem:
+                sec, times = timed(run, dev, args.repeats, warmup=0)
+            flops = unpruned_flops
+            if method == "ltp":
+                _, kept, _ = infer.forward_batches(pm, batches, len(encoded))
+                ltp_kept = kept if ltp_kept is None else ltp_kept
+                flops = sum(pruning.sequence_flops(k, C, I) for k in kept.tolist())
+            model.prune = prune
+            row = {"method": method, "batch_size": bs, "examples_per_s": len(encoded) / sec,
+                   "tokens_per_s": sum(lengths) / sec, "gflops_per_s": flops / sec / 1e9,
+                   "relative_flops": flops / unpruned_flops, "peak_memory_mb": mem.mb,
+                   "seconds": times, "speedup_vs_packed": None, "speedup_vs_hf_sorted": None}
+            rows.append(row)
+            print(f"  {method:17s} batch {bs:4d}: {row['examples_per_s']:8.1f} examples/s, "
+                  f"{row['gflops_per_s']:6.1f} useful GFLOP/s, peak +{mem.mb:.0f} MB", file=sys.stderr)
+    for r in rows:
+        base = {x["method"]: x["examples_per_s"] for x in rows if x["batch_size"] == r["batch_size"]}
+        if "packed" in base and r["method"] != "packed":
+            r["speedup_vs_packed"] = r["examples_per_s"] / base["packed"]
+        if "hf-sorted" in base and r["method"] != "hf-sorted":
+            r["speedup_vs_hf_sorted"] = r["examples_per_s"] / base["hf-sorted"]
+
+    kept = ltp_kept if ltp_kept is not None else torch.tensor([[n] * (L + 1) for n in lengths])
+    g_ltp, rel = infer.flops_summary(kept, cfg)
+    result = {
+        "setup": {
+            "model": args.model, "model_name": os.path.basename(os.path.normpath(path)), "model_type": cfg.model_type,
+            "layers": L, "hidden": C, "head": model.head is not None,
+            "data": f"{args.task} {args.split}" if args.task else args.input, "examples": len(encoded),
+            "mean_tokens": sum(lengths) / len(lengths), "threads": torch.get_num_threads(), "device": dev,
+            "linear": "oneDNN prepacked" if pm.onednn else "F.linear", "repeats": args.repeats,
+            "hf_attention": args.hf_attn if hf is not None else None,
+            "pruning": (f"{prune.mode}, thresholds " + " ".join(f"{t:.4g}" for t in model.encoder.theta.tolist())
+                        + (" (manual, linear-rising)" if args.final_threshold is not None and not
+                           os.path.isfile(os.path.join(path, "ltp.json")) else " (ltp.json)"))
+                       if prune.mode != "off" else "off",
+            "gflops_unpruned": unpruned_flops / len(lengths) / 1e9, "gflops_ltp": g_ltp, "relative_flops": rel,
+            "kept_per_layer": " ".join(f"{v:.1f}" for v in kept.float().mean(0).tolist()),
+            "peak_memory": "CPU: growth of peak resident set (VmHWM) over the resident set before each method's runs; "
+                           "cuda: torch.cuda.max_memory_allocated growth",
+            "torch": torch.__version__,
+        },
+        "peak_gflops": peak,
+        "rows": rows,
+    }
+    if not args.skip_topk:
+        print(f"appendix A.2: top-k vs threshold, {args.topk_runs} runs each ...", file=sys.stderr)
+        result["topk"] = topk_vs_threshold(dev, args.topk_runs)
+    md = markdown(result)
+    print(md)
+    for out, text in ((args.json, json.dumps(result, indent=2) + "\n"), (args.markdown, md)):
+        if out:
+            if os.path.dirname(out):
+                os.makedirs(os.path.dirname(out), exist_ok=True)
+            ltp.model.atomic_write(out, lambda p: open(p, "w").write(text))
+    if args.plot or args.json:
+        plot(result, args.plot or os.path.splitext(args.json)[0] + ".png")
+    return result
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Throughput, FLOPs and memory of packed LTP inference vs transformers.")
+    p.add_argument("--model", required=True, help="model directory (an LTP checkpoint, a fine-tuned model or a base encoder)")
+    p.add_argument("--task", default=None, help="GLUE task whose split is the benchmark data (e.g. sst2)")
+    p.add_argument("--split", default="dev", help="GLUE split for --task")
+    p.add_argument("--data-dir", default="data/glue", help="GLUE data directory for --task")
+    p.add_argument("--input", default=None, help="or a text/TSV file, one example per line (tab between a pair)")
+    p.add_argument("--max-examples", type=int, default=0, help="use only the first N examples (0 = all)")
+    p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 128],
+                   help="comma-separated batch sizes")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes over the data per method and batch size (median)")
+    p.add_argument("--final-threshold", type=float, default=None,
+                   help="prune a model without ltp.json with manual linear-rising thresholds ending at this value (section 4.4)")
+    p.add_argument("--peak-repeats", type=int, default=10, help="timed runs of each peak GEMM measurement (median)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device")
+    p.add_argument("--onednn", action="store_true", help="packed/ltp use oneDNN's prepacked-weight linear instead of F.linear")
+    p.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="transformers attention implementation")
+    p.add_argument("--skip-hf", action="store_true", help="no transformers rows")
+    p.add_argument("--skip-topk", action="store_true", help="skip the appendix A.2 top-k vs threshold latency")
+    p.add_argument("--topk-runs", type=int, default=1000, help="runs averaged per top-k / threshold measurement")
+    p.add_argument("--json", default=None, help="write {'setup', 'peak_gflops', 'rows', 'topk'} here")
+    p.add_argument("--markdown", default=None, help="write the Markdown table here")
+    p.add_argument("--plot", default=None, help="PNG of examples/s vs batch size (default: next to --json; needs matplotlib)")
+    return p
+
+
+if __name__ == "__main__":
+    args = get_parser().parse_args()
+    try:
+        main(args)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        sys.exit(f"bench.py: error: {msg}")

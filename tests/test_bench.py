@@ -1,0 +1,76 @@
+"""
+bench.py runs on a tiny random checkpoint and writes --json rows with every key. Not a timed test:
+no speed is asserted (the numbers of a 32-wide model on a shared CPU mean nothing).
+"""
+import json
+import os
+import sys
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+import ltp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import bench  # noqa: E402
+
+KEYS = {"method", "batch_size", "examples_per_s", "tokens_per_s", "gflops_per_s", "relative_flops", "peak_memory_mb"}
+
+
+def make_checkpoint(path, num_labels):
+    """A random 2-layer BERT (hidden 32) with a word-level tokenizer, saved in the HF layout."""
+    os.makedirs(path, exist_ok=True)
+    words = "[PAD] [UNK] [CLS] [SEP] the movie was great bad not fun a plot".split()
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.save(os.path.join(path, "tokenizer.json"))
+    torch.manual_seed(0)
+    cfg = ltp.Config(model_type="bert", vocab_size=len(words), hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=4, intermediate_size=48, max_position_embeddings=64, type_vocab_size=2,
+                     pad_token_id=0, initializer_range=0.3)
+    ltp.save(ltp.Model(cfg, num_labels), str(path))
+
+
+def run(args):
+    return bench.main(bench.get_parser().parse_args([str(a) for a in args]))
+
+
+def test_bench_writes_all_rows_and_keys(tmp_path):
+    make_checkpoint(tmp_path / "m", num_labels=2)
+    inp = tmp_path / "in.txt"
+    inp.write_text("the movie was great\nnot fun\na plot\tthe plot\n\nbad bad bad bad bad movie\n" * 3)
+    out = tmp_path / "bench.json"
+    run(["--model", tmp_path / "m", "--input", inp, "--final-threshold", 0.02, "--batch-sizes", "1,4",
+         "--repeats", 1, "--peak-repeats", 1, "--topk-runs", 2, "--json", out, "--markdown", tmp_path / "bench.md", "--threads", 1])
+    result = json.loads(out.read_text())
+    assert set(result["peak_gflops"]) >= {"F.linear", "best"}
+    methods = {r["method"] for r in result["rows"]}
+    assert {"packed", "ltp"} <= methods  # and the hf rows when transformers is installed
+    try:
+        import transformers  # noqa: F401
+        assert {"hf-dataset-order", "hf-sorted"} <= methods
+    except ImportError:
+        pass
+    assert len(result["rows"]) == 2 * len(methods)
+    for r in result["rows"]:
+        assert KEYS <= set(r), r
+        assert r["batch_size"] in (1, 4) and r["examples_per_s"] > 0
+    ltp_rows = [r for r in result["rows"] if r["method"] == "ltp"]
+    assert all(0 < r["relative_flops"] <= 1 for r in ltp_rows)
+    assert len(result["topk"]) == 4 * 5
+    assert "| ltp | 4 |" in (tmp_path / "bench.md").read_text()
+
+
+def test_bench_base_encoder_without_thresholds(tmp_path):
+    """A base encoder (no head, no ltp.json, no --final-threshold) is benchmarked as an encoder, without ltp rows."""
+    make_checkpoint(tmp_path / "m", num_labels=0)
+    inp = tmp_path / "in.txt"
+    inp.write_text("the movie\na plot was fun\n")
+    out = tmp_path / "bench.json"
+    run(["--model", tmp_path / "m", "--input", inp, "--batch-sizes", "2", "--repeats", 1, "--peak-repeats", 1,
+         "--skip-topk", "--skip-hf", "--json", out, "--threads", 1])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["packed"] and KEYS <= set(rows[0])
