@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .pruning import PruneConfig, hard_mask, importance_score, init_thresholds, soft_mask
+from .pruning import PruneConfig, importance_score, init_thresholds, keep_mask, soft_mask
 
 
 @dataclass
@@ -184,8 +184,8 @@ class Encoder(nn.Module):
                 s = importance_score(probs, keep, p.score_length)               # eq. 7
                 # Both masks are cumulative (times keep): a token pruned before stays pruned, and the
                 # regulariser does not count it again in later layers.
-                if p.mode == "hard":
-                    m = hard_mask(s, self.theta[l], keep)                        # eq. 8
+                if p.mode == "hard":  # eq. 8 (or, with p.method, a rank-based baseline)
+                    m = keep_mask(p, s, self.theta[l], keep, kept[0], l, len(self.layers))
                 else:
                     m = soft_mask(s, self.theta[l], p.temperature, keep)         # eq. 9
                 x = x * m[..., None]                                             # eqs. 10-11: x~_out = M~ * x_out

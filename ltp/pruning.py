@@ -18,10 +18,22 @@ class PruneConfig:
     temperature: float = 1e-3    # T of eq. 9; the paper searches {1, 2, 5, 10, 20}e-4
     final_threshold: float = 0.01  # theta_L of the linear-rising init (section 4.4, table A.1)
     score_length: int = 128      # the constant n of eq. 7 (see importance_score)
+    # The baselines the paper compares with, ranked by the same eq. 7 score (hard mode only):
+    method: str = "threshold"    # "threshold" (LTP, eq. 8), "topk" (SpAtten-style), "fixed" (LAT-style)
+    keep_ratio: float = 1.0      # topk: the retain ratio reached at the last layer
+    lengths: list | None = None  # fixed: tokens kept after each layer, the same for every sequence
 
     def __post_init__(self):
-        assert self.mode in ("off", "soft", "hard"), f"unknown pruning mode {self.mode!r}"
-        assert self.temperature > 0 and self.score_length > 0
+        if self.mode not in ("off", "soft", "hard"):
+            raise ValueError(f"unknown pruning mode {self.mode!r}")
+        if self.method not in ("threshold", "topk", "fixed"):
+            raise ValueError(f"unknown pruning method {self.method!r}")
+        if self.method != "threshold" and self.mode == "soft":
+            raise ValueError(f"method {self.method!r} has no soft mode: it selects tokens by rank")
+        if self.method == "fixed" and not self.lengths:
+            raise ValueError("method 'fixed' needs lengths, one per layer")
+        if not (self.temperature > 0 and self.score_length > 0):
+            raise ValueError("temperature and score_length must be positive")
 
 
 def init_thresholds(num_layers, final_threshold):
@@ -56,6 +68,73 @@ def hard_mask(s, theta, alive):
     m = (s > theta) & (alive > 0.5)
     m[:, 0] = alive[:, 0] > 0.5
     return m.to(s.dtype)
+
+
+def topk_mask(s, alive, k):
+    """
+    Keep the k[b] highest-scoring live tokens of each sequence (the top-k rule of PoWER-BERT, LAT and
+    SpAtten); the first token counts as the highest, so it is always kept. Ties go to the earlier token.
+    s, alive: (B, N); k: (B,) integer counts. Example: s [[.1, .5, .3, .2]], all alive, k [2] -> [[1, 1, 0, 0]].
+    """
+    B, N = s.shape
+    score = s.masked_fill(alive <= 0.5, -math.inf)
+    score = torch.cat([torch.full_like(score[:, :1], math.inf), score[:, 1:]], dim=1)
+    order = score.argsort(dim=1, descending=True, stable=True)  # (B, N) token indices, best first
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=s.device).expand(B, N))
+    return ((rank < k[:, None]) & (alive > 0.5)).to(s.dtype)
+
+
+def topk_ratio(l, num_layers, keep_ratio, full_layers=3):
+    """
+    SpAtten's schedule (appendix A.1): layers 1..3 keep every token, then the retain ratio falls
+    linearly to keep_ratio at the last layer; non-positive ratios prune all but the first token.
+    l is 1-based. Example: L = 6, keep_ratio 0.4 -> [1, 1, 1, .8, .6, .4].
+    """
+    if l <= full_layers:
+        return 1.0
+    return max(0.0, 1.0 + (keep_ratio - 1.0) * (l - full_layers) / (num_layers - full_layers))
+
+
+def keep_mask(cfg, s, theta, alive, n0, l, num_layers):
+    """
+    The hard keep mask of layer l (0-based): eq. 8 for LTP, or the rank-based baselines with the same
+    score s. alive: (B, N) live tokens; n0: (B,) the sequences' lengths before any pruning.
+    """
+    if cfg.method == "threshold":
+        return hard_mask(s, theta, alive)
+    if cfg.method == "topk":
+        k = torch.round(n0.to(torch.float64) * topk_ratio(l + 1, num_layers, cfg.keep_ratio)).long()
+    else:
+        k = torch.full_like(n0, int(cfg.lengths[l]), dtype=torch.long)
+    return topk_mask(s, alive, k.clamp_min(1))
+
+
+def fixed_lengths(lengths, num_layers, hidden, intermediate, target):
+    """
+    A LAT/PoWER-BERT-style length schedule for a relative FLOPs budget: k_l = max(1, ceil(N (1 - r l / L))),
+    N the longest sequence, r found by bisection so that the FLOPs on these lengths (each sequence
+    keeps min(k_l, its live tokens)) are `target` times the unpruned ones. Returns [k_1 .. k_L].
+    """
+    N = max(lengths)
+
+    def schedule(r):
+        return [max(1, math.ceil(N * (1 - r * l / num_layers))) for l in range(1, num_layers + 1)]
+
+    def rel(r):
+        ks = schedule(r)
+        kept = []
+        for n in lengths:
+            row = [n]
+            for k in ks:
+                row.append(min(k, row[-1]))
+            kept.append(row)
+        return relative_flops(kept, num_layers, hidden, intermediate)
+
+    lo, hi = 0.0, float(num_layers)  # r > 1 reaches length 1 before the last layer
+    for _ in range(50):  # rel(r) falls as r rises
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if rel(mid) > target else (lo, mid)
+    return schedule(hi)
 
 
 def soft_mask(s, theta, T, keep):
