@@ -26,7 +26,8 @@ from tqdm import tqdm
 import ltp
 from ltp import glue
 from ltp.model import atomic_write, resolve
-from ltp.pruning import PruneConfig, init_thresholds, mask_regularizer, relative_flops, sequence_flops
+from ltp.pruning import (PruneConfig, fixed_lengths, init_thresholds, mask_regularizer, relative_flops,
+                         sequence_flops)
 from ltp.text import Tokenizer, collate
 
 # Table A.1 of the paper (GLUE): soft pruning lr 2e-5, final threshold 0.01 at init, T in {1,2,5,10,20}e-4,
@@ -158,6 +159,20 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
     elif stage == "soft":  # step 1: soft masks, thresholds initialised linearly rising (section 4.4)
         model.prune = PruneConfig(mode="soft", temperature=args.temperature, final_threshold=args.final_threshold)
         model.encoder.theta.data.copy_(init_thresholds(L, args.final_threshold))
+    elif model.prune.mode == "off":  # hard pruning straight from a fine-tuned model: the baselines
+        # manual thresholds theta_L * l / L (section 4.4), top-k or fixed lengths, one switch: --method
+        lengths = None
+        if args.method == "fixed":
+            lengths = ([int(k) for k in args.lengths.split(",")] if args.lengths else
+                       fixed_lengths([len(e[0]) for e in train[0]], L, model.cfg.hidden_size,
+                                     model.cfg.intermediate_size, args.flops_budget))
+            if len(lengths) != L:
+                raise SystemExit(f"--lengths: {len(lengths)} values, the model has {L} layers")
+        model.prune = PruneConfig(mode="hard", method=args.method, final_threshold=args.final_threshold,
+                                  keep_ratio=args.keep_ratio, lengths=lengths)
+        model.encoder.theta.data.copy_(init_thresholds(L, args.final_threshold))
+        if rank == 0:
+            print(f"[hard] {args.method} pruning from {src}: {model.prune}")
     else:  # step 2 happened when soft saved: binarized mask (mode "hard"), theta frozen from now on
         model.prune = PruneConfig(**{**model.prune.__dict__, "mode": "hard"})
     model.encoder.theta.requires_grad_(stage == "soft")
@@ -341,6 +356,12 @@ def parse_args(argv=None):
     p.add_argument("--lam", type=float, default=None, help="lambda of eq. 12 (0.1); larger prunes more")
     p.add_argument("--temperature", type=float, default=None, help="T of eq. 9 (1e-3)")
     p.add_argument("--final-threshold", type=float, default=None, help="theta_L at init (0.01)")
+    p.add_argument("--method", default="threshold", choices=["threshold", "topk", "fixed"],
+                   help="hard stage from a fine-tuned model (--init X --stages hard): manual thresholds "
+                        "(--final-threshold), top-k (--keep-ratio) or fixed lengths (--lengths or --flops-budget)")
+    p.add_argument("--keep-ratio", type=float, default=0.5, help="topk: retain ratio at the last layer")
+    p.add_argument("--lengths", default=None, help="fixed: comma list of tokens kept after each layer")
+    p.add_argument("--flops-budget", type=float, default=0.6, help="fixed: relative FLOPs the schedule is chosen for")
     p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (0.1)")
     p.add_argument("--warmup", type=float, default=None, help="warm-up fraction of the steps (0.06)")
     p.add_argument("--max-train-examples", type=int, default=None, help="a random subset of train, for quick runs")

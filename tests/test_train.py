@@ -34,7 +34,7 @@ def make_glue(root, n_train=48, n_dev=16):
     return root
 
 
-def make_model(path, dropout=0.1):
+def make_model(path, dropout=0.1, layers=2):
     """A tiny random BERT checkpoint with a word-level tokenizer.json over WORDS."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + WORDS)}
@@ -42,7 +42,7 @@ def make_model(path, dropout=0.1):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    cfg = ltp.Config(model_type="bert", vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2,
+    cfg = ltp.Config(model_type="bert", vocab_size=len(vocab), hidden_size=16, num_hidden_layers=layers,
                      num_attention_heads=2, intermediate_size=24, max_position_embeddings=32, type_vocab_size=2,
                      pad_token_id=0, layer_norm_eps=1e-12, hidden_dropout_prob=dropout,
                      attention_probs_dropout_prob=dropout)
@@ -157,3 +157,22 @@ def test_epoch_batches_cover_every_example_once_and_are_deterministic():
     # length bucketing: padding inside a batch is far below that of random batches
     pad = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in b1)
     assert pad < 0.1 * sum(lengths)
+
+
+def test_baselines_run_the_hard_stage_from_a_finetuned_model(tmp_path):
+    make_glue(tmp_path / "glue")
+    make_model(tmp_path / "m", layers=4)  # top-k keeps every token in layers 1-3 (SpAtten's rule)
+    run(tmp_path, tmp_path / "ft", "--stages", "finetune", "--epochs", "1")
+    init = str(tmp_path / "ft" / "finetune")
+    for name, extra in (("manual", ["--method", "threshold", "--final-threshold", "0.02"]),
+                        ("topk", ["--method", "topk", "--keep-ratio", "0.5"]),
+                        ("fixed", ["--method", "fixed", "--lengths", "6,3,2,1"])):
+        run(tmp_path, tmp_path / name, "--init", init, "--stages", "hard", "--epochs", "1", *extra)
+        cfg = json.load(open(tmp_path / name / "hard" / "ltp.json"))
+        assert cfg["mode"] == "hard" and cfg["method"] == extra[1]
+        last = [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl") if '"event"' not in l][-1]
+        assert last["relative_flops"] < 1.0
+    assert json.load(open(tmp_path / "manual" / "hard" / "ltp.json"))["thresholds"] == pytest.approx([0.005, 0.01, 0.015, 0.02])
+    assert json.load(open(tmp_path / "fixed" / "hard" / "ltp.json"))["lengths"] == [6, 3, 2, 1]
+    kept = [json.loads(l) for l in open(tmp_path / "fixed" / "metrics.jsonl") if '"event"' not in l][-1]
+    assert max(kept["kept_per_layer"][1:]) <= 6 and kept["kept_per_layer"][2] <= 3 and kept["kept_per_layer"][4] == 1
