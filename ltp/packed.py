@@ -7,8 +7,9 @@ goes through a linear layer, a LayerNorm or the FFN. Per layer:
   1. Q, K, V of the T live tokens: one fused matmul (T, C) -> (T, 3C)
   2. attention per sequence: the packed rows are scattered into a padded view (B, N, 3C) with one
      index_copy (N = longest live sequence), padded keys get -inf, probabilities A (B, H, N, N)
-  3. eq. 7 importance scores and the eq. 8 threshold test (pruning.importance_score / hard_mask,
-     the same functions as the mask-based forward of model.py), never a top-k
+  3. eq. 7 importance scores and the eq. 8 threshold test (pruning.importance_score / keep_mask,
+     the same functions as the mask-based forward of model.py), never a top-k (unless the checkpoint
+     is one of the rank-based baselines, PruneConfig.method "topk" / "fixed", which keep_mask also serves)
   4. the tokens that fail the test leave here: A.V is computed for the surviving query rows only
      (all live tokens still serve as keys and values in this layer), then W_o, LN, FFN, LN run on
      the survivors, re-packed with index_select; each sequence's length shrinks on its own.
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import activation
-from .pruning import hard_mask, importance_score
+from .pruning import importance_score, keep_mask
 
 
 def pack(encoded, device=None):
@@ -53,8 +54,8 @@ class PackedModel:
     optionally oneDNN-prepacked), so build it after loading and after any change of the weights.
     onednn: False = plain F.linear (default: on this project's 2-core AVX2 CPU, oneDNN's prepacked linear
     measured no faster, see bench.py), True = oneDNN's prepacked-weight linear (CPU only), None = oneDNN when
-    available on the weights' device. Pruning follows model.prune.mode ("off" or "hard"; "soft" is a training
-    mode and is run as "hard") and model.encoder.theta.
+    available on the weights' device. Pruning follows model.prune (mode "off" or "hard"; "soft" is a training
+    mode and is run as "hard"; method "threshold", or the baselines "topk" / "fixed") and model.encoder.theta.
     """
 
     def __init__(self, model, onednn=False):
@@ -106,7 +107,7 @@ class PackedModel:
         x = self.embed(ids, pos, type_ids)                                 # (T, C)
         kept = [lengths]
         for l, p in enumerate(self.layers):
-            x, seq, pos, lengths = self.layer(x, seq, pos, lengths, p, enc.theta[l] if prune else None)
+            x, seq, pos, lengths = self.layer(x, seq, pos, lengths, p, l if prune else None, kept[0])
             kept.append(lengths)
         kept = torch.stack(kept, 1)                                        # (B, L+1)
         if self.model.head is None:
@@ -123,8 +124,11 @@ class PackedModel:
              + e.token_type_embeddings(type_ids))  # the order of Embeddings.forward, for the same rounding
         return e.LayerNorm(x)  # (T, C)
 
-    def layer(self, x, seq, pos, lengths, p, theta):
-        """One encoder layer on packed tokens; theta None = no pruning. Returns the survivors' x, seq, pos, lengths."""
+    def layer(self, x, seq, pos, lengths, p, l, n0):
+        """
+        Layer l (0-based; None = no pruning) on packed tokens; n0 (B,) the lengths before any pruning.
+        Returns the survivors' x, seq, pos, lengths.
+        """
         cfg = self.cfg
         T, C = x.shape
         B, H, D = lengths.shape[0], cfg.num_attention_heads, cfg.head_dim
@@ -141,12 +145,13 @@ class PackedModel:
         # eq. 6, as Layer.attention_probs: A = softmax(q k^T / sqrt(d_h)), padded keys removed
         logits = (q @ k.transpose(-2, -1)) / math.sqrt(D) + log_keep[:, None, None, :]  # (B, H, N, N)
         probs = logits.softmax(dim=-1)
-        if theta is not None:
-            s = importance_score(probs, keep, self.model.encoder.prune.score_length)  # eq. 7, (B, N)
-            m = hard_mask(s, theta, keep)                                  # eq. 8, (B, N) token 0 always kept
+        if l is not None:
+            enc = self.model.encoder
+            s = importance_score(probs, keep, enc.prune.score_length)      # eq. 7, (B, N)
+            m = keep_mask(enc.prune, s, enc.theta[l], keep, n0, l, len(self.layers))  # eq. 8, (B, N), token 0 kept
             survive = m.view(-1)[dst] > 0 if not dense else m.view(-1) > 0  # (T,) in packed order
             n_out = m.sum(1).long()                                        # (B,)
-        if theta is None or bool(survive.all()):
+        if l is None or bool(survive.all()):
             y = (probs @ v).transpose(1, 2).reshape(B * N, C)              # (B, H, N, D) -> (B*N, C)
             y = y if dense else y.index_select(0, dst)                     # (T, C)
             return self.finish(x, y, p), seq, pos, lengths

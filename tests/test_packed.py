@@ -140,6 +140,24 @@ def test_result_does_not_depend_on_batch():
                 assert torch.equal(kept[row], alone[i][1][0])
 
 
+@torch.inference_mode()
+def test_rank_based_baselines():
+    """Checkpoints of the top-k (SpAtten schedule) and fixed-length (LAT-style) baselines run packed too."""
+    rng = random.Random(5)
+    for trial in range(8):
+        model = tiny_model(("bert", "roberta")[trial % 2], (0, 2)[trial % 2], seed=500 + trial, layers=4)
+        if trial < 4:
+            model.prune = ltp.PruneConfig(mode="hard", method="topk", keep_ratio=rng.uniform(-0.2, 0.8))
+        else:
+            model.prune = ltp.PruneConfig(mode="hard", method="fixed", lengths=sorted(
+                (rng.randint(1, 30) for _ in range(4)), reverse=True))
+        encoded = random_batch(rng, model.cfg, rng.choice([1, 4, 9]))
+        ref, ref_kept = mask_forward(model, encoded)
+        out, kept = packed_forward(PackedModel(model), encoded)
+        assert torch.equal(kept, ref_kept)
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+
+
 @pytest.mark.skipif(not onednn_available("cpu"), reason="no oneDNN in this torch build")
 @torch.inference_mode()
 def test_onednn_linear_path():
