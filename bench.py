@@ -273,7 +273,7 @@ def main(args):
     lengths = [len(i) for i, _ in encoded]
     L, C, I = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
     prune = model.prune
-    pm = PackedModel(model, onednn=args.onednn)
+    pm = PackedModel(model, onednn={"auto": None, "on": True, "off": False}[args.onednn])
     if prune.mode == "off":
         print("no ltp.json and no --final-threshold: no ltp rows (pass --final-threshold 0.01 to prune)", file=sys.stderr)
 
@@ -379,7 +379,8 @@ def get_parser():
     p.add_argument("--peak-repeats", type=int, default=10, help="timed runs of each peak GEMM measurement (median)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device")
-    p.add_argument("--onednn", action="store_true", help="packed/ltp use oneDNN's prepacked-weight linear instead of F.linear")
+    p.add_argument("--onednn", default="auto", choices=["auto", "on", "off"],
+                   help="linear kernel of the packed routine: oneDNN prepacked weights (auto: when available) or F.linear")
     p.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="transformers attention implementation")
     p.add_argument("--skip-hf", action="store_true", help="no transformers rows")
     p.add_argument("--skip-topk", action="store_true", help="skip the appendix A.2 top-k vs threshold latency")

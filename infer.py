@@ -192,7 +192,7 @@ def main(args):
     model = load_model(args.model, args.final_threshold).to(args.device)
     tok = ltp.Tokenizer.from_dir(ltp.model.resolve(args.model), model.cfg)
     encoded = tok.encode(texts)
-    pm = PackedModel(model, onednn=args.onednn)
+    pm = PackedModel(model, onednn={"auto": None, "on": True, "off": False}[args.onednn])
     batches = make_batches(encoded, args.batch_size, sort=not args.no_sort, device=args.device)
     logits, kept, seconds = forward_batches(pm, batches, len(texts), progress=len(texts) >= 1000)
 
@@ -250,7 +250,8 @@ def get_parser():
     p.add_argument("--explain", type=int, default=0, help="print, for the first K inputs, the tokens surviving each layer")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--onednn", action="store_true", help="use oneDNN's prepacked-weight linear (CPU) instead of F.linear")
+    p.add_argument("--onednn", default="auto", choices=["auto", "on", "off"],
+                   help="linear kernel of the packed routine: oneDNN prepacked weights (auto: when available) or F.linear")
     return p
 
 

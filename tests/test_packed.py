@@ -69,8 +69,12 @@ def test_pack_example():
     assert ids.tolist() == [5, 6, 7, 5, 7] and types.tolist() == [0, 0, 0, 0, 1] and cu.tolist() == [0, 3, 5]
 
 
+LINEAR = [False] + ([True] if onednn_available("cpu") else [])  # F.linear, and oneDNN's prepacked linear (the default)
+
+
+@pytest.mark.parametrize("onednn", LINEAR)
 @torch.inference_mode()
-def test_packed_equals_mask_forward():
+def test_packed_equals_mask_forward(onednn):
     rng = random.Random(0)
     pruned_somewhere = 0
     for trial in range(48):
@@ -81,7 +85,7 @@ def test_packed_equals_mask_forward():
         set_pruning(model, rng, mode)
         encoded = random_batch(rng, model.cfg, rng.choice([1, 2, 3, 5, 8, 13]))
         ref, ref_kept = mask_forward(model, encoded)
-        out, kept = packed_forward(PackedModel(model, onednn=False), encoded)
+        out, kept = packed_forward(PackedModel(model, onednn=onednn), encoded)
         assert torch.equal(kept, ref_kept), f"trial {trial}: kept {kept.tolist()} != {ref_kept.tolist()}"
         assert out.shape == ref.shape
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
@@ -100,7 +104,7 @@ def test_partial_pruning_happens():
     for trial in range(12):
         model = tiny_model(("bert", "roberta")[trial % 2], 2, seed=100 + trial)
         set_pruning(model, rng, "hard")
-        _, kept = packed_forward(PackedModel(model, onednn=False), random_batch(rng, model.cfg, 8))
+        _, kept = packed_forward(PackedModel(model), random_batch(rng, model.cfg, 8))
         partial += int(((kept[:, 1:] > 1) & (kept[:, 1:] < kept[:, :1])).sum())
     assert partial > 20
 
@@ -115,7 +119,7 @@ def test_same_length_batch_and_single_tokens():
         n = rng.choice([1, 7, 20])
         encoded = [([rng.randrange(3, 50) for _ in range(n)], [0] * n) for _ in range(rng.choice([1, 4]))]
         ref, ref_kept = mask_forward(model, encoded)
-        out, kept = packed_forward(PackedModel(model, onednn=False), encoded)
+        out, kept = packed_forward(PackedModel(model), encoded)
         assert torch.equal(kept, ref_kept)
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
@@ -127,7 +131,7 @@ def test_result_does_not_depend_on_batch():
     for trial in range(6):
         model = tiny_model(("bert", "roberta")[trial % 2], 2, seed=300 + trial)
         set_pruning(model, rng, "hard")
-        pm = PackedModel(model, onednn=False)
+        pm = PackedModel(model)
         seqs = random_batch(rng, model.cfg, 10)
         alone = [packed_forward(pm, [s]) for s in seqs]
         for _ in range(3):
@@ -158,20 +162,6 @@ def test_rank_based_baselines():
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
 
-@pytest.mark.skipif(not onednn_available("cpu"), reason="no oneDNN in this torch build")
-@torch.inference_mode()
-def test_onednn_linear_path():
-    rng = random.Random(4)
-    for trial in range(8):
-        model = tiny_model(("bert", "roberta")[trial % 2], (0, 2)[trial % 2], seed=400 + trial)
-        set_pruning(model, rng, ("off", "hard")[trial // 2 % 2])
-        encoded = random_batch(rng, model.cfg, 6)
-        ref, ref_kept = mask_forward(model, encoded)
-        out, kept = packed_forward(PackedModel(model, onednn=True), encoded)
-        assert torch.equal(kept, ref_kept)
-        torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
-
-
 def glue_dir():
     for d in ("/work/shared/glue", os.path.join(ROOT, "..", "shared", "glue")):
         if os.path.isdir(d):
@@ -192,7 +182,7 @@ def test_minilm_glue_dev_sets():
     model.prune = ltp.PruneConfig(mode="hard")
     model.encoder.theta.data = pruning.init_thresholds(model.cfg.num_hidden_layers, 0.01)
     tok = ltp.Tokenizer.from_dir(m.get_model_path(), model.cfg)
-    pm = PackedModel(model)
+    pm = PackedModel(model)  # the default linear kernel, as in infer.py (oneDNN where available)
     t0, total, pruned = time.time(), 0, 0
     for task in ("sst2", "mrpc", "stsb"):
         examples = glue.read_split(task, glue_dir(), "dev")
