@@ -7,7 +7,6 @@ last hidden states) equal the mask-based forward within 1e-4 and the per-layer k
 """
 import os
 import random
-import time
 
 import pytest
 import torch
@@ -183,7 +182,7 @@ def test_minilm_glue_dev_sets():
     model.encoder.theta.data = pruning.init_thresholds(model.cfg.num_hidden_layers, 0.01)
     tok = ltp.Tokenizer.from_dir(m.get_model_path(), model.cfg)
     pm = PackedModel(model)  # the default linear kernel, as in infer.py (oneDNN where available)
-    t0, total, pruned = time.time(), 0, 0
+    total, pruned = 0, 0
     for task in ("sst2", "mrpc", "stsb"):
         examples = glue.read_split(task, glue_dir(), "dev")
         encoded = tok.encode([e.text_a if e.text_b is None else (e.text_a, e.text_b) for e in examples])
@@ -199,4 +198,3 @@ def test_minilm_glue_dev_sets():
             pruned += int((kept[:, -1] < kept[:, 0]).sum())
     assert total == 872 + 408 + 1500
     assert pruned > total // 2  # the thresholds really prune
-    assert time.time() - t0 < 120
