@@ -136,7 +136,7 @@ def test_offline_defaults_fail_fast_with_one_clear_message(tmp_path, monkeypatch
     with pytest.raises(SystemExit, match="--model .*--data-dir"):
         train.main(train.parse_args(["--task", "sst2", "--data-dir", str(tmp_path / "none"),
                                      "--output-dir", str(tmp_path / "o")]))
-    assert time.time() - t0 < 20
+    assert time.time() - t0 < 60  # "fails within seconds", not a speed target: a hang would take minutes
 
 
 def test_unknown_task_and_stage(tmp_path):
