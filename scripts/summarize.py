@@ -25,8 +25,10 @@ def rows(run):
         metrics = {k: v for k, v in r.items() if k in ("accuracy", "f1", "pearson", "spearman", "mcc",
                                                        "accuracy_mm")}
         out.append({"run": os.path.basename(run.rstrip("/")), "stage": stage,
-                    "lam": args.get("lam") if stage != "finetune" else None,
-                    "T": args.get("temperature") if stage != "finetune" else None,
+                    # lambda and T belong to soft pruning: shown when this run did the soft stage
+                    "lam": args.get("lam") if "soft" in args.get("stages", "") and stage != "finetune" else None,
+                    "T": args.get("temperature") if "soft" in args.get("stages", "") and stage != "finetune" else None,
+                    "lr": args.get("lr"), "init": os.path.basename(os.path.dirname(args.get("init") or "")),
                     **metrics, "relative_flops": r["relative_flops"], "gflops": r["gflops"],
                     "kept_per_layer": r.get("kept_per_layer"), "minutes": round(secs.get(stage, 0) / 60, 1)})
     return out
@@ -37,11 +39,12 @@ def main(runs):
     if not table:
         sys.exit("no metrics.jsonl in the given run folders")
     metric_keys = [k for k in ("accuracy", "f1", "pearson", "spearman", "mcc", "accuracy_mm") if any(k in r for r in table)]
-    head = ["run", "stage", "lambda", "T"] + metric_keys + ["rel. FLOPs", "GFLOPs/ex", "tokens kept per layer", "min"]
+    head = ["run", "stage", "from", "lambda", "T", "lr"] + metric_keys + ["rel. FLOPs", "GFLOPs/ex", "tokens kept per layer", "min"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in table:
-        cells = [r["run"], r["stage"], r["lam"] if r["lam"] is not None else "", r["T"] if r["T"] is not None else ""]
+        cells = [r["run"], r["stage"], r["init"], r["lam"] if r["lam"] is not None else "",
+                 r["T"] if r["T"] is not None else "", r["lr"]]
         cells += [f"{100 * r[k]:.2f}" if k in r else "" for k in metric_keys]
         cells += [f"{r['relative_flops']:.3f}", f"{r['gflops']:.3f}",
                   " ".join(f"{v:.1f}" for v in (r["kept_per_layer"] or [])), r["minutes"]]
