@@ -392,9 +392,4 @@ def get_parser():
 
 
 if __name__ == "__main__":
-    args = get_parser().parse_args()
-    try:
-        main(args)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        sys.exit(f"bench.py: error: {msg}")
+    infer.run_cli(main, get_parser().parse_args(), "bench.py")

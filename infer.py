@@ -255,10 +255,14 @@ def get_parser():
     return p
 
 
-if __name__ == "__main__":
-    args = get_parser().parse_args()
+def run_cli(main, args, name):
+    """Bad input ends with one line naming what is wrong, not a traceback (shared with bench.py)."""
     try:
         main(args)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        sys.exit(f"infer.py: error: {msg}")
+        sys.exit(f"{name}: error: {msg}")
+
+
+if __name__ == "__main__":
+    run_cli(main, get_parser().parse_args(), "infer.py")
