@@ -10,8 +10,9 @@ Methods (one row per method and batch size):
   hf-sorted         the same, length-sorted batches
   packed            ltp/packed.py without pruning, length-sorted batches (the loop of infer.py)
   ltp               ltp/packed.py with the checkpoint's learned thresholds (ltp.json) or --final-threshold
-Throughput is the median of --repeats full passes after a warm-up, model time only (inputs are tokenized,
-padded or packed beforehand). Useful GFLOP/s counts real tokens only (pruning.sequence_flops).
+Throughput is the median of --repeats full passes after a warm-up (the passes go round the methods, so a
+change of the machine's load hits all alike), model time only (inputs tokenized, padded or packed beforehand).
+Useful GFLOP/s counts real tokens only (pruning.sequence_flops).
 """
 import argparse
 import json
@@ -53,7 +54,8 @@ def timed(fn, device, repeats, warmup=1):
 
 
 def peak_gflops(device, repeats=10, M=2048, K=768, N=3072):
-    """This machine's fp32 GEMM rate on an M x K x N product: F.linear, and oneDNN's prepacked paths on CPU."""
+    """This machine's fp32 GEMM rate on an M x K x N product: F.linear, and oneDNN's prepacked paths on CPU.
+    main() measures it before and after the throughput runs and keeps the better value of each."""
     x, w, b = torch.randn(M, K, device=device), torch.randn(N, K, device=device) * 0.02, torch.zeros(N, device=device)
     flops = 2 * M * K * N
     out = {}
@@ -212,7 +214,8 @@ def markdown(result):
              f"Pruning: {s['pruning']}. GFLOPs per example: {s['gflops_unpruned']:.3f} unpruned, "
              f"{s['gflops_ltp']:.3f} with LTP (relative FLOPs {s['relative_flops']:.3f}); "
              f"mean tokens kept per layer: {s['kept_per_layer']}.",
-             "Peak fp32 GEMM (2048x768x3072): " + ", ".join(f"{k} {v:.0f}" for k, v in pk.items()) + " GFLOP/s.",
+             "Peak fp32 GEMM (2048x768x3072, better of before/after the runs): "
+             + ", ".join(f"{k} {v:.0f}" for k, v in pk.items()) + " GFLOP/s.",
              "",
              "| method | batch | examples/s | tokens/s | useful GFLOP/s | % of peak | rel. FLOPs | vs packed | vs hf-sorted | peak MB |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -286,38 +289,53 @@ def main(args):
         model.prune = prune
 
     unpruned_flops = sum(pruning.unpruned_flops(n, L, C, I) for n in lengths)
+    no_prune = ltp.PruneConfig(mode="off")
+
+    def runner(method, bs):
+        """A function running one full pass of `method` at batch size bs (inputs prepared beforehand)."""
+        if method.startswith("hf"):
+            batches = hf_batches(encoded, bs, method == "hf-sorted", cfg, dev)
+            return lambda part=None: hf_pass(hf, batches[:part])
+        batches = infer.make_batches(encoded, bs, sort=True, device=dev)
+        mode = prune if method == "ltp" else no_prune
+
+        def run(part=None):
+            model.prune = mode  # PackedModel reads model.prune at every call
+            out = infer.forward_batches(pm, batches[:part], len(encoded))
+            model.prune = prune
+            return out
+        return run
+
     rows, ltp_kept = [], None
     for bs in args.batch_sizes:
-        for method in METHODS:
-            if method.startswith("hf") and hf is None or method == "ltp" and prune.mode == "off":
-                continue
-            if method.startswith("hf"):
-                batches = hf_batches(encoded, bs, method == "hf-sorted", cfg, dev)
-                run = lambda: hf_pass(hf, batches)  # noqa: E731
-            else:
-                model.prune = prune if method == "ltp" else ltp.PruneConfig(mode="off")
-                batches = infer.make_batches(encoded, bs, sort=True, device=dev)
-                run = lambda: infer.forward_batches(pm, batches, len(encoded))  # noqa: E731
-            warm = batches[:8]  # warm-up on a few batches (allocator, MKL / oneDNN kernel selection)
-            if method.startswith("hf"):
-                hf_pass(hf, warm)
-            else:
-                infer.forward_batches(pm, warm, len(encoded))
-            with PeakMemory(dev) as mem:
-                sec, times = timed(run, dev, args.repeats, warmup=0)
+        methods = [m for m in METHODS if not (m.startswith("hf") and hf is None or m == "ltp" and prune.mode == "off")]
+        runs = {m: runner(m, bs) for m in methods}
+        for m in methods:  # warm-up on a few batches (allocator, MKL / oneDNN kernel selection)
+            runs[m](8)
+        # The repeats go round the methods, so a change in the machine's load hits every method alike.
+        times, mem = {m: [] for m in methods}, {m: 0.0 for m in methods}
+        for _ in range(args.repeats):
+            for m in methods:
+                with PeakMemory(dev) as pmem:
+                    times[m].append(timed(runs[m], dev, 1, warmup=0)[0])
+                mem[m] = max(mem[m], pmem.mb)
+        for m in methods:
+            sec = statistics.median(times[m])
             flops = unpruned_flops
-            if method == "ltp":
-                _, kept, _ = infer.forward_batches(pm, batches, len(encoded))
+            if m == "ltp":
+                kept = runs[m]()[1]
                 ltp_kept = kept if ltp_kept is None else ltp_kept
                 flops = sum(pruning.sequence_flops(k, C, I) for k in kept.tolist())
-            model.prune = prune
-            row = {"method": method, "batch_size": bs, "examples_per_s": len(encoded) / sec,
+            row = {"method": m, "batch_size": bs, "examples_per_s": len(encoded) / sec,
                    "tokens_per_s": sum(lengths) / sec, "gflops_per_s": flops / sec / 1e9,
-                   "relative_flops": flops / unpruned_flops, "peak_memory_mb": mem.mb,
-                   "seconds": times, "speedup_vs_packed": None, "speedup_vs_hf_sorted": None}
+                   "relative_flops": flops / unpruned_flops, "peak_memory_mb": mem[m],
+                   "seconds": times[m], "speedup_vs_packed": None, "speedup_vs_hf_sorted": None}
             rows.append(row)
-            print(f"  {method:17s} batch {bs:4d}: {row['examples_per_s']:8.1f} examples/s, "
-                  f"{row['gflops_per_s']:6.1f} useful GFLOP/s, peak +{mem.mb:.0f} MB", file=sys.stderr)
+            print(f"  {m:17s} batch {bs:4d}: {row['examples_per_s']:8.1f} examples/s, "
+                  f"{row['gflops_per_s']:6.1f} useful GFLOP/s, peak +{mem[m]:.0f} MB", file=sys.stderr)
+    # the peak again at the end: the machine's load may have changed meanwhile; report the better of the two
+    end = peak_gflops(dev, args.peak_repeats)
+    peak = {k: max(v, end.get(k, 0.0)) for k, v in peak.items()} | {"best_start": peak["best"], "best_end": end["best"]}
     for r in rows:
         base = {x["method"]: x["examples_per_s"] for x in rows if x["batch_size"] == r["batch_size"]}
         if "packed" in base and r["method"] != "packed":
