@@ -351,7 +351,9 @@ def main(args):
             "layers": L, "hidden": C, "head": model.head is not None,
             "data": f"{args.task} {args.split}" if args.task else args.input, "examples": len(encoded),
             "mean_tokens": sum(lengths) / len(lengths), "threads": torch.get_num_threads(), "device": dev,
-            "linear": "oneDNN prepacked" if pm.onednn else "F.linear", "repeats": args.repeats,
+            "linear": {0: "F.linear", math.inf: "oneDNN prepacked"}.get(
+                pm.onednn_rows, f"oneDNN prepacked below {pm.onednn_rows} rows, else F.linear"),
+            "repeats": args.repeats,
             "hf_attention": args.hf_attn if hf is not None else None,
             "pruning": (f"{prune.mode}, thresholds " + " ".join(f"{t:.4g}" for t in model.encoder.theta.tolist())
                         + (" (manual, linear-rising)" if args.final_threshold is not None and not
@@ -398,7 +400,7 @@ def get_parser():
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device")
     p.add_argument("--onednn", default="auto", choices=["auto", "on", "off"],
-                   help="linear kernel of the packed routine: oneDNN prepacked weights (auto: when available) or F.linear")
+                   help="linear kernel of the packed routine: oneDNN prepacked weights, F.linear, or auto (oneDNN for small matmuls)")
     p.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="transformers attention implementation")
     p.add_argument("--skip-hf", action="store_true", help="no transformers rows")
     p.add_argument("--skip-topk", action="store_true", help="skip the appendix A.2 top-k vs threshold latency")

@@ -251,7 +251,7 @@ def get_parser():
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--onednn", default="auto", choices=["auto", "on", "off"],
-                   help="linear kernel of the packed routine: oneDNN prepacked weights (auto: when available) or F.linear")
+                   help="linear kernel of the packed routine: oneDNN prepacked weights, F.linear, or auto (oneDNN for small matmuls)")
     return p
 
 

@@ -5,14 +5,15 @@ A batch is one tensor of real tokens x (T, C), sequence after sequence, plus off
 cu_seqlens (B+1,) (sequence b owns rows cu_seqlens[b]:cu_seqlens[b+1]). No padding token ever
 goes through a linear layer, a LayerNorm or the FFN. Per layer:
   1. Q, K, V of the T live tokens: one fused matmul (T, C) -> (T, 3C)
-  2. attention per sequence: the packed rows are scattered into a padded view (B, N, 3C) with one
-     index_copy (N = longest live sequence), padded keys get -inf, probabilities A (B, H, N, N)
+  2. attention per sequence: one index_select gathers the packed rows into a padded view (B, N, 3C)
+     (N = longest live sequence), padded keys get -inf, probabilities A (B, H, N, N)
   3. eq. 7 importance scores and the eq. 8 threshold test (pruning.importance_score / keep_mask,
      the same functions as the mask-based forward of model.py), never a top-k (unless the checkpoint
      is one of the rank-based baselines, PruneConfig.method "topk" / "fixed", which keep_mask also serves)
   4. the tokens that fail the test leave here: A.V is computed for the surviving query rows only
      (all live tokens still serve as keys and values in this layer), then W_o, LN, FFN, LN run on
-     the survivors, re-packed with index_select; each sequence's length shrinks on its own.
+     the survivors, re-packed with index_select; each sequence's length shrinks on its own
+     (the only state carried from layer to layer is x and the lengths).
 No bucketing by length inside a batch: with infer.py's length-sorted batches the padded attention view
 does 1.08x (unpruned) to 1.19x (LTP) the useful attention work on SST-2 / MRPC dev with MiniLM, and the
 attention products are ~7% of the time, so buckets would save ~1% (measured; dataset-order batches: 2-3.4x).
@@ -50,23 +51,26 @@ def onednn_available(device):
 
 class PackedModel:
     """
-    Wraps an ltp.Model for packed inference; weights are prepared once here (fused Q|K|V,
-    optionally oneDNN-prepacked), so build it after loading and after any change of the weights.
-    onednn: the linear layers' kernel. None (default) = oneDNN's prepacked-weight linear when available on
-    the weights' device (CPU builds with MKL-DNN), else F.linear; True = require oneDNN; False = F.linear.
-    Measured on the project's 2-core AVX2 CPU (MiniLM, SST-2 dev): as fast as F.linear at batch 32 with one
-    thread, ~10% faster at batch 1, and 1.5-2x faster with two threads while other jobs share the cores. Pruning follows model.prune (mode "off" or "hard"; "soft" is a training
-    mode and is run as "hard"; method "threshold", or the baselines "topk" / "fixed") and model.encoder.theta.
+    Wraps an ltp.Model for packed inference; weights are prepared once here (fused Q|K|V, and
+    oneDNN-prepacked copies), so build it after loading and after any change of the weights.
+    Pruning follows model.prune (mode "off" or "hard"; "soft" is a training mode and is run as "hard";
+    method "threshold", or the baselines "topk" / "fixed") and model.encoder.theta.
+    onednn: the linear layers' kernel. False = F.linear (MKL); True = oneDNN's prepacked-weight linear
+    (CPU builds with MKL-DNN); None (default) = oneDNN for matmuls of fewer than ONEDNN_ROWS rows when
+    available, F.linear for the rest. Measured on the project's 2-core AVX2 CPU, idle, 2 threads, MiniLM
+    shapes, six layers' weights in turn: at 32 / 64 / 128 / 800 rows oneDNN reaches 104 / 129 / 141 / 152
+    GFLOP/s, F.linear 79 / 109 / 136 / 155 (batch 1 and the late, pruned layers are the small cases).
+    With other jobs on the cores, oneDNN also held up better at 800 rows (1.5x); that case is not tuned for.
     """
+    ONEDNN_ROWS = 128
 
     def __init__(self, model, onednn=None):
         self.model, self.cfg = model, model.cfg
         dev = model.encoder.theta.device
-        if onednn is None:
-            onednn = onednn_available(dev)
-        elif onednn and not onednn_available(dev):
+        if onednn and not onednn_available(dev):
             raise RuntimeError(f"oneDNN prepacked linear is not available on {dev}")
-        self.onednn = onednn
+        self.onednn_rows = {True: math.inf, False: 0, None: self.ONEDNN_ROWS if onednn_available(dev) else 0}[onednn]
+        self.onednn = self.onednn_rows > 0
         self.layers = []
         for layer in model.encoder.layers:
             wqkv = torch.cat([layer.query.weight, layer.key.weight, layer.value.weight]).detach()  # (3C, C)
@@ -78,15 +82,15 @@ class PackedModel:
                                 "ln1": layer.ln1, "ln2": layer.ln2})
 
     def weight(self, w, b):
+        """(W, b, W reordered once into oneDNN's blocked layout or None): no reorder at every call."""
         w, b = w.detach(), b.detach()
-        if self.onednn:  # reorder W once into oneDNN's blocked layout, instead of at every call
-            return torch.ops.mkldnn._reorder_linear_weight(w, None), b
-        return w, b
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, None) if self.onednn else None
+        return w, b, packed
 
     def linear(self, x, wb):
-        w, b = wb
-        if self.onednn:
-            return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        w, b, packed = wb
+        if x.shape[0] < self.onednn_rows:
+            return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
         return F.linear(x, w, b)
 
     def __call__(self, ids, cu_seqlens, type_ids=None):
@@ -108,7 +112,7 @@ class PackedModel:
         x = self.embed(ids, pos, type_ids)                                 # (T, C)
         kept = [lengths]
         for l, p in enumerate(self.layers):
-            x, seq, pos, lengths = self.layer(x, seq, pos, lengths, p, l if prune else None, kept[0])
+            x, lengths = self.layer(x, lengths, p, l if prune else None, kept[0])
             kept.append(lengths)
         kept = torch.stack(kept, 1)                                        # (B, L+1)
         if self.model.head is None:
@@ -125,48 +129,45 @@ class PackedModel:
              + e.token_type_embeddings(type_ids))  # the order of Embeddings.forward, for the same rounding
         return e.LayerNorm(x)  # (T, C)
 
-    def layer(self, x, seq, pos, lengths, p, l, n0):
+    def layer(self, x, lengths, p, l, n0):
         """
-        Layer l (0-based; None = no pruning) on packed tokens; n0 (B,) the lengths before any pruning.
-        Returns the survivors' x, seq, pos, lengths.
+        Layer l (0-based; None = no pruning) on packed tokens x (T, C) of sequences with `lengths` (B,);
+        n0 (B,) the lengths before any pruning. Returns the survivors' x (T', C) and their lengths (B,).
         """
-        cfg = self.cfg
+        cfg, dev = self.cfg, x.device
         T, C = x.shape
         B, H, D = lengths.shape[0], cfg.num_attention_heads, cfg.head_dim
         N = int(lengths.max())
-        qkv = self.linear(x, p["qkv"])                                     # (T, 3C)
+        start = lengths.cumsum(0) - lengths                                # (B,) first packed row of each sequence
+        j = torch.arange(N, device=dev)
+        live = j < lengths[:, None]                                        # (B, N) real tokens of each sequence
         dense = T == B * N  # all sequences have the same length: the packed rows already are the padded view
-        dst = None if dense else seq * N + pos                             # (T,) row of each token in the padded view
-        if not dense:
-            qkv = qkv.new_zeros(B * N, 3 * C).index_copy_(0, dst, qkv)     # (B*N, 3C), padding rows 0
+        qkv = self.linear(x, p["qkv"])                                     # (T, 3C)
+        if not dense:  # padded view by one gather; a padding slot repeats its sequence's first token (finite,
+            # masked as a key below, and its query row is never used), so no zero fill is needed
+            qkv = qkv.index_select(0, (start[:, None] + j * live).view(-1))  # (B*N, 3C)
         q, k, v = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)           # 3 x (B, H, N, D)
-        live = torch.arange(N, device=x.device) < lengths[:, None]         # (B, N) real tokens of each sequence
-        keep = live.to(x.dtype)
-        log_keep = torch.zeros_like(keep).masked_fill(~live, -math.inf)     # (B, N) 0 live, -inf padding
-        # eq. 6, as Layer.attention_probs: A = softmax(q k^T / sqrt(d_h)), padded keys removed
-        logits = (q @ k.transpose(-2, -1)) / math.sqrt(D) + log_keep[:, None, None, :]  # (B, H, N, N)
+        keep = live.to(x.dtype)                                            # (B, N) 1 live, 0 padding
+        # eq. 6, as Layer.attention_probs: A = softmax(q k^T / sqrt(d_h)), padded keys removed (log 0 = -inf)
+        logits = (q @ k.transpose(-2, -1)) / math.sqrt(D) + keep.log()[:, None, None, :]  # (B, H, N, N)
         probs = logits.softmax(dim=-1)
         if l is not None:
             enc = self.model.encoder
             s = importance_score(probs, keep, enc.prune.score_length)      # eq. 7, (B, N)
-            m = keep_mask(enc.prune, s, enc.theta[l], keep, n0, l, len(self.layers))  # eq. 8, (B, N), token 0 kept
-            survive = m.view(-1)[dst] > 0 if not dense else m.view(-1) > 0  # (T,) in packed order
-            n_out = m.sum(1).long()                                        # (B,)
-        if l is None or bool(survive.all()):
+            m = keep_mask(enc.prune, s, enc.theta[l], keep, n0, l, len(self.layers)) > 0  # eq. 8, (B, N) bool
+            # (token 0 is always kept, so a sequence's first row stays its first row)
+            n_out = m.sum(1)                                               # (B,)
+        if l is None or bool((n_out == lengths).all()):
             y = (probs @ v).transpose(1, 2).reshape(B * N, C)              # (B, H, N, D) -> (B*N, C)
-            y = y if dense else y.index_select(0, dst)                     # (T, C)
-            return self.finish(x, y, p), seq, pos, lengths
+            return self.finish(x, y if dense else y[live.view(-1)], p), lengths  # real rows, in packed order
         # The pruned tokens leave now: only the surviving query rows of A meet V (all live keys stay keys here).
-        idx = survive.nonzero().squeeze(1)                                 # (T',) survivors, still in packed order
-        T2, N2 = idx.shape[0], int(n_out.max())
-        seq2, old = seq.index_select(0, idx), pos.index_select(0, idx)     # (T',) their sequence and old position
-        pos2 = torch.arange(T2, device=x.device) - (n_out.cumsum(0) - n_out)[seq2]  # (T',) new, compact positions
-        rows = torch.zeros(B, N2, dtype=torch.long, device=x.device)       # (B, N2) old row of each surviving row
-        rows[seq2, pos2] = old                                             # (padding rows read row 0, never used)
+        N2 = int(n_out.max())
+        rows = torch.sort((~m).to(torch.uint8), dim=1, stable=True).indices[:, :N2]  # (B, N2) survivors' old rows first
         a = probs.gather(2, rows[:, None, :, None].expand(B, H, N2, N))    # (B, H, N2, N)
         y = (a @ v).transpose(1, 2).reshape(B * N2, C)                     # (B, H, N2, D) -> (B*N2, C)
-        y = y.index_select(0, seq2 * N2 + pos2)                            # (T', C)
-        return self.finish(x.index_select(0, idx), y, p), seq2, pos2, n_out
+        y = y[(j[:N2] < n_out[:, None]).view(-1)]                          # (T', C) the survivors, in packed order
+        survivors = (start[:, None] + j).view(-1)[m.view(-1)]              # (T',) their rows in x
+        return self.finish(x.index_select(0, survivors), y, p), n_out
 
     def finish(self, x, y, p):
         """Eqs. 3-5 on packed rows, as Layer.finish: x, y (T, C) the layer input and the heads' concatenation."""
