@@ -238,6 +238,11 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
                             **({"theta_L": f"{model.encoder.theta[-1].item():.4f}"} if stage == "soft" else {}))
             if args.save_every and step % args.save_every == 0 and b + 1 < len(batches):
                 save_state(model, optimizer, epoch, b + 1, state_path, rank)
+            if args.eval_every and step % args.eval_every == 0 and b + 1 < len(batches) and rank == 0:
+                # a look mid-epoch (eval mode: no dropout, so no RNG is drawn and --resume stays exact)
+                row = evaluate(model, task, dev_sets, model.cfg.pad_token_id, device)
+                log_row(args, {"stage": stage, "step": step, "epoch": epoch + b / len(batches), **row,
+                               "time": round(time.time(), 1)})
             if args.max_steps and step >= args.max_steps:  # for interruption tests and quick looks
                 save_state(model, optimizer, epoch, b + 1, state_path, rank)
                 return None
@@ -368,6 +373,8 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=None, help="truncate inputs to this many tokens")
     p.add_argument("--max-steps", type=int, default=None, help="stop (with a resumable state) after this many steps")
     p.add_argument("--save-every", type=int, default=200, help="write the resumable state every N steps (0: epochs only)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="also evaluate on dev every N steps (rows in metrics.jsonl; 0: after each epoch only)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order, init and dropout")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
     p.add_argument("--device", default="cpu", help="cpu or cuda")

@@ -94,10 +94,16 @@ def test_resume_is_bit_identical(tmp_path):
     # interrupted mid-epoch in each stage (RNG, optimizer, scheduler, data position restored), then resumed
     run(tmp_path, tmp_path / "b", "--stages", "finetune", "--max-steps", "5")
     assert not (tmp_path / "b" / "finetune" / "DONE").exists()
-    run(tmp_path, tmp_path / "b", "--stages", "finetune", "--resume")
-    run(tmp_path, tmp_path / "b", "--stages", "soft", "--max-steps", "3")
+    # b also evaluates mid-epoch (--eval-every): that must not change a single bit either
+    run(tmp_path, tmp_path / "b", "--stages", "finetune", "--resume", "--eval-every", "2")
+    run(tmp_path, tmp_path / "b", "--stages", "soft", "--max-steps", "3", "--eval-every", "2")
     assert not (tmp_path / "b" / "soft" / "DONE").exists()
-    run(tmp_path, tmp_path / "b", "--stages", "soft", "--resume")
+    run(tmp_path, tmp_path / "b", "--stages", "soft", "--resume", "--eval-every", "2")
+    rows = [json.loads(l) for l in open(tmp_path / "b" / "metrics.jsonl")]
+    # 48 examples / 8 = 6 steps an epoch: looks at steps 2 and 4 of each epoch and at its end (b resumed finetune at 5)
+    assert [(r["stage"], r["step"]) for r in rows if "event" not in r] == [
+        ("finetune", 6), ("finetune", 8), ("finetune", 10), ("finetune", 12),
+        ("soft", 2), ("soft", 4), ("soft", 6), ("soft", 8), ("soft", 10), ("soft", 12)]
     for stage in ("finetune", "soft"):
         a, b = params(tmp_path / "a" / stage), params(tmp_path / "b" / stage)
         assert a.keys() == b.keys()
