@@ -313,11 +313,15 @@ def main(args):
     tok = Tokenizer.from_dir(src_dir, cfg)
     if args.max_length:
         tok = Tokenizer(tok.tok, min(args.max_length, tok.max_length), tok.single_type)
-    train_ex = glue.read_split(args.task, args.data_dir, "train")
+    train = encode_split(tok, glue.read_split(args.task, args.data_dir, "train"))
+    if args.max_train_tokens:  # only the short examples (the length-robustness experiment, table 3)
+        keep = [i for i, e in enumerate(train[0]) if len(e[0]) <= args.max_train_tokens]
+        if not keep:
+            raise SystemExit(f"--max-train-tokens {args.max_train_tokens}: no training example is that short")
+        train = [train[0][i] for i in keep], [train[1][i] for i in keep]
     if args.max_train_examples:
-        keep = np.random.default_rng(args.seed).permutation(len(train_ex))[:args.max_train_examples]
-        train_ex = [train_ex[i] for i in sorted(keep)]
-    train = encode_split(tok, train_ex)
+        keep = np.random.default_rng(args.seed).permutation(len(train[0]))[:args.max_train_examples]
+        train = [train[0][i] for i in sorted(keep)], [train[1][i] for i in sorted(keep)]
     dev_sets = {"": encode_split(tok, glue.read_split(args.task, args.data_dir, "dev"))}
     if "dev_mismatched" in task.splits:
         dev_sets["_mm"] = encode_split(tok, glue.read_split(args.task, args.data_dir, "dev_mismatched"))
@@ -370,6 +374,8 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (0.1)")
     p.add_argument("--warmup", type=float, default=None, help="warm-up fraction of the steps (0.06)")
     p.add_argument("--max-train-examples", type=int, default=None, help="a random subset of train, for quick runs")
+    p.add_argument("--max-train-tokens", type=int, default=None,
+                   help="train only on examples of at most this many tokens (before --max-train-examples)")
     p.add_argument("--max-length", type=int, default=None, help="truncate inputs to this many tokens")
     p.add_argument("--max-steps", type=int, default=None, help="stop (with a resumable state) after this many steps")
     p.add_argument("--save-every", type=int, default=200, help="write the resumable state every N steps (0: epochs only)")

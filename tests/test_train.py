@@ -182,3 +182,15 @@ def test_baselines_run_the_hard_stage_from_a_finetuned_model(tmp_path):
     assert json.load(open(tmp_path / "fixed" / "hard" / "ltp.json"))["lengths"] == [6, 3, 2, 1]
     kept = [json.loads(l) for l in open(tmp_path / "fixed" / "metrics.jsonl") if '"event"' not in l][-1]
     assert max(kept["kept_per_layer"][1:]) <= 6 and kept["kept_per_layer"][2] <= 3 and kept["kept_per_layer"][4] == 1
+
+
+def test_max_train_tokens_keeps_only_short_examples(tmp_path, capsys):
+    make_glue(tmp_path / "glue")
+    make_model(tmp_path / "m")
+    rows = open(tmp_path / "glue" / "SST-2" / "train.tsv").read().splitlines()[1:]
+    short = sum(len(r.split("\t")[0].split()) + 2 <= 5 for r in rows)  # [CLS] words [SEP]
+    assert 0 < short < len(rows)
+    run(tmp_path, tmp_path / "out", "--stages", "finetune", "--epochs", "1", "--max-train-tokens", "5")
+    assert f"sst2: {short} train, 16 dev examples" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no training example is that short"):
+        run(tmp_path, tmp_path / "out2", "--stages", "finetune", "--max-train-tokens", "2")

@@ -1,0 +1,96 @@
+"""
+Fig. 4 of the paper on this machine: dev accuracy (or the task's first metric) against relative FLOPs
+for learned thresholds, manual thresholds, top-k and fixed lengths, with the fine-tuned baseline and
+baseline - 1 point as lines. Reads the runs' metrics.jsonl / args.json (the last evaluation of each
+run's hard stage) and writes a Markdown table, plus a PNG when matplotlib is installed.
+
+  python scripts/fig4.py --baseline runs/sst2-minilm --out docs/fig4_sst2 runs/sst2-minilm-lam* \
+      runs/sst2-manual-* runs/sst2-topk-* runs/sst2-fixed-*
+"""
+import argparse
+import json
+import os
+import sys
+
+METRICS = ("accuracy", "f1", "pearson", "spearman", "mcc")
+STYLE = {"learned": ("tab:red", "o"), "manual": ("tab:blue", "s"), "topk": ("tab:green", "^"),
+         "fixed": ("tab:purple", "D")}
+
+
+def last_eval(run, stage):
+    path = os.path.join(run, "metrics.jsonl")
+    rows = [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
+    rows = [r for r in rows if r.get("stage") == stage and "event" not in r]
+    return rows[-1] if rows else None
+
+
+def describe(run):
+    """(method, setting label) of a run from its args.json."""
+    a = json.load(open(os.path.join(run, "args.json")))
+    method = a.get("method", "threshold")
+    if method == "topk":
+        return "topk", f"keep {a['keep_ratio']}"
+    if method == "fixed":
+        return "fixed", (f"lengths {a['lengths']}" if a.get("lengths") else f"budget {a['flops_budget']}")
+    if "soft" in a["stages"] or (a.get("init") or "").rstrip("/").endswith("/soft"):
+        return "learned", f"λ {a['lam']}" if "soft" in a["stages"] else f"from {a['init']}"
+    return "manual", f"θ_L {a['final_threshold']}"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="run folders of train.py (each with a hard stage)")
+    p.add_argument("--baseline", required=True, help="run folder of the fine-tuned baseline (finetune stage)")
+    p.add_argument("--out", required=True, help="output prefix: writes OUT.md and OUT.png")
+    p.add_argument("--title", default=None)
+    args = p.parse_args(argv)
+
+    base = last_eval(args.baseline, "finetune")
+    if base is None:
+        sys.exit(f"{args.baseline}: no finetune evaluation in metrics.jsonl")
+    metric = next(k for k in METRICS if k in base)
+    points = []
+    for run in args.runs:
+        r = last_eval(run, "hard")
+        if r is None:
+            print(f"skipping {run}: no finished hard stage", file=sys.stderr)
+            continue
+        method, setting = describe(run)
+        points.append({"run": os.path.basename(run.rstrip("/")), "method": method, "setting": setting,
+                       "metric": 100 * r[metric], "rel": r["relative_flops"], "kept": r["kept_per_layer"]})
+    points.sort(key=lambda q: (list(STYLE).index(q["method"]), -q["rel"]))
+    b = 100 * base[metric]
+    lines = [f"Baseline (fine-tuned, unpruned): {metric} {b:.2f}; the target line is {b - 1:.2f}.", "",
+             f"| method | setting | run | {metric} | Δ vs baseline | rel. FLOPs | tokens kept per layer |",
+             "|---|---|---|---:|---:|---:|---|"]
+    for q in points:
+        lines.append(f"| {q['method']} | {q['setting']} | {q['run']} | {q['metric']:.2f} | {q['metric'] - b:+.2f} "
+                     f"| {q['rel']:.3f} | {' '.join(f'{v:.1f}' for v in q['kept'])} |")
+    open(args.out + ".md", "w").write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for method, (color, marker) in STYLE.items():
+        qs = sorted((q for q in points if q["method"] == method), key=lambda q: q["rel"])
+        if qs:
+            ax.plot([q["rel"] for q in qs], [q["metric"] for q in qs], marker=marker, color=color, label=method)
+    ax.axhline(b, color="black", lw=1, label="baseline")
+    ax.axhline(b - 1, color="black", lw=1, ls="--", label="baseline - 1")
+    ax.set_xlabel("relative FLOPs")
+    ax.set_ylabel(f"dev {metric} (%)")
+    ax.set_title(args.title or os.path.basename(args.out))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.out + ".png", dpi=120)
+    print(f"wrote {args.out}.md and {args.out}.png", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

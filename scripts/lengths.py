@@ -1,0 +1,156 @@
+"""
+Sequence-length experiments of the paper (issue 5), on any checkpoints train.py wrote:
+
+  table2        token-length statistics of a task's train and dev splits (the paper's table 2:
+                SST-2 trains on short phrases and evaluates on whole sentences)
+  buckets       accuracy and relative FLOPs per dev length bucket, ~Q2, Q2~Q3, Q3~ (quartiles of the
+                dev lengths): table 3, for models trained on short examples
+  trajectories  tokens alive after each layer for ~20 dev examples spread over the length range
+                (fig. A.2): learned thresholds adapt to each input, fixed lengths do not
+
+  python scripts/lengths.py table2 --task sst2 --data-dir ../shared/glue --model runs/sst2-minilm/finetune
+  python scripts/lengths.py buckets --task sst2 --data-dir ../shared/glue RUN/hard RUN2/hard ...
+  python scripts/lengths.py trajectories --task sst2 --data-dir ../shared/glue --out docs/figA2 RUN/hard ...
+
+Every command prints Markdown (and writes OUT.md / OUT.png with --out; the PNG needs matplotlib).
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import ltp  # noqa: E402
+import train  # noqa: E402
+from ltp import glue  # noqa: E402
+from ltp.text import Tokenizer  # noqa: E402
+
+
+def load(path):
+    model = ltp.load(path).eval()
+    return model, Tokenizer.from_dir(path, model.cfg)
+
+
+def split_lengths(tok, task, data_dir, split):
+    enc, labels = train.encode_split(tok, glue.read_split(task, data_dir, split))
+    return enc, labels, np.array([len(e[0]) for e in enc])
+
+
+def quartiles(x):
+    return [float(np.percentile(x, q)) for q in (25, 50, 75)]
+
+
+def table2(args):
+    _, tok = load(args.model)
+    lines = ["| split | examples | mean | Q1 | Q2 (median) | Q3 | max | share <= dev median |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    dev_median = None
+    for split in ("dev", "train"):
+        _, _, n = split_lengths(tok, args.task, args.data_dir, split)
+        q = quartiles(n)
+        dev_median = dev_median if dev_median is not None else q[1]
+        lines.append(f"| {split} | {len(n)} | {n.mean():.1f} | {q[0]:.0f} | {q[1]:.0f} | {q[2]:.0f} | {n.max()} | "
+                     f"{100 * (n <= dev_median).mean():.1f}% |")
+    return lines[:2] + lines[:1:-1]  # train first
+
+
+def buckets(args):
+    task = glue.TASKS[args.task]
+    lines, header_done = [], False
+    for path in args.models:
+        model, tok = load(path)
+        enc, labels, n = split_lengths(tok, args.task, args.data_dir, "dev")
+        q1, q2, q3 = quartiles(n)
+        names = [f"~Q2 (<= {q2:.0f})", f"Q2~Q3 ({q2:.0f}-{q3:.0f}]", f"Q3~ (> {q3:.0f})"]
+        masks = [n <= q2, (n > q2) & (n <= q3), n > q3]
+        if not header_done:
+            metric = task.metrics[0]
+            lines += ["| model | " + " | ".join(f"{b} {metric} | rel. FLOPs" for b in names) + " |",
+                      "|---|" + "---:|---:|" * len(names)]
+            header_done = True
+        cells = []
+        for m in masks:
+            ids = np.flatnonzero(m)
+            row = train.evaluate(model, task, {"": ([enc[i] for i in ids], [labels[i] for i in ids])},
+                                 model.cfg.pad_token_id, torch.device("cpu"))
+            cells += [f"{100 * row[metric]:.2f}", f"{row['relative_flops']:.3f}"]
+        lines.append(f"| {path} | " + " | ".join(cells) + " |")
+    return lines
+
+
+@torch.no_grad()
+def trajectories(args):
+    paths = args.models
+    curves = {}
+    for path in paths:
+        model, tok = load(path)
+        enc, _, n = split_lengths(tok, args.task, args.data_dir, "dev")
+        order = np.argsort(n, kind="stable")
+        pick = order[np.linspace(0, len(order) - 1, args.n).round().astype(int)]  # spread over the lengths
+        kept = []
+        for i in pick:  # one at a time: what each input keeps, with no batch around it
+            x, m, t, _ = train.to_batch(enc, [0] * len(enc), [int(i)], model.cfg.pad_token_id, False, "cpu")
+            kept.append(model(x, m, t)[2]["kept"][0].long().tolist())
+        curves[path] = (pick, kept)
+    L = len(next(iter(curves.values()))[1][0]) - 1
+    lines = ["| model | dev line | " + " | ".join(["input"] + [f"after {l}" for l in range(1, L + 1)]) + " |",
+             "|---|---:|" + "---:|" * (L + 1)]
+    for path, (pick, kept) in curves.items():
+        for i, k in zip(pick, kept):
+            lines.append(f"| {path} | {int(i) + 2} | " + " | ".join(str(v) for v in k) + " |")
+    if args.out:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("matplotlib is not installed: no PNG", file=sys.stderr)
+            return lines
+        fig, axes = plt.subplots(1, len(paths), figsize=(4.2 * len(paths), 3.8), sharey=True, squeeze=False)
+        for ax, (path, (pick, kept)) in zip(axes[0], curves.items()):
+            cmap = plt.get_cmap("viridis")
+            for j, k in enumerate(kept):
+                ax.plot(range(L + 1), k, color=cmap(j / max(1, len(kept) - 1)), lw=1.2, marker=".")
+            ax.set_title(args.labels[paths.index(path)] if args.labels else os.path.basename(os.path.dirname(path)),
+                         fontsize=9)
+            ax.set_xlabel("layer")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("tokens alive")
+        fig.tight_layout()
+        fig.savefig(args.out + ".png", dpi=120)
+    return lines
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["table2", "buckets", "trajectories"])
+    p.add_argument("models", nargs="*", help="checkpoint directories (buckets, trajectories)")
+    p.add_argument("--task", default="sst2")
+    p.add_argument("--data-dir", default="data/glue")
+    p.add_argument("--model", help="table2: any checkpoint directory, for its tokenizer")
+    p.add_argument("--n", type=int, default=20, help="trajectories: how many dev examples")
+    p.add_argument("--labels", default=None, help="trajectories: comma list of panel titles, one per model")
+    p.add_argument("--out", default=None, help="write OUT.md (and OUT.png for trajectories)")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_intermixed_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.task not in glue.TASKS:
+        sys.exit(f"--task: unknown task {args.task!r} (one of {', '.join(glue.TASKS)})")
+    if args.labels:
+        args.labels = args.labels.split(",")
+    if args.command == "table2" and not args.model:
+        sys.exit("table2 needs --model (a checkpoint directory, for its tokenizer)")
+    if args.command != "table2" and not args.models:
+        sys.exit(f"{args.command} needs at least one checkpoint directory")
+    lines = {"table2": table2, "buckets": buckets, "trajectories": trajectories}[args.command](args)
+    print("\n".join(lines))
+    if args.out:
+        with open(args.out + ".md", "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
