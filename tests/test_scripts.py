@@ -1,0 +1,73 @@
+"""scripts/fig4.py and scripts/lengths.py on tiny fixtures (the experiment tooling of issue 5)."""
+import json
+import os
+import sys
+
+import pytest
+
+from test_train import make_glue, make_model, run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import fig4  # noqa: E402
+import lengths  # noqa: E402
+
+
+def fake_run(path, args, evals):
+    os.makedirs(path)
+    json.dump(args, open(os.path.join(path, "args.json"), "w"))
+    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        for r in evals:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def test_fig4_classifies_runs_and_reports_the_last_hard_evaluation(tmp_path):
+    base = fake_run(tmp_path / "base", {"stages": "finetune"},
+                    [{"stage": "finetune", "step": 5, "accuracy": 0.9, "relative_flops": 1.0}])
+    hard = lambda acc, rel: {"stage": "hard", "step": 9, "accuracy": acc, "relative_flops": rel,
+                             "kept_per_layer": [10, 8, 4]}
+    runs = [
+        fake_run(tmp_path / "lam", {"stages": "soft,hard", "lam": 0.5, "init": "x/finetune"},
+                 [hard(0.5, 0.9), {"stage": "hard", "event": "done", "seconds": 3}, hard(0.885, 0.6)]),
+        fake_run(tmp_path / "again", {"stages": "hard", "init": "runs/lam/soft"}, [hard(0.88, 0.62)]),
+        fake_run(tmp_path / "man", {"stages": "hard", "method": "threshold", "final_threshold": 0.005,
+                                    "init": "x/finetune"}, [hard(0.85, 0.7)]),
+        fake_run(tmp_path / "top", {"stages": "hard", "method": "topk", "keep_ratio": 0.25}, [hard(0.87, 0.78)]),
+        fake_run(tmp_path / "fix", {"stages": "hard", "method": "fixed", "flops_budget": 0.6, "lengths": None},
+                 [hard(0.8, 0.61)]),
+        fake_run(tmp_path / "unfinished", {"stages": "soft,hard", "lam": 1}, [{"stage": "soft", "accuracy": 0.5,
+                                                                                "relative_flops": 0.5}]),
+    ]
+    fig4.main([*runs, "--baseline", base, "--out", str(tmp_path / "f")])
+    rows = [l.split(" | ") for l in open(tmp_path / "f.md").read().splitlines() if l.startswith("| ") and "---" not in l]
+    assert [(r[0][2:], r[1], r[3], r[4], r[5]) for r in rows[1:]] == [
+        ("learned", "from runs/lam/soft", "88.00", "-2.00", "0.620"),
+        ("learned", "λ 0.5", "88.50", "-1.50", "0.600"),
+        ("manual", "θ_L 0.005", "85.00", "-5.00", "0.700"),
+        ("topk", "keep 0.25", "87.00", "-3.00", "0.780"),
+        ("fixed", "budget 0.6", "80.00", "-10.00", "0.610"),
+    ]
+    pytest.importorskip("matplotlib")
+    assert os.path.getsize(tmp_path / "f.png") > 1000
+
+
+def test_lengths_scripts_on_a_tiny_model(tmp_path, capsys):
+    make_glue(tmp_path / "glue", n_train=40, n_dev=24)
+    make_model(tmp_path / "m")
+    run(tmp_path, tmp_path / "out", "--stages", "finetune", "--epochs", "1")  # a model with a task head
+    model = tmp_path / "out" / "finetune"
+    data = ["--task", "sst2", "--data-dir", str(tmp_path / "glue")]
+    lengths.main(["table2", "--model", str(model), *data])
+    rows = {l.split(" | ")[0][2:]: l.split(" | ") for l in capsys.readouterr().out.splitlines() if l.startswith("| ")}
+    assert rows["train"][1] == "40" and rows["dev"][1] == "24"
+    assert float(rows["dev"][-1].rstrip("% |")) >= 50  # at least half the dev set is <= its median
+    lengths.main(["buckets", str(model), *data])
+    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith(f"| {model} |")]
+    assert len(rows) == 1 and rows[0].count("| 1.000") == 3  # unpruned: relative FLOPs 1 in every bucket
+    lengths.main(["trajectories", str(model), *data, "--n", "5", "--out", str(tmp_path / "t")])
+    rows = [l.rstrip(" |").split(" | ") for l in open(tmp_path / "t.md").read().splitlines()[2:]]
+    n = [int(r[2]) for r in rows]
+    dev = [len(l.split("\t")[0].split()) + 2 for l in open(tmp_path / "glue" / "SST-2" / "dev.tsv").read().splitlines()[1:]]
+    assert len(rows) == 5 and n == sorted(n) and n[0] == min(dev) and n[-1] == max(dev)
+    assert all(len(set(r[2:])) == 1 for r in rows)  # no pruning: every layer keeps every token
