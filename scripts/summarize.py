@@ -2,6 +2,7 @@
 Summarize train.py runs into a Markdown table: the last evaluation of each stage of each run.
 
   python scripts/summarize.py runs/sst2-minilm runs/sst2-minilm-lam* > docs/sst2.md
+  python scripts/summarize.py --steps runs/sst2-minilm-lam0.5-soft3    # every evaluation (--eval-every)
 """
 import json
 import os
@@ -34,7 +35,24 @@ def rows(run):
     return out
 
 
+def steps(run):
+    """Every evaluation of a run, in order: accuracy / FLOPs as training goes (see train.py --eval-every)."""
+    out = []
+    for line in open(os.path.join(run, "metrics.jsonl")):
+        r = json.loads(line)
+        if "event" not in r and "stage" in r:
+            metric = next(k for k in ("accuracy", "f1", "pearson", "mcc") if k in r)
+            out.append(f"| {os.path.basename(run.rstrip('/'))} | {r['stage']} | {r['step']} | {r['epoch']:.2f} | "
+                       f"{100 * r[metric]:.2f} | {r['relative_flops']:.3f} | "
+                       + " ".join(f"{v:.1f}" for v in r["kept_per_layer"]) + " |")
+    return out
+
+
 def main(runs):
+    if runs and runs[0] == "--steps":
+        print("| run | stage | step | epoch | metric | rel. FLOPs | tokens kept per layer |\n|---|---|---:|---:|---:|---:|---|")
+        print("\n".join(line for run in runs[1:] for line in steps(run)))
+        return
     table = [r for run in runs for r in rows(run)]
     if not table:
         sys.exit("no metrics.jsonl in the given run folders")
