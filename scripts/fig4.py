@@ -37,6 +37,15 @@ def describe(run):
     return "manual", f"θ_L {a['final_threshold']}"
 
 
+def throughput(run):
+    """{batch: (examples/s, speedup over unpruned packed)} from RUN/bench.json (scripts/bench_methods.sh)."""
+    path = os.path.join(run, "bench.json")
+    if not os.path.isfile(path):
+        return {}
+    rows = json.load(open(path))["rows"]
+    return {r["batch_size"]: (r["examples_per_s"], r["speedup_vs_packed"]) for r in rows if r["method"] == "ltp"}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders of train.py (each with a hard stage)")
@@ -57,15 +66,20 @@ def main(argv=None):
             continue
         method, setting = describe(run)
         points.append({"run": os.path.basename(run.rstrip("/")), "method": method, "setting": setting,
-                       "metric": 100 * r[metric], "rel": r["relative_flops"], "kept": r["kept_per_layer"]})
+                       "metric": 100 * r[metric], "rel": r["relative_flops"], "kept": r["kept_per_layer"],
+                       "speed": throughput(run)})
     points.sort(key=lambda q: (list(STYLE).index(q["method"]), -q["rel"]))
     b = 100 * base[metric]
+    batches = sorted({bs for q in points for bs in q["speed"]})
     lines = [f"Baseline (fine-tuned, unpruned): {metric} {b:.2f}; the target line is {b - 1:.2f}.", "",
-             f"| method | setting | run | {metric} | Δ vs baseline | rel. FLOPs | tokens kept per layer |",
-             "|---|---|---|---:|---:|---:|---|"]
+             f"| method | setting | run | {metric} | Δ vs baseline | rel. FLOPs | tokens kept per layer |"
+             + "".join(f" ex/s b{bs} (vs unpruned) |" for bs in batches),
+             "|---|---|---|---:|---:|---:|---|" + "---:|" * len(batches)]
     for q in points:
+        speed = "".join(f" {q['speed'][bs][0]:.0f} ({q['speed'][bs][1]:.2f}x) |" if bs in q["speed"] else " |"
+                        for bs in batches)
         lines.append(f"| {q['method']} | {q['setting']} | {q['run']} | {q['metric']:.2f} | {q['metric'] - b:+.2f} "
-                     f"| {q['rel']:.3f} | {' '.join(f'{v:.1f}' for v in q['kept'])} |")
+                     f"| {q['rel']:.3f} | {' '.join(f'{v:.1f}' for v in q['kept'])} |" + speed)
     open(args.out + ".md", "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:

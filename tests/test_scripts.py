@@ -39,15 +39,20 @@ def test_fig4_classifies_runs_and_reports_the_last_hard_evaluation(tmp_path):
         fake_run(tmp_path / "unfinished", {"stages": "soft,hard", "lam": 1}, [{"stage": "soft", "accuracy": 0.5,
                                                                                 "relative_flops": 0.5}]),
     ]
+    bench = [{"method": m, "batch_size": bs, "examples_per_s": v, "speedup_vs_packed": v / 100}
+             for m in ("packed", "ltp") for bs, v in ((1, 100.0 if m == "packed" else 104.0), (32, 130.4))]
+    json.dump({"rows": bench}, open(tmp_path / "top" / "bench.json", "w"))
     fig4.main([*runs, "--baseline", base, "--out", str(tmp_path / "f")])
-    rows = [l.split(" | ") for l in open(tmp_path / "f.md").read().splitlines() if l.startswith("| ") and "---" not in l]
-    assert [(r[0][2:], r[1], r[3], r[4], r[5]) for r in rows[1:]] == [
+    rows = [[c.strip() for c in l.strip().strip("|").split("|")] for l in open(tmp_path / "f.md").read().splitlines()
+            if l.startswith("| ") and "---" not in l]
+    assert [(r[0], r[1], r[3], r[4], r[5]) for r in rows[1:]] == [
         ("learned", "from runs/lam/soft", "88.00", "-2.00", "0.620"),
         ("learned", "λ 0.5", "88.50", "-1.50", "0.600"),
         ("manual", "θ_L 0.005", "85.00", "-5.00", "0.700"),
         ("topk", "keep 0.25", "87.00", "-3.00", "0.780"),
         ("fixed", "budget 0.6", "80.00", "-10.00", "0.610"),
     ]
+    assert [r[-2:] for r in rows[1:]] == [["", ""]] * 3 + [["104 (1.04x)", "130 (1.30x)"], ["", ""]]
     pytest.importorskip("matplotlib")
     assert os.path.getsize(tmp_path / "f.png") > 1000
 
