@@ -1,14 +1,15 @@
 """
 Sequence-length experiments of the paper (issue 5), on any checkpoints train.py wrote:
 
-  table2        token-length statistics of a task's train and dev splits (the paper's table 2:
-                SST-2 trains on short phrases and evaluates on whole sentences)
+  table2        token-length quantiles of the train and dev splits and their KL divergence (the
+                paper's table 2: SST-2 trains on short phrases and evaluates on whole sentences);
+                --task takes a comma list
   buckets       accuracy and relative FLOPs per dev length bucket, ~Q2, Q2~Q3, Q3~ (quartiles of the
                 dev lengths): table 3, for models trained on short examples
   trajectories  tokens alive after each layer for ~20 dev examples spread over the length range
                 (fig. A.2): learned thresholds adapt to each input, fixed lengths do not
 
-  python scripts/lengths.py table2 --task sst2 --data-dir ../shared/glue --model runs/sst2-minilm/finetune
+  python scripts/lengths.py table2 --task sst2,mrpc,stsb --data-dir ../shared/glue --model runs/sst2-minilm/finetune
   python scripts/lengths.py buckets --task sst2 --data-dir ../shared/glue RUN/hard RUN2/hard ...
   python scripts/lengths.py trajectories --task sst2 --data-dir ../shared/glue --out docs/figA2 RUN/hard ...
 
@@ -43,18 +44,28 @@ def quartiles(x):
     return [float(np.percentile(x, q)) for q in (25, 50, 75)]
 
 
+def kl_divergence(train, dev, bins):
+    """KL(train || dev) of two length samples binned into `bins` equal bins over their joint range (table 2)."""
+    edges = np.linspace(min(train.min(), dev.min()), max(train.max(), dev.max()) + 1, bins + 1)
+    p, q = (np.histogram(x, edges)[0] / len(x) + 1e-10 for x in (train, dev))
+    p, q = p / p.sum(), q / q.sum()
+    return float((p * np.log(p / q)).sum())
+
+
 def table2(args):
+    """Length quantiles of train and dev and their KL divergence, as in the paper's table 2."""
     _, tok = load(args.model)
-    lines = ["| split | examples | mean | Q1 | Q2 (median) | Q3 | max | share <= dev median |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    dev_median = None
-    for split in ("dev", "train"):
-        _, _, n = split_lengths(tok, args.task, args.data_dir, split)
-        q = quartiles(n)
-        dev_median = dev_median if dev_median is not None else q[1]
-        lines.append(f"| {split} | {len(n)} | {n.mean():.1f} | {q[0]:.0f} | {q[1]:.0f} | {q[2]:.0f} | {n.max()} | "
-                     f"{100 * (n <= dev_median).mean():.1f}% |")
-    return lines[:2] + lines[:1:-1]  # train first
+    lines = ["| task | train Q1/Q2/Q3 | dev Q1/Q2/Q3 | train mean | dev mean | train <= dev median | KL(train ‖ dev) |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for task in args.task.split(","):
+        _, _, tr = split_lengths(tok, task, args.data_dir, "train")
+        _, _, dv = split_lengths(tok, task, args.data_dir, "dev")
+        bins = 20 if len(tr) < 10000 else 50  # the paper: 20 bins for RTE, MRPC, STS-B, 50 for the others
+        qt, qd = quartiles(tr), quartiles(dv)
+        lines.append(f"| {task} | {'/'.join(f'{v:.0f}' for v in qt)} | {'/'.join(f'{v:.0f}' for v in qd)} | "
+                     f"{tr.mean():.1f} | {dv.mean():.1f} | {100 * (tr <= qd[1]).mean():.1f}% | "
+                     f"{kl_divergence(tr, dv, bins):.4f} |")
+    return lines
 
 
 def buckets(args):
@@ -137,8 +148,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_intermixed_args(argv)
     torch.set_num_threads(args.threads)
-    if args.task not in glue.TASKS:
-        sys.exit(f"--task: unknown task {args.task!r} (one of {', '.join(glue.TASKS)})")
+    for task in args.task.split(","):
+        if task not in glue.TASKS:
+            sys.exit(f"--task: unknown task {task!r} (one of {', '.join(glue.TASKS)})")
     if args.labels:
         args.labels = args.labels.split(",")
     if args.command == "table2" and not args.model:

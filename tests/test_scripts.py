@@ -3,6 +3,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 from test_train import make_glue, make_model, run
@@ -64,9 +65,15 @@ def test_lengths_scripts_on_a_tiny_model(tmp_path, capsys):
     model = tmp_path / "out" / "finetune"
     data = ["--task", "sst2", "--data-dir", str(tmp_path / "glue")]
     lengths.main(["table2", "--model", str(model), *data])
-    rows = {l.split(" | ")[0][2:]: l.split(" | ") for l in capsys.readouterr().out.splitlines() if l.startswith("| ")}
-    assert rows["train"][1] == "40" and rows["dev"][1] == "24"
-    assert float(rows["dev"][-1].rstrip("% |")) >= 50  # at least half the dev set is <= its median
+    row = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| sst2 |")]
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    train_n = [len(l.split("\t")[0].split()) + 2 for l in open(tmp_path / "glue" / "SST-2" / "train.tsv").read().splitlines()[1:]]
+    assert float(cells[3]) == pytest.approx(sum(train_n) / len(train_n), abs=0.05)
+    assert float(cells[6]) >= 0  # a KL divergence
+    a = np.array([3, 3, 4, 5]); b = np.array([3, 4, 4, 5])
+    assert lengths.kl_divergence(a, a, 3) == pytest.approx(0, abs=1e-9)
+    # 3 bins over [3, 6): p = (.5, .25, .25), q = (.25, .5, .25)
+    assert lengths.kl_divergence(a, b, 3) == pytest.approx(0.5 * np.log(2) + 0.25 * np.log(0.5), abs=1e-6)
     lengths.main(["buckets", str(model), *data])
     rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith(f"| {model} |")]
     assert len(rows) == 1 and rows[0].count("| 1.000") == 3  # unpruned: relative FLOPs 1 in every bucket
