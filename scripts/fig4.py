@@ -33,7 +33,9 @@ def describe(run):
     if method == "fixed":
         return "fixed", (f"lengths {a['lengths']}" if a.get("lengths") else f"budget {a['flops_budget']}")
     if "soft" in a["stages"] or (a.get("init") or "").rstrip("/").endswith("/soft"):
-        return "learned", f"λ {a['lam']}" if "soft" in a["stages"] else f"from {a['init']}"
+        if "soft" not in a["stages"]:
+            return "learned", f"from {a['init']}"
+        return "learned", f"λ {a['lam']}, {a['soft_epochs']} soft ep."
     return "manual", f"θ_L {a['final_threshold']}"
 
 
@@ -91,9 +93,16 @@ def main(argv=None):
         return
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for method, (color, marker) in STYLE.items():
-        qs = sorted((q for q in points if q["method"] == method), key=lambda q: q["rel"])
-        if qs:
-            ax.plot([q["rel"] for q in qs], [q["metric"] for q in qs], marker=marker, color=color, label=method)
+        # one line per method; learned thresholds: one line per number of soft epochs (re-runs of a step 3
+        # from another run's soft checkpoint are left out of the lines)
+        series = {}
+        for q in points:
+            if q["method"] == method and not q["setting"].startswith("from "):
+                series.setdefault(q["setting"].split(", ")[1] if method == "learned" else "", []).append(q)
+        for i, (name, qs) in enumerate(sorted(series.items())):
+            qs.sort(key=lambda q: q["rel"])
+            ax.plot([q["rel"] for q in qs], [q["metric"] for q in qs], marker=marker, color=color,
+                    ls=("-", ":", "-.")[i % 3], label=f"{method} ({name})" if name else method)
     ax.axhline(b, color="black", lw=1, label="baseline")
     ax.axhline(b - 1, color="black", lw=1, ls="--", label="baseline - 1")
     ax.set_xlabel("relative FLOPs")

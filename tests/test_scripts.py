@@ -29,7 +29,7 @@ def test_fig4_classifies_runs_and_reports_the_last_hard_evaluation(tmp_path):
     hard = lambda acc, rel: {"stage": "hard", "step": 9, "accuracy": acc, "relative_flops": rel,
                              "kept_per_layer": [10, 8, 4]}
     runs = [
-        fake_run(tmp_path / "lam", {"stages": "soft,hard", "lam": 0.5, "init": "x/finetune"},
+        fake_run(tmp_path / "lam", {"stages": "soft,hard", "lam": 0.5, "soft_epochs": 3, "init": "x/finetune"},
                  [hard(0.5, 0.9), {"stage": "hard", "event": "done", "seconds": 3}, hard(0.885, 0.6)]),
         fake_run(tmp_path / "again", {"stages": "hard", "init": "runs/lam/soft"}, [hard(0.88, 0.62)]),
         fake_run(tmp_path / "man", {"stages": "hard", "method": "threshold", "final_threshold": 0.005,
@@ -48,7 +48,7 @@ def test_fig4_classifies_runs_and_reports_the_last_hard_evaluation(tmp_path):
             if l.startswith("| ") and "---" not in l]
     assert [(r[0], r[1], r[3], r[4], r[5]) for r in rows[1:]] == [
         ("learned", "from runs/lam/soft", "88.00", "-2.00", "0.620"),
-        ("learned", "λ 0.5", "88.50", "-1.50", "0.600"),
+        ("learned", "λ 0.5, 3 soft ep.", "88.50", "-1.50", "0.600"),
         ("manual", "θ_L 0.005", "85.00", "-5.00", "0.700"),
         ("topk", "keep 0.25", "87.00", "-3.00", "0.780"),
         ("fixed", "budget 0.6", "80.00", "-10.00", "0.610"),
