@@ -233,13 +233,21 @@ def markdown(result):
     return "\n".join(lines) + "\n"
 
 
-def plot(result, path):
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None (with a note) when matplotlib is absent."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
+        print("matplotlib is not installed: no PNG", file=sys.stderr)
+        return None
+    return plt
+
+
+def plot(result, path):
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for m in METHODS:

@@ -12,6 +12,9 @@ import json
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import pyplot  # noqa: E402
+
 METRICS = ("accuracy", "f1", "pearson", "spearman", "mcc")
 STYLE = {"learned": ("tab:red", "o"), "manual": ("tab:blue", "s"), "topk": ("tab:green", "^"),
          "fixed": ("tab:purple", "D")}
@@ -88,12 +91,8 @@ def main(argv=None):
                      f"| {q['rel']:.3f} | {' '.join(f'{v:.1f}' for v in q['kept'])} |" + speed)
     open(args.out + ".md", "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no PNG", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for method, (color, marker) in STYLE.items():

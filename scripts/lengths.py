@@ -26,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import ltp  # noqa: E402
 import train  # noqa: E402
+from bench import pyplot  # noqa: E402
 from ltp import glue  # noqa: E402
 from ltp.text import Tokenizer  # noqa: E402
 
@@ -113,12 +114,8 @@ def trajectories(args):
         for i, k in zip(pick, kept):
             lines.append(f"| {path} | {int(i) + 2} | " + " | ".join(str(v) for v in k) + " |")
     if args.out:
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            print("matplotlib is not installed: no PNG", file=sys.stderr)
+        plt = pyplot()
+        if plt is None:
             return lines
         fig, axes = plt.subplots(1, len(paths), figsize=(4.2 * len(paths), 3.8), sharey=True, squeeze=False)
         for ax, (path, (pick, kept)) in zip(axes[0], curves.items()):
