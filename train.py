@@ -240,21 +240,14 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
                 save_state(model, optimizer, epoch, b + 1, state_path, rank)
             if args.eval_every and step % args.eval_every == 0 and b + 1 < len(batches) and rank == 0:
                 # a look mid-epoch (eval mode: no dropout, so no RNG is drawn and --resume stays exact)
-                row = evaluate(model, task, dev_sets, model.cfg.pad_token_id, device)
-                log_row(args, {"stage": stage, "step": step, "epoch": epoch + b / len(batches), **row,
-                               "time": round(time.time(), 1)})
+                log_eval(args, model, task, dev_sets, device, stage, step, epoch + b / len(batches))
             if args.max_steps and step >= args.max_steps:  # for interruption tests and quick looks
                 save_state(model, optimizer, epoch, b + 1, state_path, rank)
                 return None
         start_batch = 0
         save_state(model, optimizer, epoch + 1, 0, state_path, rank)
-        row = evaluate(model, task, dev_sets, model.cfg.pad_token_id, device)
-        row = {"stage": stage, "step": step, "epoch": epoch + 1, **row, "time": round(time.time(), 1)}
-        if stage == "soft":
-            row["thresholds"] = [round(v, 6) for v in model.encoder.theta.tolist()]
         if rank == 0:
-            log_row(args, row)
-            print(json.dumps(row))
+            print(json.dumps(log_eval(args, model, task, dev_sets, device, stage, step, epoch + 1)))
     if stage == "soft":  # step 2: binarize the mask and fix the thresholds
         model.prune = PruneConfig(**{**model.prune.__dict__, "mode": "hard"})
     if rank == 0:
@@ -263,6 +256,16 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
     if world > 1:
         dist.barrier()
     return out
+
+
+def log_eval(args, model, task, dev_sets, device, stage, step, epoch):
+    """Evaluate on dev and append the row (with the thresholds while they learn) to metrics.jsonl."""
+    row = evaluate(model, task, dev_sets, model.cfg.pad_token_id, device)
+    row = {"stage": stage, "step": step, "epoch": epoch, **row, "time": round(time.time(), 1)}
+    if stage == "soft":
+        row["thresholds"] = [round(v, 6) for v in model.encoder.theta.tolist()]
+    log_row(args, row)
+    return row
 
 
 def save_state(model, optimizer, epoch, batch, path, rank):
@@ -320,8 +323,8 @@ def main(args):
             raise SystemExit(f"--max-train-tokens {args.max_train_tokens}: no training example is that short")
         train = [train[0][i] for i in keep], [train[1][i] for i in keep]
     if args.max_train_examples:
-        keep = np.random.default_rng(args.seed).permutation(len(train[0]))[:args.max_train_examples]
-        train = [train[0][i] for i in sorted(keep)], [train[1][i] for i in sorted(keep)]
+        keep = sorted(np.random.default_rng(args.seed).permutation(len(train[0]))[:args.max_train_examples])
+        train = [train[0][i] for i in keep], [train[1][i] for i in keep]
     dev_sets = {"": encode_split(tok, glue.read_split(args.task, args.data_dir, "dev"))}
     if "dev_mismatched" in task.splits:
         dev_sets["_mm"] = encode_split(tok, glue.read_split(args.task, args.data_dir, "dev_mismatched"))
