@@ -27,11 +27,10 @@ import torch
 import torch.nn.functional as F
 
 import ltp
-from ltp import pruning
-from ltp.packed import PackedModel, onednn_available
+from ltp import flops as fl
+from ltp.cli import add_inference_args, load_model, read_inputs, run_cli, tune_allocator
+from ltp.packed import PackedModel, forward_batches, make_batches, onednn_available, sync
 from ltp.text import collate
-
-import infer
 
 METHODS = ("hf-dataset-order", "hf-sorted", "packed", "ltp")
 
@@ -45,10 +44,10 @@ def timed(fn, device, repeats, warmup=1):
         fn()
     times = []
     for _ in range(repeats):
-        infer.sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        infer.sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times), times
 
@@ -160,7 +159,7 @@ def check_same_model(hf, pm, encoded, device):
     """Sanity check before timing: transformers and the packed routine (pruning off) agree on a few examples."""
     sample = encoded[:4]
     b = hf_batches(sample, 4, False, pm.cfg, device)[0]
-    ids, types, cu = infer.make_batches(sample, 4, sort=False, device=device)[0][1:]
+    ids, types, cu = make_batches(sample, 4, sort=False, device=device)[0][1:]
     with torch.inference_mode():
         out, kept = pm(ids, cu, types)
         ref = hf(**b)
@@ -190,12 +189,12 @@ def topk_vs_threshold(device, runs, batch=32, lengths=(128, 256, 512, 1024), ret
                 t0 = time.perf_counter()
                 for _ in range(runs):
                     torch.topk(s, k, dim=1)
-                infer.sync(device)
+                sync(device)
                 t_topk = (time.perf_counter() - t0) / runs
                 t0 = time.perf_counter()
                 for _ in range(runs):
                     s > theta
-                infer.sync(device)
+                sync(device)
                 t_thr = (time.perf_counter() - t0) / runs
                 out.append({"length": n, "retain": r, "topk_us": t_topk * 1e6, "threshold_us": t_thr * 1e6,
                             "topk_over_threshold": t_topk / t_thr})
@@ -233,22 +232,13 @@ def markdown(result):
     return "\n".join(lines) + "\n"
 
 
-def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend, or None (with a note) when matplotlib is absent."""
-    try:
+def plot(result, path):
+    try:  # matplotlib is optional: without it, no PNG
         import matplotlib
-        matplotlib.use("Agg")
+        matplotlib.use("Agg")  # file-only backend
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no PNG", file=sys.stderr)
-        return None
-    return plt
-
-
-def plot(result, path):
-    plt = pyplot()
-    if plt is None:
-        return
+        return print("matplotlib is not installed: no PNG", file=sys.stderr)
     fig, ax = plt.subplots(figsize=(6, 4))
     for m in METHODS:
         rows = [r for r in result["rows"] if r["method"] == m]
@@ -269,14 +259,14 @@ def plot(result, path):
 def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
-    allocator = "glibc, freed memory kept (infer.tune_allocator)" if infer.tune_allocator() else "default"
+    allocator = "glibc, freed memory kept (ltp.cli.tune_allocator)" if tune_allocator() else "default"
     dev = args.device
     if dev == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device available")
-    texts, _ = infer.read_inputs(args)
+    texts, _ = read_inputs(args)
     if args.max_examples:
         texts = texts[:args.max_examples]
-    model = infer.load_model(args.model, args.final_threshold, need_head=False).to(dev)
+    model = load_model(args.model, args.final_threshold, need_head=False).to(dev)
     path = ltp.model.resolve(args.model)
     cfg = model.cfg
     tok = ltp.Tokenizer.from_dir(path, cfg)
@@ -291,12 +281,13 @@ def main(args):
     print("measuring the peak GEMM rate ...", file=sys.stderr)
     peak = peak_gflops(dev, args.peak_repeats)
     hf = None if args.skip_hf else load_hf(path, model.head is not None, args.hf_attn, dev)
+    hf_diff = None
     if hf is not None:
         model.prune = ltp.PruneConfig(mode="off")
-        check_same_model(hf, pm, encoded, dev)
+        hf_diff = check_same_model(hf, pm, encoded, dev)
         model.prune = prune
 
-    unpruned_flops = sum(pruning.unpruned_flops(n, L, C, I) for n in lengths)
+    unpruned_flops = sum(fl.unpruned_flops(n, L, C, I) for n in lengths)
     no_prune = ltp.PruneConfig(mode="off")
 
     def runner(method, bs):
@@ -304,12 +295,12 @@ def main(args):
         if method.startswith("hf"):
             batches = hf_batches(encoded, bs, method == "hf-sorted", cfg, dev)
             return lambda part=None: hf_pass(hf, batches[:part])
-        batches = infer.make_batches(encoded, bs, sort=True, device=dev)
+        batches = make_batches(encoded, bs, sort=True, device=dev)
         mode = prune if method == "ltp" else no_prune
 
         def run(part=None):
             model.prune = mode  # PackedModel reads model.prune at every call
-            out = infer.forward_batches(pm, batches[:part], len(encoded))
+            out = forward_batches(pm, batches[:part], len(encoded))
             model.prune = prune
             return out
         return run
@@ -333,7 +324,7 @@ def main(args):
             if m == "ltp":
                 kept = runs[m]()[1]
                 ltp_kept = kept if ltp_kept is None else ltp_kept
-                flops = sum(pruning.sequence_flops(k, C, I) for k in kept.tolist())
+                flops = sum(fl.sequence_flops(k, C, I) for k in kept.tolist())
             row = {"method": m, "batch_size": bs, "examples_per_s": len(encoded) / sec,
                    "tokens_per_s": sum(lengths) / sec, "gflops_per_s": flops / sec / 1e9,
                    "relative_flops": flops / unpruned_flops, "peak_memory_mb": mem[m],
@@ -352,7 +343,7 @@ def main(args):
             r["speedup_vs_hf_sorted"] = r["examples_per_s"] / base["hf-sorted"]
 
     kept = ltp_kept if ltp_kept is not None else torch.tensor([[n] * (L + 1) for n in lengths])
-    g_ltp, rel = infer.flops_summary(kept, cfg)
+    g_ltp, rel = fl.flops_summary(kept, cfg)
     result = {
         "setup": {
             "model": args.model, "model_name": os.path.basename(os.path.normpath(path)), "model_type": cfg.model_type,
@@ -363,6 +354,7 @@ def main(args):
                 pm.onednn_rows, f"oneDNN prepacked below {pm.onednn_rows} rows, else F.linear"),
             "repeats": args.repeats,
             "hf_attention": args.hf_attn if hf is not None else None,
+            "hf_max_abs_diff": hf_diff,  # transformers vs the packed routine, pruning off, 4 examples
             "pruning": (f"{prune.mode}, thresholds " + " ".join(f"{t:.4g}" for t in model.encoder.theta.tolist())
                         + (" (manual, linear-rising)" if args.final_threshold is not None and not
                            os.path.isfile(os.path.join(path, "ltp.json")) else " (ltp.json)"))
@@ -393,22 +385,12 @@ def main(args):
 
 def get_parser():
     p = argparse.ArgumentParser(description="Throughput, FLOPs and memory of packed LTP inference vs transformers.")
-    p.add_argument("--model", required=True, help="model directory (an LTP checkpoint, a fine-tuned model or a base encoder)")
-    p.add_argument("--task", default=None, help="GLUE task whose split is the benchmark data (e.g. sst2)")
-    p.add_argument("--split", default="dev", help="GLUE split for --task")
-    p.add_argument("--data-dir", default="data/glue", help="GLUE data directory for --task")
-    p.add_argument("--input", default=None, help="or a text/TSV file, one example per line (tab between a pair)")
+    add_inference_args(p)
     p.add_argument("--max-examples", type=int, default=0, help="use only the first N examples (0 = all)")
     p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 128],
                    help="comma-separated batch sizes")
     p.add_argument("--repeats", type=int, default=3, help="timed passes over the data per method and batch size (median)")
-    p.add_argument("--final-threshold", type=float, default=None,
-                   help="prune a model without ltp.json with manual linear-rising thresholds ending at this value (section 4.4)")
     p.add_argument("--peak-repeats", type=int, default=10, help="timed runs of each peak GEMM measurement (median)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device")
-    p.add_argument("--onednn", default="auto", choices=["auto", "on", "off"],
-                   help="linear kernel of the packed routine: oneDNN prepacked weights, F.linear, or auto (oneDNN for small matmuls)")
     p.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="transformers attention implementation")
     p.add_argument("--skip-hf", action="store_true", help="no transformers rows")
     p.add_argument("--skip-topk", action="store_true", help="skip the appendix A.2 top-k vs threshold latency")
@@ -420,4 +402,4 @@ def get_parser():
 
 
 if __name__ == "__main__":
-    infer.run_cli(main, get_parser().parse_args(), "bench.py")
+    run_cli(main, get_parser().parse_args(), "bench.py")

@@ -7,155 +7,21 @@ with empty text); OUT gets one JSON object per input line, in order: "logits", "
 id2label name of the argmax, or the score of a 1-label regression model) and, for a pruned model,
 "kept" (tokens entering layer 1, then surviving each layer). Also: --task sst2 --split dev --data-dir DIR
 (GLUE, with metrics), --input - (stdin), --explain K (which tokens survive each layer).
-The batching and timing loop below is the one bench.py measures.
+The batching and timing loop (ltp/packed.py: make_batches, forward_batches) is the one bench.py measures.
 """
 import argparse
 import contextlib
 import json
-import math
 import os
 import sys
-import time
 
 import torch
 
 import ltp
-from ltp import pruning
-from ltp.packed import PackedModel, pack
-
-
-# ---------------------------------------------------------------------------------------------
-# The inner loop (shared with bench.py)
-
-def make_batches(encoded, batch_size, sort=True, device="cpu"):
-    """
-    Group examples into packed batches: [(indices, ids, type_ids, cu_seqlens)], indices into `encoded`.
-    sort: length-sorted batches, so similar lengths share a batch (the padded attention view stays small).
-    """
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0])) if sort else list(range(len(encoded)))
-    out = []
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        ids, types, cu = pack([encoded[i] for i in idx], device=device)
-        out.append((idx, ids, types, cu))
-    return out
-
-
-def tune_allocator():
-    """
-    glibc only (a no-op elsewhere): keep freed memory for reuse instead of handing it back to the OS after
-    each batch, so the large activations of the next batch do not page-fault afresh (measured on the 2-core
-    CPU: ~160k page faults per SST-2 dev pass -> 0, about 10% more examples/s). A process setting, like
-    torch.set_num_threads, so it lives in the scripts and never in ltp/.
-    """
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-1, 1 << 30)   # M_TRIM_THRESHOLD: return heap tops above 1 GB only
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MB (glibc's maximum) come from the heap
-        return True
-    except (OSError, AttributeError):
-        return False
-
-
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def forward_batches(pm, batches, n, progress=False):
-    """
-    Run every batch; returns (out, kept, seconds) in input order: out (n, num_labels) (None without a head),
-    kept (n, L+1) long (rows of examples not in `batches` stay 0). seconds covers the model only (the batches
-    are already packed on the device).
-    """
-    from tqdm import tqdm
-    device = batches[0][1].device
-    outs, kepts = [], []
-    sync(device)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for idx, ids, types, cu in tqdm(batches, desc="infer", unit="batch", disable=not progress, file=sys.stderr):
-            out, kept = pm(ids, cu, types)
-            outs.append(out if pm.model.head is not None else None)
-            kepts.append(kept)
-    sync(device)
-    seconds = time.perf_counter() - t0
-    order = torch.tensor([i for b in batches for i in b[0]])  # example index of each row of the batches
-    kepts = torch.cat(kepts).cpu()
-    kept = kepts.new_zeros(n, kepts.shape[1])
-    kept[order] = kepts  # back to input order
-    out = None
-    if pm.model.head is not None:
-        outs = torch.cat(outs).float().cpu()
-        out = outs.new_zeros(n, outs.shape[1])
-        out[order] = outs
-    return out, kept, seconds
-
-
-def flops_summary(kept, cfg):
-    """GFLOPs per example (pruning.sequence_flops on the kept counts) and relative FLOPs against no pruning."""
-    kl = kept.tolist()
-    L, C, I = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
-    gflops = sum(pruning.sequence_flops(k, C, I) for k in kl) / max(len(kl), 1) / 1e9
-    return gflops, pruning.relative_flops(kl, L, C, I)
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs, model, outputs
-
-def read_lines(path):
-    """One example per line; a tab separates a pair. A trailing newline does not start an extra (empty) example."""
-    if path == "-":
-        text = sys.stdin.read()
-    else:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: input file not found")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    lines = text.split("\n")
-    if text.endswith("\n"):
-        lines.pop()
-    texts = []
-    for i, line in enumerate(lines, start=1):
-        parts = line.rstrip("\r").split("\t")
-        if len(parts) > 2:
-            raise ValueError(f"{path}:{i}: {len(parts)} tab-separated fields; a line holds one text or a pair")
-        texts.append(parts[0] if len(parts) == 1 else (parts[0], parts[1]))
-    if not texts:
-        raise ValueError(f"{path}: no input lines")
-    return texts
-
-
-def read_inputs(args):
-    """Returns (texts, labels or None)."""
-    if args.task:
-        from ltp import glue
-        examples = glue.read_split(args.task, args.data_dir, args.split)
-        texts = [e.text_a if e.text_b is None else (e.text_a, e.text_b) for e in examples]
-        labels = [e.label for e in examples]
-        return texts, (labels if all(y is not None for y in labels) else None)
-    if not args.input:
-        raise ValueError("give --input FILE (or - for stdin), or --task with --data-dir")
-    return read_lines(args.input), None
-
-
-def load_model(path, final_threshold=None, need_head=True):
-    """ltp.load (its summary line goes to stderr), then manual thresholds (section 4.4) when asked and no ltp.json."""
-    if not os.path.exists(path) and (path.startswith((".", "/")) or path.count("/") != 1):
-        raise FileNotFoundError(f"{path}: no such model directory")
-    with contextlib.redirect_stdout(sys.stderr):
-        model = ltp.load(path)
-    if need_head and model.head is None:
-        raise ValueError(f"{path}: the model has no classification head (a base encoder); infer.py needs a "
-                         f"classifier: fine-tune one with train.py first")
-    if final_threshold is not None:
-        if model.prune.mode != "off":
-            print(f"{path} has learned thresholds (ltp.json): --final-threshold {final_threshold} ignored", file=sys.stderr)
-        else:  # manual linear-rising thresholds theta_l = theta_L * l / L
-            model.prune = ltp.PruneConfig(mode="hard", final_threshold=final_threshold)
-            model.encoder.theta.data = pruning.init_thresholds(model.cfg.num_hidden_layers, final_threshold)
-    return model.eval()
+from ltp import glue
+from ltp.cli import add_inference_args, load_model, positive_int, read_inputs, run_cli, tune_allocator
+from ltp.flops import flops_summary
+from ltp.packed import PackedModel, forward_batches, make_batches
 
 
 def label_of(logits, cfg):
@@ -225,9 +91,7 @@ def main(args):
         + (f" (pruning: {model.prune.mode}, thresholds " + " ".join(f"{t:.4g}" for t in model.encoder.theta.tolist()) + ")"
            if pruned else " (no pruning)"))
     if labels is not None and args.task:
-        from ltp import glue
-        preds = logits[:, 0].tolist() if logits.shape[1] == 1 else logits.argmax(1).tolist()
-        metrics = glue.compute_metrics(args.task, preds, labels)
+        metrics = glue.compute_metrics(args.task, glue.predictions(logits), labels)
         say(f"{args.task} {args.split}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if args.explain:
         with contextlib.redirect_stdout(sys.stderr):
@@ -237,31 +101,12 @@ def main(args):
 
 def get_parser():
     p = argparse.ArgumentParser(description="Classify text with an (LTP-pruned) checkpoint, on packed batches.")
-    p.add_argument("--model", required=True, help="model directory (config.json, model.safetensors, tokenizer, ltp.json)")
-    p.add_argument("--input", default=None, help="text/TSV file, one example per line (tab between a pair), or - for stdin")
+    add_inference_args(p)
     p.add_argument("--output", default="-", help="JSON lines output, one row per input line in order (- = stdout)")
-    p.add_argument("--task", default=None, help="read a GLUE split instead of --input (e.g. sst2), and report its metrics")
-    p.add_argument("--split", default="dev", help="GLUE split for --task")
-    p.add_argument("--data-dir", default="data/glue", help="GLUE data directory for --task")
-    p.add_argument("--batch-size", type=int, default=32, help="examples per packed batch")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="examples per packed batch")
     p.add_argument("--no-sort", action="store_true", help="batch in input order instead of length-sorted (output order is the same)")
-    p.add_argument("--final-threshold", type=float, default=None,
-                   help="prune a model without ltp.json using manual linear-rising thresholds with this final value (section 4.4)")
     p.add_argument("--explain", type=int, default=0, help="print, for the first K inputs, the tokens surviving each layer")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--onednn", default="auto", choices=["auto", "on", "off"],
-                   help="linear kernel of the packed routine: oneDNN prepacked weights, F.linear, or auto (oneDNN for small matmuls)")
     return p
-
-
-def run_cli(main, args, name):
-    """Bad input ends with one line naming what is wrong, not a traceback (shared with bench.py)."""
-    try:
-        main(args)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        sys.exit(f"{name}: error: {msg}")
 
 
 if __name__ == "__main__":

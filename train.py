@@ -25,15 +25,19 @@ from tqdm import tqdm
 
 import ltp
 from ltp import glue
+from ltp.baselines import fixed_lengths
+from ltp.flops import relative_flops, sequence_flops, unpruned_flops
 from ltp.model import atomic_write, resolve
-from ltp.pruning import (PruneConfig, fixed_lengths, init_thresholds, mask_regularizer, relative_flops,
-                         sequence_flops)
+from ltp.packed import PackedModel, pack
+from ltp.pruning import PruneConfig, calibrate_scale, dual_ascent, init_thresholds, mask_regularizer
 from ltp.text import Tokenizer, collate
 
-# Table A.1 of the paper (GLUE): soft pruning lr 2e-5, final threshold 0.01 at init, T in {1,2,5,10,20}e-4,
-# hard pruning 10 epochs; soft pruning 1-10 epochs "depending on the dataset size"; batch size 64.
-DEFAULTS = dict(lr=2e-5, threshold_lr=2e-5, batch_size=64, temperature=1e-3, final_threshold=0.01, lam=0.1,
-                finetune_epochs=3, soft_epochs=1, hard_epochs=10, weight_decay=0.1, warmup=0.06)
+# Table A.1 of the paper (GLUE, RoBERTa-base): soft pruning lr 2e-5, T in {1,2,5,10,20}e-4, hard pruning lr
+# {0.5,1,2}e-5 and 10 epochs; soft pruning 1-10 epochs "depending on the dataset size"; batch size 64.
+# Without --lam, the soft stage trains to a FLOPs budget (--target-flops, eqs. 14-15) instead of a lambda.
+DEFAULTS = dict(lr=2e-5, threshold_lr=1e-4, temperature=1e-3, target_flops=0.6, flops_lr=0.05,
+                finetune_epochs=3, soft_epochs=1, hard_epochs=10, weight_decay=0.1, warmup=0.06,
+                soft_mask="cumulative")
 TASK_OVERRIDES = {  # small datasets get more soft-pruning epochs
     "mrpc": dict(soft_epochs=10, finetune_epochs=10),
     "stsb": dict(soft_epochs=10, finetune_epochs=10),
@@ -41,17 +45,29 @@ TASK_OVERRIDES = {  # small datasets get more soft-pruning epochs
     "wnli": dict(soft_epochs=10, finetune_epochs=5),
     "cola": dict(soft_epochs=5, finetune_epochs=10),
 }
+
+
+def size_defaults(cfg):
+    """
+    What depth and width change against table A.1 (written for the 12-layer, 768-wide RoBERTa-base):
+    - final_threshold: table A.1's 0.01 at layer 12 of 12 is a slope of 0.01/12 per layer; the eq. 7 score
+      scale (mean 1/n) does not depend on the model, so an L-layer model starts on the same slope,
+      theta_L = 0.01 L / 12 (MiniLM-L6: 0.005; 0.01 there prunes all but one token after layer 4).
+    - finetune_lr, batch_size: RoBERTa-base fine-tunes at 2e-5 with batch 64; the 6-layer, 384-wide MiniLM
+      learns nothing in 32 such steps on 2,000 SST-2 sentences (51.9%) and predicts only the majority
+      class of another GLUE task after 3 epochs, while 5e-5 at batch 32 learns both: smaller models get those.
+    """
+    small = cfg.hidden_size < 768
+    return dict(final_threshold=0.01 * cfg.num_hidden_layers / 12,
+                finetune_lr=5e-5 if small else 2e-5, batch_size=32 if small else 64)
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "vocab.txt",
                    "special_tokens_map.json")
 
 
 # ---------------------------------------------------------------------------------------------
 # data
-
-def encode_split(tok, examples):
-    texts = [e.text_a if e.text_b is None else (e.text_a, e.text_b) for e in examples]
-    return tok.encode(texts), [e.label for e in examples]
-
 
 def epoch_batches(lengths, batch_size, seed, epoch):
     """
@@ -75,35 +91,89 @@ def to_batch(enc, labels, ids, pad_id, regression, device):
 
 
 # ---------------------------------------------------------------------------------------------
-# evaluation: task metrics + FLOPs of the hard-pruned model on the real (unpadded) lengths
+# evaluation and the FLOPs budget
 
 @torch.no_grad()
-def evaluate(model, task, dev_sets, pad_id, device, batch_size=64):
+def soft_evaluate(model, task_name, enc, labels, batch_size=64):
+    """
+    The soft-masked model (eqs. 9-11, what step 1 trains) on dev, as soft_* keys: a token counts as kept when
+    its soft mask exceeds 0.5. Informative only: the metrics rows describe the hard model (glue.evaluate).
+    """
     was_training = model.training
     model.eval()
-    cfg = model.cfg
-    row = {}
-    for suffix, (enc, labels) in dev_sets.items():
-        order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]))
-        preds, golds, kept = [], [], []
-        for b in range(0, len(order), batch_size):
-            ids = order[b:b + batch_size]
-            x, m, t, y = to_batch(enc, labels, ids, pad_id, task.num_labels == 1, device)
-            logits, _, aux = model(x, m, t)
-            preds += (logits.squeeze(-1) if task.num_labels == 1 else logits.argmax(-1)).tolist()
-            golds += y.tolist()
-            kept += aux["kept"].long().tolist()
-        name = [k for k, v in glue.TASKS.items() if v is task][0]
-        for k, v in glue.compute_metrics(name, preds, golds).items():
-            row[k + suffix] = round(v, 6)
-        if not suffix:
-            row["relative_flops"] = round(relative_flops(kept, cfg.num_hidden_layers, cfg.hidden_size,
-                                                         cfg.intermediate_size), 6)
-            row["gflops"] = round(sum(sequence_flops(k, cfg.hidden_size, cfg.intermediate_size)
-                                      for k in kept) / len(kept) / 1e9, 6)
-            row["kept_per_layer"] = [round(float(v), 2) for v in np.mean(kept, axis=0)]
+    device = model.encoder.theta.device
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]))
+    preds, kept = [], []
+    for b in range(0, len(order), batch_size):
+        x, m, t = (v.to(device) for v in collate([enc[i] for i in order[b:b + batch_size]], model.cfg.pad_token_id))
+        logits, _, aux = model(x, m, t)
+        preds.append(logits.float().cpu())
+        kept += aux["kept"].long().tolist()
     model.train(was_training)
+    logits = torch.empty(len(enc), preds[0].shape[1])
+    logits[order] = torch.cat(preds)
+    kept_in_order = [None] * len(enc)
+    for i, k in zip(order, kept):
+        kept_in_order[i] = k
+    row = {f"soft_{k}": round(v, 6) for k, v in glue.compute_metrics(task_name, glue.predictions(logits), labels).items()}
+    cfg = model.cfg
+    row["soft_relative_flops"] = round(relative_flops(kept_in_order, cfg.num_hidden_layers, cfg.hidden_size,
+                                                      cfg.intermediate_size), 6)
     return row
+
+
+def collapsed(kept):
+    """A collapsed run: every sequence keeps only its first token from some layer before the last on."""
+    L = kept.shape[1] - 1
+    return L > 1 and bool((kept[:, L - 1] <= 1).all())
+
+
+@torch.no_grad()
+def hard_flops(model, enc, ids):
+    """
+    F of eq. 14: the hard-pruned model's (eq. 8 at the current thresholds, no dropout) FLOPs on training
+    examples `ids`, as a tensor [pruned FLOPs, unpruned FLOPs] (summed, so processes can add theirs up).
+    The packed routine, rebuilt from the current weights (fused Q|K|V), runs it at inference cost.
+    """
+    cfg = model.cfg
+    if not ids:
+        return torch.zeros(2, dtype=torch.float64)
+    ids_t, types, cu = pack([enc[i] for i in ids], device=model.encoder.theta.device)
+    model.eval()  # no dropout in the head: no RNG is drawn
+    with torch.inference_mode():
+        _, kept = PackedModel(model, onednn=False)(ids_t, cu, types)
+    model.train()
+    kept = kept.tolist()
+    return torch.tensor([sum(sequence_flops(k, cfg.hidden_size, cfg.intermediate_size) for k in kept),
+                         sum(unpruned_flops(k[0], cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size)
+                             for k in kept)], dtype=torch.float64)
+
+
+def train_flops(model, enc, ids):
+    """Relative FLOPs of the hard-pruned model on training examples `ids` (the packed routine, batches of 64)."""
+    cfg = model.cfg
+    was_training = model.training
+    model.eval()  # no dropout in the head: no RNG is drawn, so --resume stays exact
+    pm = PackedModel(model)
+    kept = []
+    with torch.inference_mode():
+        for b in range(0, len(ids), 64):
+            i, t, cu = pack([enc[j] for j in ids[b:b + 64]], device=model.encoder.theta.device)
+            kept += pm(i, cu, t)[1].tolist()
+    model.train(was_training)
+    return relative_flops(kept, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size)
+
+
+def calibrate(model, enc, ids, target):
+    """Eq. 15: scale the thresholds so that the hard model's relative FLOPs on training examples `ids` meet R."""
+    theta = model.encoder.theta.detach().clone()
+
+    def flops_at(c):
+        model.encoder.theta.data.copy_(c * theta)
+        return train_flops(model, enc, ids)
+    c = calibrate_scale(flops_at, target)
+    model.encoder.theta.data.copy_(c * theta)
+    return c, flops_at(c)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,10 +224,12 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
     else:
         model.cfg.problem_type = "regression"
     L = model.cfg.num_hidden_layers
+    budget = args.target_flops if args.lam is None else None  # eqs. 14-15 instead of a fixed lambda
     if stage == "finetune":
         model.prune = PruneConfig(mode="off")
     elif stage == "soft":  # step 1: soft masks, thresholds initialised linearly rising (section 4.4)
-        model.prune = PruneConfig(mode="soft", temperature=args.temperature, final_threshold=args.final_threshold)
+        model.prune = PruneConfig(mode="soft", temperature=args.temperature, final_threshold=args.final_threshold,
+                                  soft_mask=args.soft_mask)
         model.encoder.theta.data.copy_(init_thresholds(L, args.final_threshold))
     elif model.prune.mode == "off":  # hard pruning straight from a fine-tuned model: the baselines
         # manual thresholds theta_L * l / L (section 4.4), top-k or fixed lengths, one switch: --method
@@ -171,6 +243,7 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
         model.prune = PruneConfig(mode="hard", method=args.method, final_threshold=args.final_threshold,
                                   keep_ratio=args.keep_ratio, lengths=lengths)
         model.encoder.theta.data.copy_(init_thresholds(L, args.final_threshold))
+        budget = None  # the baselines keep their own knob
         if rank == 0:
             print(f"[hard] {args.method} pruning from {src}: {model.prune}")
     else:  # step 2 happened when soft saved: binarized mask (mode "hard"), theta frozen from now on
@@ -179,19 +252,24 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
     model.to(device).train()
 
     # optimizer: AdamW, no decay on biases and LayerNorm; theta in its own group with its own lr
+    lr = args.finetune_lr if stage == "finetune" else args.lr
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 and n != "encoder.theta"]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if stage == "soft":
         groups.append({"params": [model.encoder.theta], "weight_decay": 0.0, "lr": args.threshold_lr})
-    base_lrs = [args.lr, args.lr] + ([args.threshold_lr] if stage == "soft" else [])
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    base_lrs = [lr, lr] + ([args.threshold_lr] if stage == "soft" else [])
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
     epochs = getattr(args, f"{stage}_epochs")
     enc, labels = train
     lengths = [len(e[0]) for e in enc]
     steps_per_epoch = len(epoch_batches(lengths, args.batch_size, args.seed, 0))
     total = epochs * steps_per_epoch
     warmup = int(args.warmup * total)
+    # eq. 14's multiplier starts at 0: the task loss alone until the hard model is over budget
+    lam = (args.lam or 0.0) if budget is None else 0.0
+    # eq. 15 calibrates on a fixed random sample of the training set (never on dev)
+    calib_ids = sorted(np.random.default_rng(args.seed).permutation(len(enc))[:args.calibration_examples].tolist())
 
     def get_lr(step):  # linear warm-up then linear decay to 0 (RoBERTa's GLUE recipe)
         return step / max(1, warmup) if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
@@ -202,7 +280,7 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
         model.load_state_dict(st["model"])
         optimizer.load_state_dict(st["optimizer"])
         set_rng_state(st["rng"])
-        start_epoch, start_batch = st["epoch"], st["batch"]
+        start_epoch, start_batch, lam = st["epoch"], st["batch"], st.get("lam", lam)
         if rank == 0:
             print(f"[{stage}] resuming at epoch {start_epoch} batch {start_batch}")
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -227,54 +305,98 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
             loss_total = loss_task
             if stage == "soft":  # eq. 12: L_new = L + lam * L_reg
                 reg = mask_regularizer(aux["masks"], m.float()) * m.sum() * world / real_global
-                loss_total = loss_task + args.lam * reg
+                loss_total = loss_task + lam * reg
             optimizer.zero_grad(set_to_none=True)
             loss_total.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             step += 1
-            kept = (aux["kept"][:, -1] / aux["kept"][:, 0]).mean().item()
-            bar.set_postfix(loss=f"{loss_task.item():.4f}", kept=f"{kept:.2f}",
-                            **({"theta_L": f"{model.encoder.theta[-1].item():.4f}"} if stage == "soft" else {}))
+            post = {"loss": f"{loss_task.item():.4f}"}
+            if stage == "soft" and budget is not None:  # eq. 14: lambda follows the hard model's FLOPs gap
+                fl = hard_flops(model, enc, ids)
+                if world > 1:
+                    dist.all_reduce(fl)
+                F = float(fl[0] / fl[1])
+                lam = dual_ascent(lam, F, budget, args.flops_lr)
+                post.update(F=f"{F:.3f}", lam=f"{lam:.3f}")
+            if stage == "soft":
+                post["theta_L"] = f"{model.encoder.theta[-1].item():.4f}"
+            else:
+                post["kept"] = f"{(aux['kept'][:, -1] / aux['kept'][:, 0]).mean().item():.2f}"
+            bar.set_postfix(**post)
             if args.save_every and step % args.save_every == 0 and b + 1 < len(batches):
-                save_state(model, optimizer, epoch, b + 1, state_path, rank)
+                save_state(model, optimizer, epoch, b + 1, state_path, rank, lam)
             if args.eval_every and step % args.eval_every == 0 and b + 1 < len(batches) and rank == 0:
                 # a look mid-epoch (eval mode: no dropout, so no RNG is drawn and --resume stays exact)
-                log_eval(args, model, task, dev_sets, device, stage, step, epoch + b / len(batches))
+                log_eval(args, model, task, dev_sets, stage, step, epoch + b / len(batches), lam, (enc, calib_ids))
             if args.max_steps and step >= args.max_steps:  # for interruption tests and quick looks
-                save_state(model, optimizer, epoch, b + 1, state_path, rank)
+                save_state(model, optimizer, epoch, b + 1, state_path, rank, lam)
                 return None
         start_batch = 0
-        save_state(model, optimizer, epoch + 1, 0, state_path, rank)
+        if stage == "hard" and budget is not None:  # eq. 15: the weights moved, the budget holds
+            c, F = calibrate(model, enc, calib_ids, budget)
+            if rank == 0:
+                print(f"[hard] thresholds scaled by {c:.4f}: relative FLOPs {F:.3f} on {len(calib_ids)} training examples")
+        save_state(model, optimizer, epoch + 1, 0, state_path, rank, lam)
         if rank == 0:
-            print(json.dumps(log_eval(args, model, task, dev_sets, device, stage, step, epoch + 1)))
-    if stage == "soft":  # step 2: binarize the mask and fix the thresholds
+            print(json.dumps(log_eval(args, model, task, dev_sets, stage, step, epoch + 1, lam, (enc, calib_ids))))
+    if stage == "soft":  # step 2: binarize the mask (eq. 8) and fix the thresholds
+        if budget is not None:  # eq. 15: the binarized model meets the budget on training data
+            c, F = calibrate(model, enc, calib_ids, budget)
+            if rank == 0:
+                print(f"[binarize] thresholds scaled by {c:.4f}: relative FLOPs {F:.3f} on {len(calib_ids)} training examples")
         model.prune = PruneConfig(**{**model.prune.__dict__, "mode": "hard"})
     if rank == 0:
         save_stage(model, out, resolve(src))
+        if stage == "soft":  # the checkpoint step 2 wrote, read back from disk and evaluated as infer.py would
+            row = log_eval(args, ltp.load(out).to(device), task, dev_sets, "binarize", step, epochs, lam, (enc, calib_ids))
+            print(json.dumps(row))
+            if row.get("collapsed"):
+                raise SystemExit(f"error: {out} collapsed: every dev sequence keeps only its first token after "
+                                 f"layer {L - 1}; lower --lam or --threshold-lr, or use --target-flops")
         atomic_write(os.path.join(out, "DONE"), lambda p: open(p, "w").write("done\n"))
     if world > 1:
         dist.barrier()
     return out
 
 
-def log_eval(args, model, task, dev_sets, device, stage, step, epoch):
-    """Evaluate on dev and append the row (with the thresholds while they learn) to metrics.jsonl."""
-    row = evaluate(model, task, dev_sets, model.cfg.pad_token_id, device)
-    row = {"stage": stage, "step": step, "epoch": epoch, **row, "time": round(time.time(), 1)}
-    if stage == "soft":
+def log_eval(args, model, task, dev_sets, stage, step, epoch, lam=None, train_sample=None):
+    """
+    Evaluate on dev and append the row to metrics.jsonl. Task metrics, relative_flops and kept_per_layer
+    describe the hard-pruned model (eq. 8 at the current thresholds: what the stage's checkpoint runs);
+    soft pruning adds soft_* keys (the soft-masked model), the thresholds and lambda; train_relative_flops
+    is the hard model's on train_sample = (encoded training examples, ids), where given.
+    """
+    row = {"stage": stage, "step": step, "epoch": epoch}
+    for suffix, (enc, labels) in dev_sets.items():
+        r, kept = glue.evaluate(model, args.task, enc, labels)
+        if suffix:  # MNLI's mismatched dev set: its metrics only
+            row.update({k + suffix: v for k, v in r.items() if k not in ("relative_flops", "gflops", "kept_per_layer")})
+            continue
+        row.update(r)
+        if model.prune.mode != "off" and collapsed(kept):
+            row["collapsed"] = True
+            print(f"warning: [{stage}] step {step}: collapsed, every dev sequence keeps only its first token",
+                  file=sys.stderr)
+        if model.prune.mode == "soft":
+            row.update(soft_evaluate(model, args.task, enc, labels))
+    if train_sample is not None and model.prune.mode != "off":
+        row["train_relative_flops"] = round(train_flops(model, *train_sample), 6)
+    if stage in ("soft", "binarize"):
         row["thresholds"] = [round(v, 6) for v in model.encoder.theta.tolist()]
+        row["lam"] = round(lam, 6) if lam is not None else None
+    row["time"] = round(time.time(), 1)
     log_row(args, row)
     return row
 
 
-def save_state(model, optimizer, epoch, batch, path, rank):
-    """Everything --resume needs: weights (incl. theta), optimizer, RNG streams, data position."""
+def save_state(model, optimizer, epoch, batch, path, rank, lam=0.0):
+    """Everything --resume needs: weights (incl. theta), optimizer, RNG streams, data position, lambda."""
     if rank != 0:
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     st = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(),
-          "epoch": epoch, "batch": batch}
+          "epoch": epoch, "batch": batch, "lam": lam}
     atomic_write(path, lambda p: torch.save(st, p))
 
 
@@ -283,6 +405,10 @@ def main(args):
     for s in ("finetune", "soft", "hard"):  # --epochs sets every stage not set on its own
         if getattr(args, f"{s}_epochs") is None and args.epochs is not None:
             setattr(args, f"{s}_epochs", args.epochs)
+    if args.lam is not None and args.target_flops is not None:
+        raise SystemExit("error: give --lam (the paper's fixed lambda) or --target-flops (a FLOPs budget), not both")
+    if args.finetune_lr is None and args.lr is not None:  # one --lr for every stage, as before --finetune-lr
+        args.finetune_lr = args.lr
     for k, v in {**DEFAULTS, **TASK_OVERRIDES.get(args.task, {})}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -309,14 +435,17 @@ def main(args):
     except (FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"error: {e}\n(offline? pass --model with a local model directory and "
                          f"--data-dir with the GLUE TSV files)")
+    cfg = ltp.Config.from_json(os.path.join(src_dir, "config.json"))
+    for k, v in size_defaults(cfg).items():  # what the model's depth and width change (see size_defaults)
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=2)
-    cfg = ltp.Config.from_json(os.path.join(src_dir, "config.json"))
     tok = Tokenizer.from_dir(src_dir, cfg)
     if args.max_length:
         tok = Tokenizer(tok.tok, min(args.max_length, tok.max_length), tok.single_type)
-    train = encode_split(tok, glue.read_split(args.task, args.data_dir, "train"))
+    train = glue.encode_split(tok, glue.read_split(args.task, args.data_dir, "train"))
     if args.max_train_tokens:  # only the short examples (the length-robustness experiment, table 3)
         keep = [i for i, e in enumerate(train[0]) if len(e[0]) <= args.max_train_tokens]
         if not keep:
@@ -325,9 +454,9 @@ def main(args):
     if args.max_train_examples:
         keep = sorted(np.random.default_rng(args.seed).permutation(len(train[0]))[:args.max_train_examples])
         train = [train[0][i] for i in keep], [train[1][i] for i in keep]
-    dev_sets = {"": encode_split(tok, glue.read_split(args.task, args.data_dir, "dev"))}
+    dev_sets = {"": glue.encode_split(tok, glue.read_split(args.task, args.data_dir, "dev"))}
     if "dev_mismatched" in task.splits:
-        dev_sets["_mm"] = encode_split(tok, glue.read_split(args.task, args.data_dir, "dev_mismatched"))
+        dev_sets["_mm"] = glue.encode_split(tok, glue.read_split(args.task, args.data_dir, "dev_mismatched"))
     if rank == 0:
         print(f"{args.task}: {len(train[0])} train, {len(dev_sets[''][0])} dev examples; stages {stages}")
 
@@ -362,12 +491,26 @@ def parse_args(argv=None):
     p.add_argument("--finetune-epochs", type=int, default=None, help="default 3 (10 for small tasks)")
     p.add_argument("--soft-epochs", type=int, default=None, help="soft pruning epochs (table A.1: 1-10)")
     p.add_argument("--hard-epochs", type=int, default=None, help="hard pruning epochs (table A.1: 10)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate of the weights (2e-5)")
-    p.add_argument("--threshold-lr", type=float, default=None, help="learning rate of the thresholds (2e-5)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch size (64, table A.1)")
-    p.add_argument("--lam", type=float, default=None, help="lambda of eq. 12 (0.1); larger prunes more")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of the weights in soft and hard pruning "
+                                                          "(2e-5, table A.1; also fine-tuning unless --finetune-lr)")
+    p.add_argument("--finetune-lr", type=float, default=None, help="fine-tuning learning rate (2e-5; 5e-5 for models "
+                                                                   "narrower than 768, see size_defaults)")
+    p.add_argument("--threshold-lr", type=float, default=None, help="learning rate of the thresholds (1e-4)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch size (64, table A.1; 32 for models "
+                                                                "narrower than 768)")
+    p.add_argument("--target-flops", type=float, default=None,
+                   help="relative FLOPs budget R of soft pruning (eqs. 14-15, default 0.6): lambda is learned by dual "
+                        "ascent and the thresholds are scaled to R on training data after soft and hard pruning")
+    p.add_argument("--lam", type=float, default=None, help="the paper's recipe instead: a fixed lambda of eq. 12 "
+                                                           "(larger prunes more); not with --target-flops")
+    p.add_argument("--flops-lr", type=float, default=None, help="eta of eq. 14, lambda's step per unit of FLOPs gap (0.05)")
+    p.add_argument("--calibration-examples", type=int, default=2048,
+                   help="training examples eq. 15 scales the thresholds on")
+    p.add_argument("--soft-mask", default=None, choices=["cumulative", "paper"],
+                   help="soft mask of eq. 9: one sigmoid per layer (paper) or times the soft live mask so far (cumulative)")
     p.add_argument("--temperature", type=float, default=None, help="T of eq. 9 (1e-3)")
-    p.add_argument("--final-threshold", type=float, default=None, help="theta_L at init (0.01)")
+    p.add_argument("--final-threshold", type=float, default=None,
+                   help="theta_L at init (0.01 L / 12: 0.01 for 12 layers as in table A.1, 0.005 for 6)")
     p.add_argument("--method", default="threshold", choices=["threshold", "topk", "fixed"],
                    help="hard stage from a fine-tuned model (--init X --stages hard): manual thresholds "
                         "(--final-threshold), top-k (--keep-ratio) or fixed lengths (--lengths or --flops-budget)")

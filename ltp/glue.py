@@ -175,6 +175,43 @@ def compute_metrics(task_name, preds, labels):
 
 
 # ---------------------------------------------------------------------------------------------
+# Evaluation of a model on a split: the task's metrics and the FLOPs of what the model really runs
+
+def encode_split(tok, examples):
+    """Examples -> (encoded texts for the packed routine / text.collate, labels)."""
+    texts = [e.text_a if e.text_b is None else (e.text_a, e.text_b) for e in examples]
+    return tok.encode(texts), [e.label for e in examples]
+
+
+def predictions(logits):
+    """(n, num_labels) logits -> class indices, or the scores of a 1-label regression model."""
+    return logits[:, 0].tolist() if logits.shape[1] == 1 else logits.argmax(1).tolist()
+
+
+def evaluate(model, task_name, encoded, labels, batch_size=32):
+    """
+    Metrics and FLOPs of `model` on encoded examples, with the packed routine of infer.py (same batching:
+    length-sorted, batch_size 32), so a row equals what `infer.py --task` reports for the same checkpoint.
+    A model in prune mode "soft" runs as "hard": eq. 8 at the current thresholds, the model that ships.
+    Returns {metric: value, "relative_flops", "gflops", "kept_per_layer"} (kept: mean tokens entering
+    layer 1, then surviving each layer) and the kept counts (n, L+1).
+    """
+    from .flops import flops_summary
+    from .packed import PackedModel, forward_batches, make_batches
+    was_training = model.training
+    model.eval()
+    device = model.encoder.theta.device
+    logits, kept, _ = forward_batches(PackedModel(model), make_batches(encoded, batch_size, device=device),
+                                      len(encoded))
+    model.train(was_training)
+    row = {k: round(v, 6) for k, v in compute_metrics(task_name, predictions(logits), labels).items()}
+    gflops, rel = flops_summary(kept, model.cfg)
+    row.update(relative_flops=round(rel, 6), gflops=round(gflops, 6),
+               kept_per_layer=[round(v, 2) for v in kept.double().mean(0).tolist()])
+    return row, kept
+
+
+# ---------------------------------------------------------------------------------------------
 # Download (for users with internet): the zips the official GLUE script fetches
 
 URLS = {

@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .pruning import PruneConfig, importance_score, init_thresholds, keep_mask, soft_mask
+from .baselines import rank_mask
+from .pruning import PruneConfig, hard_mask, importance_score, init_thresholds, soft_mask
 
 
 @dataclass
@@ -128,7 +129,7 @@ class Layer(nn.Module):
         self.attn_drop = nn.Dropout(cfg.attention_probs_dropout_prob)
         self.drop = nn.Dropout(cfg.hidden_dropout_prob)
 
-    def attention_probs(self, x, log_keep):
+    def attention_probs(self, x, log_live):
         """Eq. 6: A = softmax(q k^T / sqrt(d_h)) with dead keys removed; returns A (B, H, N, N) and v."""
         B, N, C = x.shape
         H, D = self.cfg.num_attention_heads, self.cfg.head_dim
@@ -136,8 +137,8 @@ class Layer(nn.Module):
         k = self.key(x).view(B, N, H, D).transpose(1, 2)    # (B, H, N, D)
         v = self.value(x).view(B, N, H, D).transpose(1, 2)  # (B, H, N, D)
         # The paper writes sqrt(d); implementations (and the checkpoints) use the head dim sqrt(d_h).
-        # log_keep is 0 for live keys and -inf for padding / pruned ones (soft pruning: log M~).
-        logits = (q @ k.transpose(-2, -1)) / math.sqrt(D) + log_keep[:, None, None, :]  # (B, H, N, N)
+        # log_live is 0 for live keys and -inf for padding / pruned ones (soft pruning: log M~).
+        logits = (q @ k.transpose(-2, -1)) / math.sqrt(D) + log_live[:, None, None, :]  # (B, H, N, N)
         return logits.softmax(dim=-1), v
 
     def finish(self, x, probs, v):
@@ -170,33 +171,34 @@ class Encoder(nn.Module):
           masks:  per layer, the mask applied to its output (B, N) (hard 0/1, or soft M~; empty when off)
           kept:   (B, L+1) live tokens entering layer 1, then surviving each layer
         """
-        p = self.prune
-        real = attention_mask.to(torch.float32)
-        # log of the live-token mask: 0 = live, -inf = padding or pruned (soft pruning: log M~, cumulative)
-        log_keep = torch.zeros_like(real).masked_fill(real == 0, -math.inf)
+        prune = self.prune
+        real = attention_mask.to(torch.float32)  # (B, N) 1 = real token, 0 = padding
+        # log of the live-token mask: 0 = live, -inf = padding or pruned (soft pruning: log M~)
+        log_live = torch.zeros_like(real).masked_fill(real == 0, -math.inf)
         x = self.embeddings(input_ids, attention_mask, token_type_ids)
         hidden, masks, kept = [x], [], [real.sum(1)]
         for l, layer in enumerate(self.layers):
-            probs, v = layer.attention_probs(x, log_keep)
+            probs, v = layer.attention_probs(x, log_live)
             x = layer.finish(x, probs, v)
-            if p.mode != "off":
-                keep = log_keep.exp()  # (B, N) 1 = live, 0 = padding / pruned (soft: in between)
-                s = importance_score(probs, keep, p.score_length)               # eq. 7
-                # Both masks are cumulative (times keep): a token pruned before stays pruned, and the
-                # regulariser does not count it again in later layers.
-                if p.mode == "hard":  # eq. 8 (or, with p.method, a rank-based baseline)
-                    m = keep_mask(p, s, self.theta[l], keep, kept[0], l, len(self.layers))
-                else:
-                    m = soft_mask(s, self.theta[l], p.temperature, keep)         # eq. 9
-                x = x * m[..., None]                                             # eqs. 10-11: x~_out = M~ * x_out
-                # A pruned token takes no further part, as query or key: it leaves the live set.
-                # Soft pruning does the same softly through log M~ (at T -> 0 exactly the hard mask).
-                # (clamped: log 0 would give NaN gradients; e^-69 is as good as 0 next to live keys)
-                log_keep = torch.log(m.clamp_min(1e-30)).masked_fill(real == 0, -math.inf)
-                masks.append(m)
-                kept.append((m > 0.5).sum(1).to(real.dtype) if p.mode == "soft" else m.sum(1))
-            else:
+            if prune.mode == "off":
                 kept.append(real.sum(1))
+                hidden.append(x)
+                continue
+            live = log_live.exp()  # (B, N) 1 = live, 0 = padding / pruned (soft: in between)
+            s = importance_score(probs, live, prune.score_length)                # eq. 7
+            if prune.mode == "hard" and prune.method == "threshold":
+                m = hard_mask(s, self.theta[l], live)                            # eq. 8 (cumulative)
+            elif prune.mode == "hard":  # the rank-based baselines of section 4.2 (baselines.py)
+                m = rank_mask(prune, s, live, kept[0], l, len(self.layers))
+            else:  # eq. 9; cumulative: times the soft live mask so far; paper: one sigmoid per layer
+                m = soft_mask(s, self.theta[l], prune.temperature, live if prune.soft_mask == "cumulative" else real)
+            x = x * m[..., None]                                                 # eqs. 10-11: x~_out = M~ * x_out
+            # A pruned token takes no further part, as query or key: it leaves the live set.
+            # Soft pruning does the same softly through log M~ (at T -> 0 exactly the hard mask).
+            # (clamped: log 0 would give NaN gradients; e^-69 is as good as 0 next to live keys)
+            log_live = torch.log(m.clamp_min(1e-30)).masked_fill(real == 0, -math.inf)
+            masks.append(m)
+            kept.append((m > 0.5).sum(1).to(real.dtype) if prune.mode == "soft" else m.sum(1))
             hidden.append(x)
         return x, {"hidden": hidden, "masks": masks, "kept": torch.stack(kept, 1)}
 
@@ -209,10 +211,10 @@ class RobertaHead(nn.Module):
 
     def __init__(self, cfg, num_labels):
         super().__init__()
-        p = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
+        drop = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.out_proj = nn.Linear(cfg.hidden_size, num_labels)
-        self.dropout = nn.Dropout(p)
+        self.dropout = nn.Dropout(drop)
 
     def forward(self, h):
         x = self.dropout(h[:, 0])  # (B, C): the first token, <s>
@@ -224,10 +226,10 @@ class BertHead(nn.Module):
 
     def __init__(self, cfg, num_labels):
         super().__init__()
-        p = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
+        drop = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
         self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.classifier = nn.Linear(cfg.hidden_size, num_labels)
-        self.dropout = nn.Dropout(p)
+        self.dropout = nn.Dropout(drop)
 
     def forward(self, h):
         return self.classifier(self.dropout(torch.tanh(self.pooler(h[:, 0]))))

@@ -7,9 +7,9 @@ goes through a linear layer, a LayerNorm or the FFN. Per layer:
   1. Q, K, V of the T live tokens: one fused matmul (T, C) -> (T, 3C)
   2. attention per sequence: one index_select gathers the packed rows into a padded view (B, N, 3C)
      (N = longest live sequence), padded keys get -inf, probabilities A (B, H, N, N)
-  3. eq. 7 importance scores and the eq. 8 threshold test (pruning.importance_score / keep_mask,
+  3. eq. 7 importance scores and the eq. 8 threshold test (pruning.importance_score / hard_mask,
      the same functions as the mask-based forward of model.py), never a top-k (unless the checkpoint
-     is one of the rank-based baselines, PruneConfig.method "topk" / "fixed", which keep_mask also serves)
+     is one of the rank-based baselines, PruneConfig.method "topk" / "fixed": baselines.rank_mask)
   4. the tokens that fail the test leave here: A.V is computed for the surviving query rows only
      (all live tokens still serve as keys and values in this layer), then W_o, LN, FFN, LN run on
      the survivors, re-packed with index_select; each sequence's length shrinks on its own
@@ -23,12 +23,15 @@ Inference only: call it under torch.inference_mode(). Letters: B, N, H, D, C as 
 T = live tokens in the batch, L layers.
 """
 import math
+import sys
+import time
 
 import torch
 import torch.nn.functional as F
 
+from .baselines import rank_mask
 from .model import activation
-from .pruning import importance_score, keep_mask
+from .pruning import hard_mask, importance_score
 
 
 def pack(encoded, device=None):
@@ -111,8 +114,8 @@ class PackedModel:
         pos = torch.arange(T, device=dev) - cu_seqlens[:-1][seq]           # (T,) index inside its sequence
         x = self.embed(ids, pos, type_ids)                                 # (T, C)
         kept = [lengths]
-        for l, p in enumerate(self.layers):
-            x, lengths = self.layer(x, lengths, p, l if prune else None, kept[0])
+        for l, w in enumerate(self.layers):
+            x, lengths = self.layer(x, lengths, w, l if prune else None, kept[0])
             kept.append(lengths)
         kept = torch.stack(kept, 1)                                        # (B, L+1)
         if self.model.head is None:
@@ -129,10 +132,10 @@ class PackedModel:
              + e.token_type_embeddings(type_ids))  # the order of Embeddings.forward, for the same rounding
         return e.LayerNorm(x)  # (T, C)
 
-    def layer(self, x, lengths, p, l, n0):
+    def layer(self, x, lengths, w, l, n0):
         """
-        Layer l (0-based; None = no pruning) on packed tokens x (T, C) of sequences with `lengths` (B,);
-        n0 (B,) the lengths before any pruning. Returns the survivors' x (T', C) and their lengths (B,).
+        Layer l (0-based; None = no pruning), weights w, on packed tokens x (T, C) of sequences with
+        `lengths` (B,); n0 (B,) the lengths before any pruning. Returns the survivors' x (T', C) and their lengths (B,).
         """
         cfg, dev = self.cfg, x.device
         T, C = x.shape
@@ -140,26 +143,30 @@ class PackedModel:
         N = int(lengths.max())
         start = lengths.cumsum(0) - lengths                                # (B,) first packed row of each sequence
         j = torch.arange(N, device=dev)
-        live = j < lengths[:, None]                                        # (B, N) real tokens of each sequence
+        live = j < lengths[:, None]                                        # (B, N) live tokens of each sequence
         dense = T == B * N  # all sequences have the same length: the packed rows already are the padded view
-        qkv = self.linear(x, p["qkv"])                                     # (T, 3C)
+        qkv = self.linear(x, w["qkv"])                                     # (T, 3C)
         if not dense:  # padded view by one gather; a padding slot repeats its sequence's first token (finite,
             # masked as a key below, and its query row is never used), so no zero fill is needed
             qkv = qkv.index_select(0, (start[:, None] + j * live).view(-1))  # (B*N, 3C)
         q, k, v = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)           # 3 x (B, H, N, D)
-        keep = live.to(x.dtype)                                            # (B, N) 1 live, 0 padding
+        live = live.to(x.dtype)                                            # (B, N) 1 live, 0 padding
         # eq. 6, as Layer.attention_probs: A = softmax(q k^T / sqrt(d_h)), padded keys removed (log 0 = -inf)
-        logits = (q @ k.transpose(-2, -1)) / math.sqrt(D) + keep.log()[:, None, None, :]  # (B, H, N, N)
+        logits = (q @ k.transpose(-2, -1)) / math.sqrt(D) + live.log()[:, None, None, :]  # (B, H, N, N)
         probs = logits.softmax(dim=-1)
         if l is not None:
             enc = self.model.encoder
-            s = importance_score(probs, keep, enc.prune.score_length)      # eq. 7, (B, N)
-            m = keep_mask(enc.prune, s, enc.theta[l], keep, n0, l, len(self.layers)) > 0  # eq. 8, (B, N) bool
+            prune = enc.prune
+            s = importance_score(probs, live, prune.score_length)          # eq. 7, (B, N)
+            if prune.method == "threshold":
+                m = hard_mask(s, enc.theta[l], live) > 0                   # eq. 8, (B, N) bool
+            else:  # the rank-based baselines (baselines.py)
+                m = rank_mask(prune, s, live, n0, l, len(self.layers)) > 0
             # (token 0 is always kept, so a sequence's first row stays its first row)
             n_out = m.sum(1)                                               # (B,)
         if l is None or bool((n_out == lengths).all()):
             y = (probs @ v).transpose(1, 2).reshape(B * N, C)              # (B, H, N, D) -> (B*N, C)
-            return self.finish(x, y if dense else y[live.view(-1)], p), lengths  # real rows, in packed order
+            return self.finish(x, y if dense else y[live.view(-1) > 0], w), lengths  # real rows, in packed order
         # The pruned tokens leave now: only the surviving query rows of A meet V (all live keys stay keys here).
         N2 = int(n_out.max())
         rows = torch.sort((~m).to(torch.uint8), dim=1, stable=True).indices[:, :N2]  # (B, N2) survivors' old rows first
@@ -167,11 +174,65 @@ class PackedModel:
         y = (a @ v).transpose(1, 2).reshape(B * N2, C)                     # (B, H, N2, D) -> (B*N2, C)
         y = y[(j[:N2] < n_out[:, None]).view(-1)]                          # (T', C) the survivors, in packed order
         survivors = (start[:, None] + j).view(-1)[m.view(-1)]              # (T',) their rows in x
-        return self.finish(x.index_select(0, survivors), y, p), n_out
+        return self.finish(x.index_select(0, survivors), y, w), n_out
 
-    def finish(self, x, y, p):
+    def finish(self, x, y, w):
         """Eqs. 3-5 on packed rows, as Layer.finish: x, y (T, C) the layer input and the heads' concatenation."""
-        ln1, ln2 = p["ln1"], p["ln2"]
-        x = F.layer_norm(self.linear(y, p["out"]) + x, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps)  # eq. 3
-        h = self.linear(activation(self.cfg.hidden_act, self.linear(x, p["fc1"])), p["fc2"])      # eq. 4
+        ln1, ln2 = w["ln1"], w["ln2"]
+        x = F.layer_norm(self.linear(y, w["out"]) + x, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps)  # eq. 3
+        h = self.linear(activation(self.cfg.hidden_act, self.linear(x, w["fc1"])), w["fc2"])      # eq. 4
         return F.layer_norm(h + x, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)            # eq. 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched inference over a list of encoded texts (what infer.py, bench.py and evaluation run)
+
+def make_batches(encoded, batch_size, sort=True, device=None):
+    """
+    Group encoded examples (text.Tokenizer.encode) into packed batches: [(indices, ids, type_ids, cu_seqlens)],
+    indices into `encoded`. sort: length-sorted batches, so similar lengths share a batch (the padded
+    attention view stays small). Example: lengths [3, 1, 2], batch 2 -> indices [1, 2], then [0].
+    """
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0])) if sort else list(range(len(encoded)))
+    out = []
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        ids, types, cu = pack([encoded[i] for i in idx], device=device)
+        out.append((idx, ids, types, cu))
+    return out
+
+
+def sync(device):
+    """Wait for the device's queued work (cuda), so that a timer reads the real time."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def forward_batches(pm, batches, n, progress=False):
+    """
+    Run a PackedModel over make_batches' batches; returns (out, kept, seconds) in input order: out (n, num_labels)
+    float32 on the CPU (None without a head), kept (n, L+1) long (rows of examples not in `batches` stay 0).
+    seconds covers the model only (the batches are already packed on the device).
+    """
+    from tqdm import tqdm
+    device = batches[0][1].device
+    outs, kepts = [], []
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for idx, ids, types, cu in tqdm(batches, desc="infer", unit="batch", disable=not progress, file=sys.stderr):
+            out, kept = pm(ids, cu, types)
+            outs.append(out if pm.model.head is not None else None)
+            kepts.append(kept)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    order = torch.tensor([i for b in batches for i in b[0]])  # example index of each row of the batches
+    kepts = torch.cat(kepts).cpu()
+    kept = kepts.new_zeros(n, kepts.shape[1])
+    kept[order] = kepts  # back to input order
+    out = None
+    if pm.model.head is not None:
+        outs = torch.cat(outs).float().cpu()
+        out = outs.new_zeros(n, outs.shape[1])
+        out[order] = outs
+    return out, kept, seconds

@@ -12,8 +12,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench import pyplot  # noqa: E402
+from plotting import pyplot
 
 METRICS = ("accuracy", "f1", "pearson", "spearman", "mcc")
 STYLE = {"learned": ("tab:red", "o"), "manual": ("tab:blue", "s"), "topk": ("tab:green", "^"),
@@ -38,6 +37,8 @@ def describe(run):
     if "soft" in a["stages"] or (a.get("init") or "").rstrip("/").endswith("/soft"):
         if "soft" not in a["stages"]:
             return "learned", f"from {a['init']}"
+        if a.get("lam") is None:  # --target-flops (eqs. 14-15)
+            return "learned", f"R {a['target_flops']} ({a.get('soft_mask') or 'cumulative'}), {a['soft_epochs']} soft ep."
         return "learned", f"λ {a['lam']}, {a['soft_epochs']} soft ep."
     return "manual", f"θ_L {a['final_threshold']}"
 

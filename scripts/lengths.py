@@ -22,13 +22,10 @@ import sys
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import ltp  # noqa: E402
-import train  # noqa: E402
-from bench import pyplot  # noqa: E402
-from ltp import glue  # noqa: E402
-from ltp.text import Tokenizer  # noqa: E402
+import ltp
+from ltp import glue
+from ltp.text import Tokenizer, collate
+from plotting import pyplot
 
 
 def load(path):
@@ -37,7 +34,7 @@ def load(path):
 
 
 def split_lengths(tok, task, data_dir, split):
-    enc, labels = train.encode_split(tok, glue.read_split(task, data_dir, split))
+    enc, labels = glue.encode_split(tok, glue.read_split(task, data_dir, split))
     return enc, labels, np.array([len(e[0]) for e in enc])
 
 
@@ -86,8 +83,7 @@ def buckets(args):
         cells = []
         for m in masks:
             ids = np.flatnonzero(m)
-            row = train.evaluate(model, task, {"": ([enc[i] for i in ids], [labels[i] for i in ids])},
-                                 model.cfg.pad_token_id, torch.device("cpu"))
+            row, _ = glue.evaluate(model, args.task, [enc[i] for i in ids], [labels[i] for i in ids])
             cells += [f"{100 * row[metric]:.2f}", f"{row['relative_flops']:.3f}"]
         lines.append(f"| {path} | " + " | ".join(cells) + " |")
     return lines
@@ -104,7 +100,7 @@ def trajectories(args):
         pick = order[np.linspace(0, len(order) - 1, args.n).round().astype(int)]  # spread over the lengths
         kept = []
         for i in pick:  # one at a time: what each input keeps, with no batch around it
-            x, m, t, _ = train.to_batch(enc, [0] * len(enc), [int(i)], model.cfg.pad_token_id, False, "cpu")
+            x, m, t = collate([enc[int(i)]], model.cfg.pad_token_id)
             kept.append(model(x, m, t)[2]["kept"][0].long().tolist())
         curves[path] = (pick, kept)
     L = len(next(iter(curves.values()))[1][0]) - 1

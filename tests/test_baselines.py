@@ -5,20 +5,22 @@ import pytest
 import torch
 
 import ltp
-from ltp.pruning import PruneConfig, fixed_lengths, keep_mask, relative_flops, topk_mask, topk_ratio
+from ltp.baselines import fixed_lengths, rank_mask, topk_mask, topk_ratio
+from ltp.flops import relative_flops
+from ltp.pruning import PruneConfig
 
 
 def test_topk_mask_worked_example():
     s = torch.tensor([[0.1, 0.5, 0.3, 0.2, 0.0],
                       [0.0, 0.1, 0.9, 0.8, 0.7]])
-    alive = torch.tensor([[1.0, 1, 1, 1, 0],     # last token is padding
+    live = torch.tensor([[1.0, 1, 1, 1, 0],     # last token is padding
                           [1.0, 1, 0, 1, 1]])    # token 2 already pruned: its high score must not count
-    m = topk_mask(s, alive, torch.tensor([2, 3]))
+    m = topk_mask(s, live, torch.tensor([2, 3]))
     # row 0: token 0 forced first, then the best live one (token 1, .5)
     # row 1: token 0, then tokens 3 (.8) and 4 (.7); token 2 (.9) is dead
     assert torch.equal(m, torch.tensor([[1.0, 1, 0, 0, 0], [1.0, 0, 0, 1, 1]]))
     # k larger than the live count keeps exactly the live tokens
-    assert torch.equal(topk_mask(s, alive, torch.tensor([9, 9])), alive)
+    assert torch.equal(topk_mask(s, live, torch.tensor([9, 9])), live)
     # ties go to the earlier token
     assert torch.equal(topk_mask(torch.zeros(1, 4), torch.ones(1, 4), torch.tensor([2])),
                        torch.tensor([[1.0, 1, 0, 0]]))
@@ -31,7 +33,7 @@ def test_topk_schedule_spatten():
 
 
 def test_topk_kept_counts_in_the_model():
-    """kept after each layer = round(n * ratio_l), capped by what is still alive, never below 1."""
+    """kept after each layer = round(n * ratio_l), capped by what is still live, never below 1."""
     torch.manual_seed(0)
     cfg = ltp.Config(model_type="bert", vocab_size=50, hidden_size=32, num_hidden_layers=6, num_attention_heads=4,
                      intermediate_size=37, max_position_embeddings=64, type_vocab_size=2, pad_token_id=0)
@@ -83,11 +85,17 @@ def test_fixed_lengths_match_a_flops_budget():
         assert relative_flops(kept, 6, 384, 1536) == pytest.approx(target, abs=0.02)
 
 
-def test_keep_mask_threshold_is_eq8_and_bad_configs_fail():
-    s = torch.tensor([[0.0, 0.2, 0.05]])
-    alive = torch.ones(1, 3)
-    m = keep_mask(PruneConfig(mode="hard"), s, torch.tensor(0.1), alive, torch.tensor([3]), 0, 2)
-    assert torch.equal(m, torch.tensor([[1.0, 1.0, 0.0]]))
+def test_rank_mask_schedules_and_bad_configs_fail():
+    s = torch.tensor([[0.0, 0.2, 0.05, 0.1]])
+    live = torch.ones(1, 4)
+    # top-k, L = 4, keep ratio 0.5: layers 1-3 keep all 4, layer 4 keeps round(4 * 0.5) = 2 (the first + the best)
+    topk = PruneConfig(mode="hard", method="topk", keep_ratio=0.5)
+    assert torch.equal(rank_mask(topk, s, live, torch.tensor([4]), 2, 4), live)
+    assert torch.equal(rank_mask(topk, s, live, torch.tensor([4]), 3, 4), torch.tensor([[1.0, 1.0, 0.0, 0.0]]))
+    # fixed lengths: layer l keeps lengths[l] tokens whatever the input
+    fixed = PruneConfig(mode="hard", method="fixed", lengths=[3, 1])
+    assert torch.equal(rank_mask(fixed, s, live, torch.tensor([4]), 0, 2), torch.tensor([[1.0, 1.0, 0.0, 1.0]]))
+    assert torch.equal(rank_mask(fixed, s, live, torch.tensor([4]), 1, 2), torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
     with pytest.raises(ValueError, match="no soft mode"):
         PruneConfig(mode="soft", method="topk")
     with pytest.raises(ValueError, match="needs lengths"):

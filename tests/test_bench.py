@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
@@ -59,7 +60,17 @@ def test_bench_writes_all_rows_and_keys(tmp_path):
         assert KEYS <= set(r), r
         assert r["batch_size"] in (1, 4) and r["examples_per_s"] > 0
     ltp_rows = [r for r in result["rows"] if r["method"] == "ltp"]
-    assert all(0 < r["relative_flops"] <= 1 for r in ltp_rows)
+    # the ltp rows really prune, and by exactly what infer.py's packed run of the same model keeps
+    import infer
+    from ltp.flops import flops_summary
+    rows = infer.main(infer.get_parser().parse_args(["--model", str(tmp_path / "m"), "--input", str(inp),
+                                                     "--final-threshold", "0.02", "--output", str(tmp_path / "p.jsonl")]))
+    rel = flops_summary(torch.tensor([r["kept"] for r in rows]), ltp.load(str(tmp_path / "m")).cfg)[1]
+    assert rel < 0.9
+    assert all(r["relative_flops"] == pytest.approx(rel, abs=1e-9) for r in ltp_rows)
+    assert all(r["relative_flops"] == 1.0 for r in result["rows"] if r["method"] != "ltp")
+    if "hf-sorted" in methods:  # transformers and the packed routine compute the same model
+        assert result["setup"]["hf_max_abs_diff"] < 1e-4
     assert len(result["topk"]) == 4 * 5
     assert "| ltp | 4 |" in (tmp_path / "bench.md").read_text()
 

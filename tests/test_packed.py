@@ -162,14 +162,12 @@ def test_rank_based_baselines():
 
 
 def glue_dir():
-    for d in ("/work/shared/glue", os.path.join(ROOT, "..", "shared", "glue")):
-        if os.path.isdir(d):
-            return d
-    return None
+    d = os.path.join(ROOT, "..", "shared", "glue")  # the shared GLUE copy beside the checkout
+    return d if os.path.isdir(d) else None
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(glue_dir() is None, reason="GLUE data not found (/work/shared/glue or ../shared/glue)")
+@pytest.mark.skipif(glue_dir() is None, reason="GLUE data not found (../shared/glue beside the checkout)")
 @torch.inference_mode()
 def test_minilm_glue_dev_sets():
     """Every dev batch of SST-2, MRPC and STS-B through MiniLM with a seeded random 2-label head and the

@@ -15,8 +15,21 @@ import torch
 import ltp
 import ltp.model
 from ltp import pruning
-from ltp.pruning import (hard_mask, importance_score, init_thresholds, layer_flops, mask_regularizer,
-                         reg_grad_theta, relative_flops, sequence_flops, soft_mask, unpruned_flops)
+from ltp.flops import layer_flops, relative_flops, sequence_flops, unpruned_flops
+from ltp.pruning import (calibrate_scale, dual_ascent, hard_mask, importance_score, init_thresholds, mask_regularizer,
+                         soft_mask)
+
+
+def reg_grad_theta(s, theta, T, real, num_layers):
+    """
+    Eq. 13 written out: d L_reg / d theta^(l) = sum_i d M~^(l)(x_i) / d theta^(l), with
+    d sigmoid((s - theta)/T) / d theta = -M~ (1 - M~) / T; scaled by our normalisation 1/(L * #real)
+    (the first token's mask is a constant 1 and contributes nothing).
+    """
+    m = torch.sigmoid((s - theta) / T)
+    d = -m * (1 - m) / T * real
+    d[:, 0] = 0.0
+    return d.sum() / (num_layers * real.sum())
 
 
 def tiny_model(model_type="roberta", layers=3, seed=0):
@@ -64,7 +77,7 @@ def record_scores(monkeypatch):
 # Eq. 7: importance scores
 
 def test_importance_score_hand_worked_two_heads_with_padded_query_row():
-    # One sequence of 3 positions, the last one padding (keep = [1, 1, 0]); 2 heads; rows are queries j,
+    # One sequence of 3 positions, the last one padding (live = [1, 1, 0]); 2 heads; rows are queries j,
     # columns keys i. The padding row is NOT a softmax over live keys only, and it must not count.
     A1 = [[.5, .5, 0.],
           [.9, .1, 0.],
@@ -73,16 +86,16 @@ def test_importance_score_hand_worked_two_heads_with_padded_query_row():
           [.2, .8, 0.],
           [.1, .1, .8]]   # padding query row
     probs = torch.tensor([[A1, A2]])          # (B=1, H=2, N=3, N=3)
-    keep = torch.tensor([[1., 1., 0.]])
+    live = torch.tensor([[1., 1., 0.]])
     # Column sums over the live rows j = 0, 1:  head 1: [1.4, 0.6, 0],  head 2: [0.8, 1.2, 0]
     # sum over heads: [2.2, 1.8, 0];  divided by N_h * n = 2 * 2:  s = [0.55, 0.45, 0.0]
     # (counting the padding row would give [2.5, 2.2, 1.3] / 4 = [0.625, 0.55, 0.325])
-    s = importance_score(probs, keep, n=2)
+    s = importance_score(probs, live, n=2)
     torch.testing.assert_close(s, torch.tensor([[0.55, 0.45, 0.0]]), atol=1e-7, rtol=0)
     # The scores of a sequence sum to (#live tokens) / n = 2 / 2
     assert s.sum().item() == pytest.approx(1.0, abs=1e-7)
     # The default n is the constant 128, not the padded length: same numbers scaled by 2 / 128
-    torch.testing.assert_close(importance_score(probs, keep), torch.tensor([[0.55, 0.45, 0.0]]) * 2 / 128,
+    torch.testing.assert_close(importance_score(probs, live), torch.tensor([[0.55, 0.45, 0.0]]) * 2 / 128,
                                atol=1e-9, rtol=0)
 
 
@@ -94,19 +107,19 @@ def test_importance_score_docstring_example_one_head():
 
 def test_importance_scores_of_each_sequence_sum_to_live_tokens_over_n():
     # Real attention probabilities from a model layer (eq. 6, dead keys removed) on a padded batch,
-    # with one token in the middle of sequence 0 already pruned (keep 0, key removed as well).
+    # with one token in the middle of sequence 0 already pruned (live 0, key removed as well).
     model = tiny_model("bert", layers=2)
     ids, am = padded_batch([9, 6, 3], pad_id=0)
-    keep = am.float()
-    keep[0, 4] = 0.0
-    log_keep = torch.log(keep)  # 0 live, -inf dead
+    live = am.float()
+    live[0, 4] = 0.0
+    log_live = torch.log(live)  # 0 live, -inf dead
     with torch.no_grad():
         x = model.encoder.embeddings(ids, am)
-        probs, _ = model.encoder.layers[0].attention_probs(x, log_keep)
+        probs, _ = model.encoder.layers[0].attention_probs(x, log_live)
     for n in (128, 7):
-        s = importance_score(probs, keep, n=n)
-        torch.testing.assert_close(s.sum(1), keep.sum(1) / n, atol=1e-6, rtol=0)  # [8, 6, 3] / n
-        assert torch.all(s[keep == 0] == 0)  # dead keys receive no attention at all
+        s = importance_score(probs, live, n=n)
+        torch.testing.assert_close(s.sum(1), live.sum(1) / n, atol=1e-6, rtol=0)  # [8, 6, 3] / n
+        assert torch.all(s[live == 0] == 0)  # dead keys receive no attention at all
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,8 +207,8 @@ def test_regularizer_gradient_in_theta_matches_eq13():
 
 def test_regularizer_gradient_through_the_model_last_layer():
     # theta of the last layer only moves the last mask, so its autograd gradient through the whole
-    # model must be eq. 13 written with that mask. The mask is cumulative, M = keep * sigma with keep the
-    # previous layer's mask, so dM/dtheta = -keep * sigma (1 - sigma) / T = -M (1 - M / keep) / T.
+    # model must be eq. 13 written with that mask. The mask is cumulative, M = live * sigma with live the
+    # previous layer's mask, so dM/dtheta = -live * sigma (1 - sigma) / T = -M (1 - M / live) / T.
     model = tiny_model("roberta", layers=3)
     ids, am = padded_batch([12, 8, 5])
     T = 1e-3
@@ -206,10 +219,76 @@ def test_regularizer_gradient_through_the_model_last_layer():
     real = am.float()
     reg = mask_regularizer(aux["masks"], real)
     (grad,) = torch.autograd.grad(reg, model.encoder.theta)
-    M, keep = aux["masks"][-1].detach(), aux["masks"][-2].detach()
-    d = (-M * (1 - M / keep.clamp_min(1e-30)) / T * real)[:, 1:].sum() / (3 * real.sum())
+    M, live = aux["masks"][-1].detach(), aux["masks"][-2].detach()
+    d = (-M * (1 - M / live.clamp_min(1e-30)) / T * real)[:, 1:].sum() / (3 * real.sum())
     assert d.abs() > 1e-3  # some tokens are near the threshold
     torch.testing.assert_close(grad[-1], d, atol=1e-5, rtol=1e-4)
+
+
+def test_eq13_holds_for_every_layer_of_the_paper_mask_not_the_cumulative_one():
+    # The same scores and thresholds through both soft masks. Paper (eqs. 9-12 as printed): layer l's mask is
+    # sigmoid((s_l - theta_l) / T) alone, so d L_reg / d theta_l is eq. 13 for every l. Cumulative
+    # (M_l = sigmoid_l * M_{l-1}): theta_1 also moves M_2 .. M_L, so only the last layer is eq. 13.
+    torch.manual_seed(1)
+    B, N, L, T = 2, 6, 3, 1e-3
+    real = torch.ones(B, N, dtype=torch.float64)
+    real[1, 4:] = 0
+    theta = torch.tensor([0.004, 0.006, 0.008], dtype=torch.float64, requires_grad=True)
+    scores = [theta[l].detach() + 2 * T * torch.randn(B, N, dtype=torch.float64) for l in range(L)]
+    expected = torch.stack([reg_grad_theta(scores[l], theta[l].detach(), T, real, L) for l in range(L)])
+    paper = [soft_mask(scores[l], theta[l], T, real) for l in range(L)]
+    (grad,) = torch.autograd.grad(mask_regularizer(paper, real), theta)
+    torch.testing.assert_close(grad, expected, atol=1e-12, rtol=1e-9)
+    cumulative, live = [], real
+    for l in range(L):
+        live = soft_mask(scores[l], theta[l], T, live)
+        cumulative.append(live)
+    (grad,) = torch.autograd.grad(mask_regularizer(cumulative, real), theta)
+    assert not torch.allclose(grad[0], expected[0], rtol=1e-3)
+    assert not torch.allclose(grad[1], expected[1], rtol=1e-3)
+
+
+def test_paper_soft_mask_in_the_model_is_one_sigmoid_per_layer(monkeypatch):
+    # --soft-mask paper: each layer's mask is sigmoid((s - theta) / T) on real tokens (first token 1), with
+    # the scores that layer computed; cumulative: the same times the previous layer's mask.
+    scores = record_scores(monkeypatch)
+    model = tiny_model("roberta", layers=3)
+    ids, am = padded_batch([12, 8, 5])
+    T, theta = 1e-3, 0.9 / 128
+    for variant in ("paper", "cumulative"):
+        scores.clear()
+        model.prune = ltp.PruneConfig(mode="soft", temperature=T, soft_mask=variant)
+        with torch.no_grad():
+            model.encoder.theta.fill_(theta)
+            _, _, aux = model(ids, am)
+        prev = am.float()
+        for l, m in enumerate(aux["masks"]):
+            want = torch.sigmoid((scores[l] - theta) / T) * (prev if variant == "cumulative" else am.float())
+            want[:, 0] = 1.0
+            torch.testing.assert_close(m, want, atol=1e-6, rtol=0)
+            prev = m
+    with pytest.raises(ValueError, match="unknown soft mask"):
+        ltp.PruneConfig(mode="soft", soft_mask="product")
+
+
+def test_dual_ascent_follows_the_flops_gap():
+    # eq. 14: lambda <- max(0, lambda + eta (F - R))
+    assert dual_ascent(0.5, 0.7, 0.6, 2.0) == pytest.approx(0.7)   # over budget: more pressure
+    assert dual_ascent(0.5, 0.4, 0.6, 2.0) == pytest.approx(0.1)   # under budget: less
+    assert dual_ascent(0.1, 0.2, 0.6, 2.0) == 0.0                  # never negative
+
+
+def test_calibrate_scale_meets_the_budget():
+    # eq. 15 on a known monotone curve F(c) = 1 / (1 + c): F = R at c = 1/R - 1
+    for target in (0.3, 0.5, 0.8):
+        c = calibrate_scale(lambda c: 1 / (1 + c), target)
+        assert 1 / (1 + c) <= target  # the budget holds
+        assert c == pytest.approx(1 / target - 1, rel=1e-3)
+    # already within budget at c = 0 (R = 1): nothing to scale
+    assert calibrate_scale(lambda c: 1 / (1 + c), 1.0) == 0.0
+    # a step curve (FLOPs come in whole tokens): the smallest scale on the budget side of the step
+    c = calibrate_scale(lambda c: 0.9 if c < 0.3 else 0.5, 0.6)
+    assert 0.3 <= c < 0.3 + 2 ** -10
 
 
 def test_regularizer_hand_worked_and_ignores_padding():
@@ -291,19 +370,19 @@ def test_first_token_is_never_pruned(model_type):
     assert torch.isfinite(logits).all()
     # the functions on their own: even a first token scoring 0 keeps mask 1 (and padding-first stays 0)
     s = torch.tensor([[0.0, 0.5], [0.0, 0.5]])
-    alive = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
-    assert torch.equal(hard_mask(s, torch.tensor(0.1), alive), torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
-    assert torch.equal(soft_mask(s, torch.tensor(0.1), 1e-3, alive)[:, 0], torch.tensor([1.0, 0.0]))
+    live = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    assert torch.equal(hard_mask(s, torch.tensor(0.1), live), torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
+    assert torch.equal(soft_mask(s, torch.tensor(0.1), 1e-3, live)[:, 0], torch.tensor([1.0, 0.0]))
 
 
 def test_hard_mask_is_cumulative():
-    # unit: a token that is dead (alive 0) stays 0 even when its score is above the threshold
+    # unit: a token that is dead (live 0) stays 0 even when its score is above the threshold
     s = torch.tensor([[0.1, 0.2, 0.3, 0.0]])
-    alive = torch.tensor([[1.0, 0.0, 1.0, 1.0]])
-    assert torch.equal(hard_mask(s, torch.tensor(-1.0), alive), torch.tensor([[1.0, 0.0, 1.0, 1.0]]))
-    assert torch.equal(hard_mask(s, torch.tensor(0.15), alive), torch.tensor([[1.0, 0.0, 1.0, 0.0]]))
+    live = torch.tensor([[1.0, 0.0, 1.0, 1.0]])
+    assert torch.equal(hard_mask(s, torch.tensor(-1.0), live), torch.tensor([[1.0, 0.0, 1.0, 1.0]]))
+    assert torch.equal(hard_mask(s, torch.tensor(0.15), live), torch.tensor([[1.0, 0.0, 1.0, 0.0]]))
 
-    # model: layer 1 prunes, layers 2-4 have a negative threshold (would keep anything alive)
+    # model: layer 1 prunes, layers 2-4 have a negative threshold (would live anything live)
     model = tiny_model("bert", layers=4)
     ids, am = padded_batch([12, 8, 6], pad_id=0)
     logits, aux = run(model, ids, am, "hard", [0.9 / 128, -1.0, -1.0, -1.0])
@@ -317,7 +396,7 @@ def test_hard_mask_is_cumulative():
         assert torch.all(h[first == 0] == 0)
 
     # soft masks are cumulative too: with negative later thresholds a token pruned in layer 1 stays
-    # pruned (its later masks are keep * sigmoid(...) ~ 0, not sigmoid(-theta / T) ~ 1)
+    # pruned (its later masks are live * sigmoid(...) ~ 0, not sigmoid(-theta / T) ~ 1)
     _, soft = run(model, ids, am, "soft", [0.9 / 128, -1.0, -1.0, -1.0], T=1e-7)
     assert torch.equal(soft["kept"], aux["kept"])
     for m in soft["masks"][1:]:

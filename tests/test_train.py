@@ -1,6 +1,7 @@
 """train.py end to end on a tiny random BERT and a tiny SST-2-format fixture written here."""
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -69,11 +70,16 @@ def test_three_stages_write_checkpoints_and_metrics(tmp_path):
     run(tmp_path, tmp_path / "out")
     rows = [json.loads(l) for l in open(tmp_path / "out" / "metrics.jsonl")]
     evals = [r for r in rows if "event" not in r]
-    assert [r["stage"] for r in evals] == ["finetune"] * 2 + ["soft"] * 2 + ["hard"] * 2
+    assert [r["stage"] for r in evals] == ["finetune"] * 2 + ["soft"] * 2 + ["binarize"] + ["hard"] * 2
     for r in evals:
         assert {"stage", "step", "accuracy", "relative_flops", "gflops", "kept_per_layer"} <= set(r)
         assert 0 < r["relative_flops"] <= 1
     assert evals[0]["relative_flops"] == 1.0  # no pruning while fine-tuning
+    # soft rows carry the soft-masked model's figures apart, under soft_*; the others describe the hard model
+    assert all({"soft_accuracy", "soft_relative_flops", "thresholds", "lam"} <= set(r) for r in evals[2:4])
+    assert not any(k.startswith("soft_") for r in evals[4:] for k in r)
+    # the last soft row and the binarize row see the same thresholds and weights (--lam: no calibration)
+    assert evals[3]["relative_flops"] == evals[4]["relative_flops"] and evals[3]["accuracy"] == evals[4]["accuracy"]
     for stage in ("finetune", "soft", "hard"):
         d = tmp_path / "out" / stage
         assert (d / "DONE").exists() and (d / "tokenizer.json").exists()
@@ -103,7 +109,7 @@ def test_resume_is_bit_identical(tmp_path):
     # 48 examples / 8 = 6 steps an epoch: looks at steps 2 and 4 of each epoch and at its end (b resumed finetune at 5)
     assert [(r["stage"], r["step"]) for r in rows if "event" not in r] == [
         ("finetune", 6), ("finetune", 8), ("finetune", 10), ("finetune", 12),
-        ("soft", 2), ("soft", 4), ("soft", 6), ("soft", 8), ("soft", 10), ("soft", 12)]
+        ("soft", 2), ("soft", 4), ("soft", 6), ("soft", 8), ("soft", 10), ("soft", 12), ("binarize", 12)]
     for stage in ("finetune", "soft"):
         a, b = params(tmp_path / "a" / stage), params(tmp_path / "b" / stage)
         assert a.keys() == b.keys()
@@ -125,8 +131,11 @@ def test_two_processes_equal_one(tmp_path):
     one = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *common, "--output-dir",
                           str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
+    with socket.socket() as sock:  # a free port, not a fixed one that another run may hold
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29533", os.path.join(ROOT, "train.py"), *common,
+                          "--master_port", str(port), os.path.join(ROOT, "train.py"), *common,
                           "--output-dir", str(tmp_path / "two")], env=env, capture_output=True, text=True,
                          timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
@@ -194,3 +203,78 @@ def test_max_train_tokens_keeps_only_short_examples(tmp_path, capsys):
     assert f"sst2: {short} train, 16 dev examples" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no training example is that short"):
         run(tmp_path, tmp_path / "out2", "--stages", "finetune", "--max-train-tokens", "2")
+
+
+# ---------------------------------------------------------------------------------------------
+# --target-flops (eqs. 14-15), the binarize row, collapse
+
+def evals_of(out):
+    return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"event"' not in l]
+
+
+def test_binarize_row_equals_infer_on_the_soft_checkpoint(tmp_path):
+    import infer
+    make_glue(tmp_path / "glue")
+    make_model(tmp_path / "m")
+    run(tmp_path, tmp_path / "out", "--stages", "finetune,soft", "--epochs", "2")
+    row = [r for r in evals_of(tmp_path / "out") if r["stage"] == "binarize"][0]
+    assert row["relative_flops"] < 1.0  # it prunes
+    rows = infer.main(infer.get_parser().parse_args(
+        ["--model", str(tmp_path / "out" / "soft"), "--task", "sst2", "--data-dir", str(tmp_path / "glue"),
+         "--output", str(tmp_path / "preds.jsonl")]))
+    labels = [int(l.rsplit("\t", 1)[1]) for l in open(tmp_path / "glue" / "SST-2" / "dev.tsv").read().splitlines()[1:]]
+    acc = sum(int(r["label"]) == y for r, y in zip(rows, labels)) / len(labels)
+    assert row["accuracy"] == pytest.approx(acc, abs=1e-6)
+    kept = torch.tensor([r["kept"] for r in rows])
+    assert row["kept_per_layer"] == pytest.approx(kept.double().mean(0).tolist(), abs=0.006)
+    from ltp.flops import flops_summary
+    m = ltp.load(str(tmp_path / "out" / "soft"))
+    assert row["relative_flops"] == pytest.approx(flops_summary(kept, m.cfg)[1], abs=1e-6)
+
+
+@pytest.mark.parametrize("start", ["above", "below"])
+def test_target_flops_reaches_the_budget_from_above_and_below(tmp_path, start):
+    # above: thresholds start near 0 (everything kept, F ~ 1 > R); below: far above every score (F small).
+    # eq. 14 raises lambda only while over budget; eq. 15 then scales the thresholds to R on training data.
+    make_glue(tmp_path / "glue", n_train=64)
+    make_model(tmp_path / "m", layers=3)
+    run(tmp_path, tmp_path / "ft", "--stages", "finetune", "--epochs", "2")
+    R = 0.7
+    argv = ["--task", "sst2", "--init", str(tmp_path / "ft" / "finetune"), "--data-dir", str(tmp_path / "glue"),
+            "--output-dir", str(tmp_path / "out"), "--batch-size", "8", "--epochs", "2", "--lr", "1e-3",
+            "--threshold-lr", "1e-3", "--target-flops", str(R), "--threads", "1",
+            "--final-threshold", "0.0001" if start == "above" else "0.2", "--flops-lr", "0.5"]
+    train.main(train.parse_args(argv))
+    rows = evals_of(tmp_path / "out")
+    soft = [r for r in rows if r["stage"] == "soft"]
+    binarize = [r for r in rows if r["stage"] == "binarize"][0]
+    hard = [r for r in rows if r["stage"] == "hard"]
+    if start == "above":
+        assert soft[0]["lam"] > 0  # over budget: lambda rose
+    else:
+        assert soft[0]["train_relative_flops"] < R - 0.05 and soft[-1]["lam"] == 0.0
+    # the binarized and the final model meet the budget on training data: at most R, within a token's worth
+    for r in (binarize, hard[-1]):
+        assert R - 0.05 <= r["train_relative_flops"] <= R
+    assert binarize["thresholds"] == pytest.approx(json.load(open(tmp_path / "out" / "soft" / "ltp.json"))["thresholds"], abs=1e-6)
+
+
+def test_lam_with_target_flops_is_one_clear_error(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--lam", "0.5", "--target-flops", "0.6",
+                        "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--lam" in lines[0] and "--target-flops" in lines[0]
+
+
+def test_collapsed_run_is_detected_and_stops(tmp_path):
+    # thresholds far above every score with a fixed lambda: every sequence keeps only its first token
+    make_glue(tmp_path / "glue")
+    make_model(tmp_path / "m", layers=3)
+    with pytest.raises(SystemExit, match="collapsed"):
+        run(tmp_path, tmp_path / "out", "--stages", "finetune,soft", "--epochs", "1", "--final-threshold", "1.0")
+    rows = evals_of(tmp_path / "out")
+    assert rows[-1]["stage"] == "binarize" and rows[-1]["collapsed"] is True
+    assert rows[-1]["kept_per_layer"][1:] == [1.0, 1.0, 1.0]
+    assert not (tmp_path / "out" / "soft" / "DONE").exists()
