@@ -187,13 +187,31 @@ def save_stage(model, path, src_dir):
 
 
 def rng_state():
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG stream as tensors and plain numbers, so that state.pt loads with weights_only=True (no pickle code)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    st = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+          "python": list(random.getstate())}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
 
 
 def set_rng_state(s):
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
+    kind, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def load_state(path):
+    """state.pt without executing pickled code (weights_only): a tampered or corrupt file is refused in one line."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError of a truncated zip, ...
+        raise SystemExit(f"error: {path}: not a valid resume state ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                         f"delete it to restart the stage") from None
 
 
 def log_row(args, row):
@@ -276,7 +294,7 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
 
     start_epoch, start_batch = 0, 0
     if args.resume and os.path.isfile(state_path):
-        st = torch.load(state_path, weights_only=False)
+        st = load_state(state_path)
         model.load_state_dict(st["model"])
         optimizer.load_state_dict(st["optimizer"])
         set_rng_state(st["rng"])

@@ -1,13 +1,8 @@
 """
-The Learned Token Pruning maths (Kim et al., KDD 2022, section 3.2-3.3) as plain functions on tensors,
-plus our FLOPs budget: a dual-ascent lambda (eq. 14) and a threshold scale calibrated on train (eq. 15).
-
-Nothing here holds state: the model passes in attention probabilities, thresholds and masks, and
-gets new tensors back. Letters: B batch, N tokens, H heads, L layers.
-A mask is a float tensor (B, N) with 1 = keep and 0 = pruned (or padding); a soft mask lies between.
-`live` is always the live-token mask entering a layer: 1 for tokens still in the sequence, 0 for
-padding and pruned tokens (soft values during soft pruning).
-The rank-based baselines (top-k, fixed lengths) are in baselines.py, the FLOPs count in flops.py.
+The Learned Token Pruning maths (Kim et al., KDD 2022, sections 3.2-3.3) as plain functions on tensors,
+plus our FLOPs budget (eqs. 14-15). Stateless: tensors in, new tensors out. Letters: B batch, N tokens,
+H heads, L layers. A mask (B, N) is 1 = keep, 0 = pruned or padding (soft: in between); `live` is always
+the live-token mask entering a layer. Rank-based baselines: baselines.py; the FLOPs count: flops.py.
 """
 from dataclasses import dataclass
 
@@ -21,8 +16,7 @@ class PruneConfig:
     temperature: float = 1e-3    # T of eq. 9; the paper searches {1, 2, 5, 10, 20}e-4
     final_threshold: float = 0.01  # theta_L of the linear-rising init (section 4.4, table A.1)
     score_length: int = 128      # the constant n of eq. 7 (see importance_score)
-    soft_mask: str = "cumulative"  # "paper": one sigmoid per layer (eqs. 9-12 as printed); "cumulative": times
-    #                                the soft live mask so far (see soft_mask); README "Choices" says which and why
+    soft_mask: str = "cumulative"  # "paper": one sigmoid per layer (eqs. 9-12 as printed), or see soft_mask
     # The baselines the paper compares with, ranked by the same eq. 7 score (hard mode only, baselines.py):
     method: str = "threshold"    # "threshold" (LTP, eq. 8), "topk" (SpAtten-style), "fixed" (LAT-style)
     keep_ratio: float = 1.0      # topk: the retain ratio reached at the last layer
@@ -95,12 +89,10 @@ def soft_mask(s, theta, T, live):
 def mask_regularizer(masks, real):
     """
     Eq. 12: L_reg = 1/L sum_l ||M~^(l)(x)||_1, over real tokens only (padding never counts).
-    Its gradient is eq. 13, d L_reg / d theta^(l) = sum_i d M~^(l)(x_i) / d theta^(l), with
-    d sigmoid((s - theta)/T) / d theta = -M~ (1 - M~) / T (autograd computes it; tests/test_pruning.py
-    checks it layer by layer for the paper's soft mask; the cumulative mask adds later layers' terms).
-    Normalisation: we divide each layer's L1 norm by the number of real tokens in the batch, so
-    L_reg is the mean soft fraction of tokens kept (in [0, 1]) and lambda does not depend on batch
-    size or sentence length. The paper's lambda (0.001-0.2) multiplies an un-normalised norm.
+    Eq. 13, its gradient: d L_reg / d theta^(l) = sum_i d M~^(l)(x_i) / d theta^(l) = sum_i -M~ (1 - M~) / T
+    (autograd computes it; the tests check it per layer for the paper mask, which the cumulative one is not).
+    Normalised by the number of real tokens: L_reg is the mean soft kept fraction in [0, 1], whatever the
+    batch size or sentence length (the paper's lambda, 0.001-0.2, multiplies an un-normalised norm).
     masks: list of L tensors (B, N); real: (B, N) 1 for real tokens, 0 for padding.
     """
     per_layer = torch.stack([(m * real).sum() for m in masks])  # (L,) L1 norms

@@ -278,3 +278,20 @@ def test_collapsed_run_is_detected_and_stops(tmp_path):
     assert rows[-1]["stage"] == "binarize" and rows[-1]["collapsed"] is True
     assert rows[-1]["kept_per_layer"][1:] == [1.0, 1.0, 1.0]
     assert not (tmp_path / "out" / "soft" / "DONE").exists()
+
+
+def test_resume_state_loads_without_pickle_and_a_tampered_one_is_refused(tmp_path):
+    make_glue(tmp_path / "glue")
+    make_model(tmp_path / "m")
+    run(tmp_path, tmp_path / "out", "--stages", "finetune", "--max-steps", "3")
+    state = tmp_path / "out" / "finetune" / "state.pt"
+    st = torch.load(state, weights_only=True)  # tensors and plain values only
+    assert st["epoch"] == 0 and st["batch"] == 3
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+    torch.save({**st, "extra": Evil()}, state)
+    with pytest.raises(SystemExit, match="state.pt: not a valid resume state"):
+        run(tmp_path, tmp_path / "out", "--stages", "finetune", "--resume")
+    assert not (tmp_path / "pwned").exists()
