@@ -14,7 +14,6 @@ Throughput is the median of --repeats full passes after a warm-up (the passes go
 change of the machine's load hits all alike), model time only (inputs tokenized, padded or packed beforehand).
 Useful GFLOP/s counts real tokens only (pruning.sequence_flops).
 """
-import argparse
 import json
 import math
 import os
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 
 import ltp
 from ltp import flops as fl
-from ltp.cli import add_inference_args, load_model, read_inputs, run_cli, tune_allocator
+from ltp.cli import Parser, add_inference_args, int_list, load_model, nonneg_int, positive_int, read_inputs, run_cli, tune_allocator
 from ltp.packed import PackedModel, forward_batches, make_batches, onednn_available, sync
 from ltp.text import collate
 
@@ -384,17 +383,17 @@ def main(args):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Throughput, FLOPs and memory of packed LTP inference vs transformers.")
+    p = Parser(description="Throughput, FLOPs and memory of packed LTP inference vs transformers.")
     add_inference_args(p)
-    p.add_argument("--max-examples", type=int, default=0, help="use only the first N examples (0 = all)")
-    p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 128],
+    p.add_argument("--max-examples", type=nonneg_int, default=0, help="use only the first N examples (0 = all)")
+    p.add_argument("--batch-sizes", type=int_list, default=[1, 8, 32, 128],
                    help="comma-separated batch sizes")
-    p.add_argument("--repeats", type=int, default=3, help="timed passes over the data per method and batch size (median)")
-    p.add_argument("--peak-repeats", type=int, default=10, help="timed runs of each peak GEMM measurement (median)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed passes over the data per method and batch size (median)")
+    p.add_argument("--peak-repeats", type=positive_int, default=10, help="timed runs of each peak GEMM measurement (median)")
     p.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="transformers attention implementation")
     p.add_argument("--skip-hf", action="store_true", help="no transformers rows")
     p.add_argument("--skip-topk", action="store_true", help="skip the appendix A.2 top-k vs threshold latency")
-    p.add_argument("--topk-runs", type=int, default=1000, help="runs averaged per top-k / threshold measurement")
+    p.add_argument("--topk-runs", type=positive_int, default=1000, help="runs averaged per top-k / threshold measurement")
     p.add_argument("--json", default=None, help="write {'setup', 'peak_gflops', 'rows', 'topk'} here")
     p.add_argument("--markdown", default=None, help="write the Markdown table here")
     p.add_argument("--plot", default=None, help="PNG of examples/s vs batch size (default: next to --json; needs matplotlib)")

@@ -9,7 +9,6 @@ id2label name of the argmax, or the score of a 1-label regression model) and, fo
 (GLUE, with metrics), --input - (stdin), --explain K (which tokens survive each layer).
 The batching and timing loop (ltp/packed.py: make_batches, forward_batches) is the one bench.py measures.
 """
-import argparse
 import contextlib
 import json
 import os
@@ -19,7 +18,7 @@ import torch
 
 import ltp
 from ltp import glue
-from ltp.cli import add_inference_args, load_model, positive_int, read_inputs, run_cli, tune_allocator
+from ltp.cli import Parser, add_inference_args, load_model, nonneg_int, positive_int, read_inputs, run_cli, tune_allocator
 from ltp.flops import flops_summary
 from ltp.packed import PackedModel, forward_batches, make_batches
 
@@ -100,12 +99,12 @@ def main(args):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Classify text with an (LTP-pruned) checkpoint, on packed batches.")
+    p = Parser(description="Classify text with an (LTP-pruned) checkpoint, on packed batches.")
     add_inference_args(p)
     p.add_argument("--output", default="-", help="JSON lines output, one row per input line in order (- = stdout)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="examples per packed batch")
     p.add_argument("--no-sort", action="store_true", help="batch in input order instead of length-sorted (output order is the same)")
-    p.add_argument("--explain", type=int, default=0, help="print, for the first K inputs, the tokens surviving each layer")
+    p.add_argument("--explain", type=nonneg_int, default=0, help="print, for the first K inputs, the tokens surviving each layer")
     return p
 
 

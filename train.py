@@ -26,6 +26,7 @@ from tqdm import tqdm
 import ltp
 from ltp import glue
 from ltp.baselines import fixed_lengths
+from ltp.cli import Parser, nonneg_float, nonneg_int, number, positive_float, positive_int, run_cli
 from ltp.flops import relative_flops, sequence_flops, unpruned_flops
 from ltp.model import atomic_write, resolve
 from ltp.packed import PackedModel, pack
@@ -423,17 +424,12 @@ def main(args):
     for s in ("finetune", "soft", "hard"):  # --epochs sets every stage not set on its own
         if getattr(args, f"{s}_epochs") is None and args.epochs is not None:
             setattr(args, f"{s}_epochs", args.epochs)
-    if args.lam is not None and args.target_flops is not None:
-        raise SystemExit("error: give --lam (the paper's fixed lambda) or --target-flops (a FLOPs budget), not both")
     if args.finetune_lr is None and args.lr is not None:  # one --lr for every stage, as before --finetune-lr
         args.finetune_lr = args.lr
     for k, v in {**DEFAULTS, **TASK_OVERRIDES.get(args.task, {})}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    for s in stages:
-        if s not in ("finetune", "soft", "hard"):
-            raise SystemExit(f"--stages: unknown stage {s!r} (use finetune, soft, hard)")
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     device = torch.device(args.device)
@@ -451,13 +447,16 @@ def main(args):
         src_dir = resolve(first_src)
         glue.ensure(args.task, args.data_dir, splits=("train", "dev"))
     except (FileNotFoundError, RuntimeError) as e:
-        raise SystemExit(f"error: {e}\n(offline? pass --model with a local model directory and "
+        raise SystemExit(f"error: {e} (offline? pass --model with a local model directory and "
                          f"--data-dir with the GLUE TSV files)")
     cfg = ltp.Config.from_json(os.path.join(src_dir, "config.json"))
     for k, v in size_defaults(cfg).items():  # what the model's depth and width change (see size_defaults)
         if getattr(args, k) is None:
             setattr(args, k, v)
-    os.makedirs(args.output_dir, exist_ok=True)
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: --output-dir {args.output_dir}: cannot create it ({e.strerror})")
     with open(os.path.join(args.output_dir, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=2)
     tok = Tokenizer.from_dir(src_dir, cfg)
@@ -496,66 +495,74 @@ def main(args):
         dist.destroy_process_group()
 
 
+fraction = number(float, 0, 1, low_open=True)  # a relative FLOPs budget, 0 < R <= 1
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", default="sst2", help=f"GLUE task: {', '.join(glue.TASKS)}")
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="sst2", choices=list(glue.TASKS), help="GLUE task")
     p.add_argument("--model", default="FacebookAI/roberta-base", help="pretrained model directory or hub id")
     p.add_argument("--init", default=None, help="start from this already fine-tuned checkpoint (skip finetune)")
     p.add_argument("--data-dir", default="data/glue", help="GLUE folder (SST-2/, MRPC/, ...); downloaded if missing")
     p.add_argument("--output-dir", default=None, help="run folder (default runs/<task>)")
     p.add_argument("--stages", default=None, help="comma list of finetune,soft,hard (default all; "
                                                   "soft,hard with --init)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs for every stage (overrides the per-stage ones)")
-    p.add_argument("--finetune-epochs", type=int, default=None, help="default 3 (10 for small tasks)")
-    p.add_argument("--soft-epochs", type=int, default=None, help="soft pruning epochs (table A.1: 1-10)")
-    p.add_argument("--hard-epochs", type=int, default=None, help="hard pruning epochs (table A.1: 10)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate of the weights in soft and hard pruning "
+    p.add_argument("--epochs", type=nonneg_int, default=None, help="epochs for every stage (overrides the per-stage ones)")
+    p.add_argument("--finetune-epochs", type=nonneg_int, default=None, help="default 3 (10 for small tasks)")
+    p.add_argument("--soft-epochs", type=nonneg_int, default=None, help="soft pruning epochs (table A.1: 1-10)")
+    p.add_argument("--hard-epochs", type=nonneg_int, default=None, help="hard pruning epochs (table A.1: 10)")
+    p.add_argument("--lr", type=positive_float, default=None, help="learning rate of the weights in soft and hard pruning "
                                                           "(2e-5, table A.1; also fine-tuning unless --finetune-lr)")
-    p.add_argument("--finetune-lr", type=float, default=None, help="fine-tuning learning rate (2e-5; 5e-5 for models "
+    p.add_argument("--finetune-lr", type=positive_float, default=None, help="fine-tuning learning rate (2e-5; 5e-5 for models "
                                                                    "narrower than 768, see size_defaults)")
-    p.add_argument("--threshold-lr", type=float, default=None, help="learning rate of the thresholds (1e-4)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch size (64, table A.1; 32 for models "
+    p.add_argument("--threshold-lr", type=nonneg_float, default=None, help="learning rate of the thresholds (1e-4)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="global batch size (64, table A.1; 32 for models "
                                                                 "narrower than 768)")
-    p.add_argument("--target-flops", type=float, default=None,
+    p.add_argument("--target-flops", type=fraction, default=None,
                    help="relative FLOPs budget R of soft pruning (eqs. 14-15, default 0.6): lambda is learned by dual "
                         "ascent and the thresholds are scaled to R on training data after soft and hard pruning")
-    p.add_argument("--lam", type=float, default=None, help="the paper's recipe instead: a fixed lambda of eq. 12 "
+    p.add_argument("--lam", type=nonneg_float, default=None, help="the paper's recipe instead: a fixed lambda of eq. 12 "
                                                            "(larger prunes more); not with --target-flops")
-    p.add_argument("--flops-lr", type=float, default=None, help="eta of eq. 14, lambda's step per unit of FLOPs gap (0.05)")
-    p.add_argument("--calibration-examples", type=int, default=2048,
+    p.add_argument("--flops-lr", type=nonneg_float, default=None, help="eta of eq. 14, lambda's step per unit of FLOPs gap (0.05)")
+    p.add_argument("--calibration-examples", type=positive_int, default=2048,
                    help="training examples eq. 15 scales the thresholds on")
     p.add_argument("--soft-mask", default=None, choices=["cumulative", "paper"],
                    help="soft mask of eq. 9: one sigmoid per layer (paper) or times the soft live mask so far (cumulative)")
-    p.add_argument("--temperature", type=float, default=None, help="T of eq. 9 (1e-3)")
-    p.add_argument("--final-threshold", type=float, default=None,
+    p.add_argument("--temperature", type=positive_float, default=None, help="T of eq. 9 (1e-3)")
+    p.add_argument("--final-threshold", type=nonneg_float, default=None,
                    help="theta_L at init (0.01 L / 12: 0.01 for 12 layers as in table A.1, 0.005 for 6)")
     p.add_argument("--method", default="threshold", choices=["threshold", "topk", "fixed"],
                    help="hard stage from a fine-tuned model (--init X --stages hard): manual thresholds "
                         "(--final-threshold), top-k (--keep-ratio) or fixed lengths (--lengths or --flops-budget)")
-    p.add_argument("--keep-ratio", type=float, default=0.5, help="topk: retain ratio at the last layer")
+    p.add_argument("--keep-ratio", type=number(float, -1, 1), default=0.5, help="topk: retain ratio at the last layer")
     p.add_argument("--lengths", default=None, help="fixed: comma list of tokens kept after each layer")
-    p.add_argument("--flops-budget", type=float, default=0.6, help="fixed: relative FLOPs the schedule is chosen for")
-    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (0.1)")
-    p.add_argument("--warmup", type=float, default=None, help="warm-up fraction of the steps (0.06)")
-    p.add_argument("--max-train-examples", type=int, default=None, help="a random subset of train, for quick runs")
-    p.add_argument("--max-train-tokens", type=int, default=None,
+    p.add_argument("--flops-budget", type=fraction, default=0.6, help="fixed: relative FLOPs the schedule is chosen for")
+    p.add_argument("--weight-decay", type=nonneg_float, default=None, help="AdamW weight decay (0.1)")
+    p.add_argument("--warmup", type=number(float, 0, 1), default=None, help="warm-up fraction of the steps (0.06)")
+    p.add_argument("--max-train-examples", type=positive_int, default=None, help="a random subset of train, for quick runs")
+    p.add_argument("--max-train-tokens", type=positive_int, default=None,
                    help="train only on examples of at most this many tokens (before --max-train-examples)")
-    p.add_argument("--max-length", type=int, default=None, help="truncate inputs to this many tokens")
-    p.add_argument("--max-steps", type=int, default=None, help="stop (with a resumable state) after this many steps")
-    p.add_argument("--save-every", type=int, default=200, help="write the resumable state every N steps (0: epochs only)")
-    p.add_argument("--eval-every", type=int, default=0,
+    p.add_argument("--max-length", type=number(int, 2), default=None, help="truncate inputs to this many tokens")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="stop (with a resumable state) after this many steps")
+    p.add_argument("--save-every", type=nonneg_int, default=200, help="write the resumable state every N steps (0: epochs only)")
+    p.add_argument("--eval-every", type=nonneg_int, default=0,
                    help="also evaluate on dev every N steps (rows in metrics.jsonl; 0: after each epoch only)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order, init and dropout")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=nonneg_int, default=None, help="torch CPU threads (default: torch's)")
     args = p.parse_args(argv)
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", args.task)
     if args.stages is None:
         args.stages = "soft,hard" if args.init else "finetune,soft,hard"
+    for s in args.stages.split(","):  # usage errors: exit status 2 before anything is read
+        if s.strip() not in ("finetune", "soft", "hard", ""):
+            p.error(f"--stages: unknown stage {s.strip()!r} (use finetune, soft, hard)")
+    if args.lam is not None and args.target_flops is not None:
+        p.error("give --lam (the paper's fixed lambda) or --target-flops (a FLOPs budget), not both")
     return args
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_cli(main, parse_args(), "train.py")

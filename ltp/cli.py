@@ -4,12 +4,52 @@ loading with manual thresholds, and one error path. Nothing here runs at import.
 """
 import argparse
 import contextlib
+import math
 import os
 import sys
 
 from . import pruning
 from .model import load
 from .pruning import PruneConfig
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (exit status 2) instead of the usage block: 'prog: error: --flag: ...'."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def number(kind, low=None, high=None, low_open=False):
+    """
+    An argparse type: int or float within [low, high] ((low, high] with low_open). Examples:
+    number(int, 1) takes '3', refuses '0'; number(float, 0, 1, low_open=True) takes '0.6', refuses '0'.
+    """
+    def parse(s):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if kind is float and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{s!r} is not a finite number")
+        if low is not None and (v <= low if low_open else v < low) or high is not None and v > high:
+            lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+            hi = "" if high is None else f"<= {high}"
+            raise argparse.ArgumentTypeError(f"{v} is out of range (must be {' and '.join(x for x in (lo, hi) if x)})")
+        return v
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+positive_int = number(int, 1)
+nonneg_int = number(int, 0)
+positive_float = number(float, 0, low_open=True)
+nonneg_float = number(float, 0)
+
+
+def int_list(s):
+    """An argparse type: a comma list of integers >= 1, e.g. '1,8,32'."""
+    return [positive_int(x) for x in s.split(",")]
 
 
 def add_inference_args(p):
@@ -19,24 +59,13 @@ def add_inference_args(p):
     p.add_argument("--task", default=None, help="read a GLUE split instead of --input (e.g. sst2)")
     p.add_argument("--split", default="dev", help="GLUE split for --task")
     p.add_argument("--data-dir", default="data/glue", help="GLUE data directory for --task")
-    p.add_argument("--final-threshold", type=float, default=None,
+    p.add_argument("--final-threshold", type=nonneg_float, default=None,
                    help="prune a model without ltp.json using manual linear-rising thresholds with this final value (section 4.4)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--threads", type=nonneg_int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--onednn", default="auto", choices=["auto", "on", "off"],
                    help="linear kernel of the packed routine: oneDNN prepacked weights, F.linear, or auto (oneDNN for small matmuls)")
     return p
-
-
-def positive_int(s):
-    """argparse type: an integer >= 1."""
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
-    return v
 
 
 def tune_allocator():
@@ -114,11 +143,22 @@ def load_model(path, final_threshold=None, need_head=True):
 
 
 def run_cli(main, args, name):
-    """Bad input ends with one line naming what is wrong, not a traceback (LTP_DEBUG=1 shows the traceback)."""
+    """
+    The scripts' one error path: a bad file or input ends in one line on stderr, '<name>: error: FILE...: what',
+    and exit status 1 (bad usage exits 2, from Parser). LTP_DEBUG=1 shows the traceback instead.
+    """
     try:
         return main(args)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+    except SystemExit as e:
+        if isinstance(e.code, str) and not os.environ.get("LTP_DEBUG"):
+            msg = e.code.removeprefix("error: ")
+            sys.exit(f"{name}: error: {msg}")
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
         if os.environ.get("LTP_DEBUG"):
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        if isinstance(e, OSError) and e.filename and e.strerror:  # e.g. a file in the way of an output folder
+            msg = f"{e.filename}: {e.strerror}"
+        else:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         sys.exit(f"{name}: error: {msg}")

@@ -81,6 +81,13 @@ def read_split(task_name, data_dir, split):
     path = task_path(task_name, data_dir, split)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: GLUE file not found (pass --data-dir, or let train.py download it)")
+    try:
+        return _read_rows(task, path)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start} of a line: {e.reason})") from None
+
+
+def _read_rows(task, path):
     out, skipped = [], 0
     ncols = None
     with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: MRPC's files start with a BOM

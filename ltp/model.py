@@ -68,8 +68,7 @@ class Config:
 
     @classmethod
     def from_json(cls, path):
-        with open(path) as f:
-            d = json.load(f)
+        d = read_json(path)
         known = {f.name for f in fields(cls)} - {"extra"}
         try:
             return cls(**{k: v for k, v in d.items() if k in known},
@@ -362,7 +361,10 @@ def load(path_or_id, num_labels=None, new_head_ok=False):
         if not os.path.isfile(os.path.join(path, name)):
             raise FileNotFoundError(f"{os.path.join(path, name)}: file not found")
     cfg = Config.from_json(os.path.join(path, "config.json"))
-    sd = load_file(os.path.join(path, "model.safetensors"))
+    try:
+        sd = load_file(os.path.join(path, "model.safetensors"))
+    except Exception as e:  # safetensors' own error types: a corrupt header, data cut short, ...
+        raise ValueError(f"{os.path.join(path, 'model.safetensors')}: not a valid safetensors file ({e})") from None
     has_head = any(k.startswith("classifier.") for k in sd)
     if has_head:
         head_w = sd.get("classifier.out_proj.weight", sd.get("classifier.weight"))
@@ -375,37 +377,51 @@ def load(path_or_id, num_labels=None, new_head_ok=False):
     model = Model(cfg, num_labels or 0)
     prefix = cfg.model_type + "."
     own = model.state_dict()
-    used, filled = set(), {}
+    used, filled, missing = set(), {}, []
     for ours, hf in hf_names(model).items():
         bare = hf.removeprefix(prefix)  # checkpoints of the bare encoder carry no "roberta." / "bert."
         key = next((k for k in (hf, bare, prefix + bare) if k in sd), None)
         if key is None and ours.startswith("head.") and not has_head:
             continue  # a new head, initialised by Model (BERT's new head still takes the pretrained pooler)
         if key is None:
-            raise KeyError(f"{path}: checkpoint is missing tensor {hf!r}")
+            missing.append(hf)
+            continue
         if tuple(sd[key].shape) != tuple(own[ours].shape):
             raise ValueError(f"{path}: tensor {key!r} has shape {tuple(sd[key].shape)}, "
                              f"the config needs {tuple(own[ours].shape)}")
         filled[ours] = sd[key]
         used.add(key)
-    for key in sd:
-        if key not in used and not key.removeprefix(prefix).startswith(DROPPED):
-            raise KeyError(f"{path}: unexpected tensor {key!r} in checkpoint")
+    unexpected = [k for k in sd if k not in used and not k.removeprefix(prefix).startswith(DROPPED)]
+    if missing or unexpected:  # both sides, so that a misspelt name shows next to the one expected
+        raise KeyError(f"{path}/model.safetensors: " + "; ".join(
+            f"{what} tensor(s) {', '.join(map(repr, keys[:3]))}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys))
     model.load_state_dict(filled, strict=False)
     ltp_json = os.path.join(path, "ltp.json")
     if os.path.isfile(ltp_json):
-        with open(ltp_json) as f:
-            d = json.load(f)
-        theta = torch.tensor(d.pop("thresholds"), dtype=torch.float32)
+        d = read_json(ltp_json)
+        try:
+            theta = torch.tensor(d.pop("thresholds"), dtype=torch.float32)
+            model.prune = PruneConfig(**d)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{ltp_json}: not valid pruning settings ({type(e).__name__}: {e})") from None
         if theta.shape != model.encoder.theta.shape:
             raise ValueError(f"{ltp_json}: 'thresholds' has {theta.numel()} values, the model has {cfg.num_hidden_layers} layers")
         model.encoder.theta.data.copy_(theta)
-        model.prune = PruneConfig(**d)
     new = [k for k in own if k not in filled and k != "encoder.theta"]
     print(f"loaded {path}: {cfg.model_type}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
           f"{len(used)} tensors" + (f", new head ({num_labels} labels)" if new else "")
           + (f", pruning {model.prune.mode}" if model.prune.mode != "off" else ""))
     return model
+
+
+def read_json(path):
+    """A JSON file, or one ValueError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def atomic_write(path, write):

@@ -154,13 +154,13 @@ def test_offline_defaults_fail_fast_with_one_clear_message(tmp_path, monkeypatch
     assert time.time() - t0 < 60  # "fails within seconds", not a speed target: a hang would take minutes
 
 
-def test_unknown_task_and_stage(tmp_path):
-    with pytest.raises(ValueError, match="unknown task 'sst3'"):
-        train.main(train.parse_args(["--task", "sst3"]))
-    make_glue(tmp_path / "glue")
-    make_model(tmp_path / "m")
-    with pytest.raises(SystemExit, match="unknown stage 'prune'"):
-        run(tmp_path, tmp_path / "o", "--stages", "finetune,prune")
+def test_unknown_task_and_stage_are_usage_errors(tmp_path, capsys):
+    for argv, msg in ((["--task", "sst3"], "invalid choice: 'sst3'"), (["--stages", "finetune,prune"], "unknown stage 'prune'")):
+        with pytest.raises(SystemExit) as e:
+            train.parse_args(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0]
 
 
 def test_epoch_batches_cover_every_example_once_and_are_deterministic():
