@@ -43,8 +43,8 @@ def explain(model, tok, texts, encoded, k, device):
         print(f"\n[{n}] {text if isinstance(text, str) else ' || '.join(text)!r}")
         print(f"  input    ({len(ids):3d}): {' '.join(words)}")
         for l, m in enumerate(aux["masks"]):
-            alive = m[0].tolist()
-            print(f"  layer {l + 1:2d} ({int(sum(alive)):3d}): " + " ".join(w for w, a in zip(words, alive) if a > 0))
+            live = m[0].tolist()
+            print(f"  layer {l + 1:2d} ({int(sum(live)):3d}): " + " ".join(w for w, a in zip(words, live) if a > 0))
 
 
 def main(args):

@@ -95,32 +95,48 @@ def to_batch(enc, labels, ids, pad_id, regression, device):
 # evaluation and the FLOPs budget
 
 @torch.no_grad()
-def soft_evaluate(model, task_name, enc, labels, batch_size=64):
+def soft_predict(model, enc, batch_size=64):
     """
-    The soft-masked model (eqs. 9-11, what step 1 trains) on dev, as soft_* keys: a token counts as kept when
-    its soft mask exceeds 0.5. Informative only: the metrics rows describe the hard model (glue.evaluate).
+    The soft-masked model (eqs. 9-11, what step 1 trains) on encoded examples: logits (n, labels) and kept
+    counts (n, L+1) in input order, a token counting as kept when its soft mask exceeds 0.5. Informative only:
+    the metrics rows describe the hard model (glue.predict); these go under soft_* keys.
     """
     was_training = model.training
     model.eval()
     device = model.encoder.theta.device
     order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]))
-    preds, kept = [], []
+    logits, kept = torch.zeros(len(enc), max(model.num_labels, 1)), torch.zeros(len(enc), model.cfg.num_hidden_layers + 1, dtype=torch.long)
     for b in range(0, len(order), batch_size):
-        x, m, t = (v.to(device) for v in collate([enc[i] for i in order[b:b + batch_size]], model.cfg.pad_token_id))
-        logits, _, aux = model(x, m, t)
-        preds.append(logits.float().cpu())
-        kept += aux["kept"].long().tolist()
+        ids = order[b:b + batch_size]
+        x, m, t = (v.to(device) for v in collate([enc[i] for i in ids], model.cfg.pad_token_id))
+        out, _, aux = model(x, m, t)
+        logits[ids] = out.float().cpu()
+        kept[ids] = aux["kept"].long().cpu()
     model.train(was_training)
-    logits = torch.empty(len(enc), preds[0].shape[1])
-    logits[order] = torch.cat(preds)
-    kept_in_order = [None] * len(enc)
-    for i, k in zip(order, kept):
-        kept_in_order[i] = k
-    row = {f"soft_{k}": round(v, 6) for k, v in glue.compute_metrics(task_name, glue.predictions(logits), labels).items()}
-    cfg = model.cfg
-    row["soft_relative_flops"] = round(relative_flops(kept_in_order, cfg.num_hidden_layers, cfg.hidden_size,
-                                                      cfg.intermediate_size), 6)
-    return row
+    return logits, kept
+
+
+def sharded(fn, enc, world, rank):
+    """
+    fn(examples) -> (logits, kept) over all of `enc`, each process running its share (examples rank, rank +
+    world, ...) and all_gather putting the pieces back in order: no process waits on another's whole pass,
+    so a long dev set cannot time a collective out. One process: fn(enc).
+    """
+    if world == 1:
+        return fn(enc)
+    ids = list(range(rank, len(enc), world))
+    part = fn([enc[i] for i in ids]) if ids else None
+    parts = [None] * world
+    dist.all_gather_object(parts, (ids, part))
+    width = next(p[1][0].shape[1] for p in parts if p[1] is not None)
+    logits, kept = torch.zeros(len(enc), width), None
+    for ids, part in parts:
+        if part is None:
+            continue
+        if kept is None:
+            kept = torch.zeros(len(enc), part[1].shape[1], dtype=torch.long)
+        logits[ids], kept[ids] = part[0], part[1]
+    return logits, kept
 
 
 def collapsed(kept):
@@ -230,8 +246,9 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
         if rank == 0:
             print(f"[{stage}] already done: {out}")
         return out
-    # every stage seeds its own RNG streams: the same result whether it runs alone or after another stage
-    seed = args.seed + ("finetune", "soft", "hard").index(stage)
+    # every stage seeds its own RNG streams: the same result whether it runs alone or after another stage;
+    # every process its own (dropout differs across processes); process 0's are those of a single process
+    seed = args.seed + ("finetune", "soft", "hard").index(stage) + 1000003 * rank
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
@@ -298,6 +315,12 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
         st = load_state(state_path)
         model.load_state_dict(st["model"])
         optimizer.load_state_dict(st["optimizer"])
+        if rank > 0:  # this process's own streams, saved at the same step
+            own = load_state(rank_state_path(state_path, rank))
+            if (own["epoch"], own["batch"]) != (st["epoch"], st["batch"]):
+                raise SystemExit(f"error: {rank_state_path(state_path, rank)} is from another step than {state_path} "
+                                 f"(interrupted while saving); delete both to restart the stage")
+            st["rng"] = own["rng"]
         set_rng_state(st["rng"])
         start_epoch, start_batch, lam = st["epoch"], st["batch"], st.get("lam", lam)
         if rank == 0:
@@ -314,16 +337,20 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
                 g["lr"] = base * get_lr(step)
             global_ids = batches[b]
             ids = global_ids[rank::world]  # this process's share of the global batch
+            # a last batch smaller than the number of processes leaves some with nothing: they run one example
+            # with weight 0, so that every process still joins DDP's gradient all-reduce
+            weight = 1.0 if ids else 0.0
+            ids = ids or global_ids[:1]
             x, m, t, y = to_batch(enc, labels, ids, model.cfg.pad_token_id, task.num_labels == 1, device)
             # losses are sums over the global batch / its size, so any number of processes gives the same
             # gradient (DDP averages over processes, hence the factor `world`)
             n_global = len(global_ids)
             real_global = sum(lengths[i] for i in global_ids)
             logits, loss, aux = net(x, m, t, y)
-            loss_task = loss * len(ids) * world / n_global
+            loss_task = weight * loss * len(ids) * world / n_global
             loss_total = loss_task
             if stage == "soft":  # eq. 12: L_new = L + lam * L_reg
-                reg = mask_regularizer(aux["masks"], m.float()) * m.sum() * world / real_global
+                reg = weight * mask_regularizer(aux["masks"], m.float()) * m.sum() * world / real_global
                 loss_total = loss_task + lam * reg
             optimizer.zero_grad(set_to_none=True)
             loss_total.backward()
@@ -332,7 +359,7 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
             step += 1
             post = {"loss": f"{loss_task.item():.4f}"}
             if stage == "soft" and budget is not None:  # eq. 14: lambda follows the hard model's FLOPs gap
-                fl = hard_flops(model, enc, ids)
+                fl = hard_flops(model, enc, ids if weight else [])
                 if world > 1:
                     dist.all_reduce(fl)
                 F = float(fl[0] / fl[1])
@@ -345,9 +372,10 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
             bar.set_postfix(**post)
             if args.save_every and step % args.save_every == 0 and b + 1 < len(batches):
                 save_state(model, optimizer, epoch, b + 1, state_path, rank, lam)
-            if args.eval_every and step % args.eval_every == 0 and b + 1 < len(batches) and rank == 0:
+            if args.eval_every and step % args.eval_every == 0 and b + 1 < len(batches):
                 # a look mid-epoch (eval mode: no dropout, so no RNG is drawn and --resume stays exact)
-                log_eval(args, model, task, dev_sets, stage, step, epoch + b / len(batches), lam, (enc, calib_ids))
+                log_eval(args, model, task, dev_sets, stage, step, epoch + b / len(batches), lam, (enc, calib_ids),
+                         world, rank)
             if args.max_steps and step >= args.max_steps:  # for interruption tests and quick looks
                 save_state(model, optimizer, epoch, b + 1, state_path, rank, lam)
                 return None
@@ -357,8 +385,9 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
             if rank == 0:
                 print(f"[hard] thresholds scaled by {c:.4f}: relative FLOPs {F:.3f} on {len(calib_ids)} training examples")
         save_state(model, optimizer, epoch + 1, 0, state_path, rank, lam)
+        row = log_eval(args, model, task, dev_sets, stage, step, epoch + 1, lam, (enc, calib_ids), world, rank)
         if rank == 0:
-            print(json.dumps(log_eval(args, model, task, dev_sets, stage, step, epoch + 1, lam, (enc, calib_ids))))
+            print(json.dumps(row))
     if stage == "soft":  # step 2: binarize the mask (eq. 8) and fix the thresholds
         if budget is not None:  # eq. 15: the binarized model meets the budget on training data
             c, F = calibrate(model, enc, calib_ids, budget)
@@ -367,53 +396,73 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
         model.prune = PruneConfig(**{**model.prune.__dict__, "mode": "hard"})
     if rank == 0:
         save_stage(model, out, resolve(src))
-        if stage == "soft":  # the checkpoint step 2 wrote, read back from disk and evaluated as infer.py would
-            row = log_eval(args, ltp.load(out).to(device), task, dev_sets, "binarize", step, epochs, lam, (enc, calib_ids))
+    if world > 1:
+        dist.barrier()
+    if stage == "soft":  # the checkpoint step 2 wrote, read back from disk and evaluated as infer.py would
+        row = log_eval(args, ltp.load(out).to(device), task, dev_sets, "binarize", step, epochs, lam, (enc, calib_ids),
+                       world, rank)
+        if rank == 0:
             print(json.dumps(row))
-            if row.get("collapsed"):
-                raise SystemExit(f"error: {out} collapsed: every dev sequence keeps only its first token after "
-                                 f"layer {L - 1}; lower --lam or --threshold-lr, or use --target-flops")
+        if row.get("collapsed"):
+            raise SystemExit(f"error: {out} collapsed: every dev sequence keeps only its first token after "
+                             f"layer {L - 1}; lower --lam or --threshold-lr, or use --target-flops")
+    if rank == 0:
         atomic_write(os.path.join(out, "DONE"), lambda p: open(p, "w").write("done\n"))
     if world > 1:
         dist.barrier()
     return out
 
 
-def log_eval(args, model, task, dev_sets, stage, step, epoch, lam=None, train_sample=None):
+def log_eval(args, model, task, dev_sets, stage, step, epoch, lam=None, train_sample=None, world=1, rank=0):
     """
-    Evaluate on dev and append the row to metrics.jsonl. Task metrics, relative_flops and kept_per_layer
-    describe the hard-pruned model (eq. 8 at the current thresholds: what the stage's checkpoint runs);
-    soft pruning adds soft_* keys (the soft-masked model), the thresholds and lambda; train_relative_flops
-    is the hard model's on train_sample = (encoded training examples, ids), where given.
+    Evaluate on dev (every process its share) and append the row to metrics.jsonl (process 0). Task metrics,
+    relative_flops and kept_per_layer describe the hard-pruned model (eq. 8 at the current thresholds: what
+    the stage's checkpoint runs); soft pruning adds soft_* keys (the soft-masked model), the thresholds and
+    lambda; train_relative_flops is the hard model's on train_sample = (encoded training examples, ids).
     """
     row = {"stage": stage, "step": step, "epoch": epoch}
     for suffix, (enc, labels) in dev_sets.items():
-        r, kept = glue.evaluate(model, args.task, enc, labels)
+        logits, kept = sharded(lambda part: glue.predict(model, part), enc, world, rank)
+        r = glue.score(args.task, logits, kept, labels, model.cfg)
         if suffix:  # MNLI's mismatched dev set: its metrics only
             row.update({k + suffix: v for k, v in r.items() if k not in ("relative_flops", "gflops", "kept_per_layer")})
             continue
         row.update(r)
         if model.prune.mode != "off" and collapsed(kept):
             row["collapsed"] = True
-            print(f"warning: [{stage}] step {step}: collapsed, every dev sequence keeps only its first token",
-                  file=sys.stderr)
+            if rank == 0:
+                print(f"warning: [{stage}] step {step}: collapsed, every dev sequence keeps only its first token",
+                      file=sys.stderr)
         if model.prune.mode == "soft":
-            row.update(soft_evaluate(model, args.task, enc, labels))
+            logits, kept = sharded(lambda part: soft_predict(model, part), enc, world, rank)
+            soft = glue.score(args.task, logits, kept, labels, model.cfg)
+            row.update({f"soft_{k}": v for k, v in soft.items() if k not in ("gflops", "kept_per_layer")})
     if train_sample is not None and model.prune.mode != "off":
         row["train_relative_flops"] = round(train_flops(model, *train_sample), 6)
     if stage in ("soft", "binarize"):
         row["thresholds"] = [round(v, 6) for v in model.encoder.theta.tolist()]
         row["lam"] = round(lam, 6) if lam is not None else None
     row["time"] = round(time.time(), 1)
-    log_row(args, row)
+    if rank == 0:
+        log_row(args, row)
     return row
 
 
+def rank_state_path(path, rank):
+    return f"{path[:-3]}.rank{rank}.pt"  # state.pt -> state.rank1.pt
+
+
 def save_state(model, optimizer, epoch, batch, path, rank, lam=0.0):
-    """Everything --resume needs: weights (incl. theta), optimizer, RNG streams, data position, lambda."""
-    if rank != 0:
-        return
+    """
+    Everything --resume needs: weights (incl. theta), optimizer, RNG streams, data position, lambda (process 0:
+    state.pt); every other process writes its own RNG streams (state.rankR.pt) first, so that a state.pt
+    always has its processes' streams beside it.
+    """
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    if rank != 0:
+        atomic_write(rank_state_path(path, rank), lambda p: torch.save({"rng": rng_state(), "epoch": epoch,
+                                                                          "batch": batch}, p))
+        return
     st = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(),
           "epoch": epoch, "batch": batch, "lam": lam}
     atomic_write(path, lambda p: torch.save(st, p))
@@ -464,13 +513,13 @@ def main(args):
         tok = Tokenizer(tok.tok, min(args.max_length, tok.max_length), tok.single_type)
     train = glue.encode_split(tok, glue.read_split(args.task, args.data_dir, "train"))
     if args.max_train_tokens:  # only the short examples (the length-robustness experiment, table 3)
-        keep = [i for i, e in enumerate(train[0]) if len(e[0]) <= args.max_train_tokens]
-        if not keep:
+        short = [i for i, e in enumerate(train[0]) if len(e[0]) <= args.max_train_tokens]
+        if not short:
             raise SystemExit(f"--max-train-tokens {args.max_train_tokens}: no training example is that short")
-        train = [train[0][i] for i in keep], [train[1][i] for i in keep]
+        train = [train[0][i] for i in short], [train[1][i] for i in short]
     if args.max_train_examples:
-        keep = sorted(np.random.default_rng(args.seed).permutation(len(train[0]))[:args.max_train_examples])
-        train = [train[0][i] for i in keep], [train[1][i] for i in keep]
+        subset = sorted(np.random.default_rng(args.seed).permutation(len(train[0]))[:args.max_train_examples])
+        train = [train[0][i] for i in subset], [train[1][i] for i in subset]
     dev_sets = {"": glue.encode_split(tok, glue.read_split(args.task, args.data_dir, "dev"))}
     if "dev_mismatched" in task.splits:
         dev_sets["_mm"] = glue.encode_split(tok, glue.read_split(args.task, args.data_dir, "dev_mismatched"))

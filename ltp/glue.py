@@ -195,15 +195,12 @@ def predictions(logits):
     return logits[:, 0].tolist() if logits.shape[1] == 1 else logits.argmax(1).tolist()
 
 
-def evaluate(model, task_name, encoded, labels, batch_size=32):
+def predict(model, encoded, batch_size=32):
     """
-    Metrics and FLOPs of `model` on encoded examples, with the packed routine of infer.py (same batching:
-    length-sorted, batch_size 32), so a row equals what `infer.py --task` reports for the same checkpoint.
-    A model in prune mode "soft" runs as "hard": eq. 8 at the current thresholds, the model that ships.
-    Returns {metric: value, "relative_flops", "gflops", "kept_per_layer"} (kept: mean tokens entering
-    layer 1, then surviving each layer) and the kept counts (n, L+1).
+    Logits (n, num_labels) and kept counts (n, L+1) of `model` on encoded examples, in input order, with the
+    packed routine and infer.py's batching (length-sorted, batch_size 32). A model in prune mode "soft" runs
+    as "hard": eq. 8 at the current thresholds, the model that ships.
     """
-    from .flops import flops_summary
     from .packed import PackedModel, forward_batches, make_batches
     was_training = model.training
     model.eval()
@@ -211,11 +208,28 @@ def evaluate(model, task_name, encoded, labels, batch_size=32):
     logits, kept, _ = forward_batches(PackedModel(model), make_batches(encoded, batch_size, device=device),
                                       len(encoded))
     model.train(was_training)
+    return logits, kept
+
+
+def score(task_name, logits, kept, labels, cfg):
+    """The task's metrics, relative FLOPs, GFLOPs per example and mean tokens kept per layer, as one dict."""
+    from .flops import flops_summary
     row = {k: round(v, 6) for k, v in compute_metrics(task_name, predictions(logits), labels).items()}
-    gflops, rel = flops_summary(kept, model.cfg)
+    gflops, rel = flops_summary(kept, cfg)
     row.update(relative_flops=round(rel, 6), gflops=round(gflops, 6),
                kept_per_layer=[round(v, 2) for v in kept.double().mean(0).tolist()])
-    return row, kept
+    return row
+
+
+def evaluate(model, task_name, encoded, labels, batch_size=32):
+    """
+    Metrics and FLOPs of `model` on encoded examples (predict, then score): a row equals what
+    `infer.py --task` reports for the same checkpoint. Returns (row, kept (n, L+1)).
+    Example: glue.evaluate(ltp.load(DIR), "sst2", *glue.encode_split(tok, glue.read_split("sst2", D, "dev")))
+    -> ({"accuracy": 0.89, "relative_flops": 0.6, "gflops": 0.32, "kept_per_layer": [...]}, kept)
+    """
+    logits, kept = predict(model, encoded, batch_size)
+    return score(task_name, logits, kept, labels, model.cfg), kept
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ def init_thresholds(num_layers, final_threshold):
 def importance_score(probs, live, n=128):
     """
     Eq. 7: s(x_i) = 1/(N_h n) sum_h sum_j A^h(x_j -> x_i), the attention token i receives,
-    summed over heads and over the query rows j of tokens still alive (rows weighted by live).
+    summed over heads and over the query rows j of tokens still live (rows weighted by live).
 
     probs: (B, H, N, N) attention probabilities of eq. 6 (before dropout), rows = queries.
     live:  (B, N) the live-token mask (soft values during soft pruning).

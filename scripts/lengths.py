@@ -6,7 +6,7 @@ Sequence-length experiments of the paper (issue 5), on any checkpoints train.py 
                 --task takes a comma list
   buckets       accuracy and relative FLOPs per dev length bucket, ~Q2, Q2~Q3, Q3~ (quartiles of the
                 dev lengths): table 3, for models trained on short examples
-  trajectories  tokens alive after each layer for ~20 dev examples spread over the length range
+  trajectories  tokens live after each layer for ~20 dev examples spread over the length range
                 (fig. A.2): learned thresholds adapt to each input, fixed lengths do not
 
   python scripts/lengths.py table2 --task sst2,mrpc,stsb --data-dir ../shared/glue --model runs/sst2-minilm/finetune
@@ -122,7 +122,7 @@ def trajectories(args):
                          fontsize=9)
             ax.set_xlabel("layer")
             ax.grid(alpha=0.3)
-        axes[0][0].set_ylabel("tokens alive")
+        axes[0][0].set_ylabel("tokens live")
         fig.tight_layout()
         fig.savefig(args.out + ".png", dpi=120)
     return lines

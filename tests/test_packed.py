@@ -54,8 +54,8 @@ def mask_forward(model, encoded):
     logits, _, aux = model(ids, mask, types)
     if logits is not None:
         return logits, aux["kept"].long()
-    alive = aux["masks"][-1] if aux["masks"] else mask  # survivors of the last layer (all real tokens when off)
-    return aux["hidden"][-1][alive > 0], aux["kept"].long()
+    live = aux["masks"][-1] if aux["masks"] else mask  # survivors of the last layer (all real tokens when off)
+    return aux["hidden"][-1][live > 0], aux["kept"].long()
 
 
 def packed_forward(pm, encoded):

@@ -120,29 +120,58 @@ def test_resume_is_bit_identical(tmp_path):
     assert ta == tb
 
 
-def test_two_processes_equal_one(tmp_path):
-    """torchrun with 2 CPU processes (gloo) and the same global batch gives the same parameters."""
-    make_glue(tmp_path / "glue")
-    make_model(tmp_path / "m", dropout=0.0)
-    common = ["--task", "sst2", "--model", str(tmp_path / "m"), "--data-dir", str(tmp_path / "glue"),
-              "--batch-size", "8", "--epochs", "1", "--lr", "1e-3", "--threshold-lr", "1e-3",
-              "--stages", "finetune,soft", "--threads", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *common, "--output-dir",
-                          str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
+def free_port():
     with socket.socket() as sock:  # a free port, not a fixed one that another run may hold
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", str(port), os.path.join(ROOT, "train.py"), *common,
-                          "--output-dir", str(tmp_path / "two")], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
+        return sock.getsockname()[1]
+
+
+def torchrun(*args, nproc=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                        "--master_port", str(free_port()), os.path.join(ROOT, "train.py"), *map(str, args)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_two_processes_equal_one_with_an_uneven_last_batch(tmp_path):
+    """torchrun with 2 CPU processes (gloo) and the same global batch gives the same parameters; 49 examples in
+    batches of 8 end in a batch of 1, so process 1 has nothing there (it runs one example with weight 0)."""
+    make_glue(tmp_path / "glue", n_train=49)
+    make_model(tmp_path / "m", dropout=0.0)
+    common = ["--task", "sst2", "--model", str(tmp_path / "m"), "--data-dir", str(tmp_path / "glue"),
+              "--batch-size", "8", "--epochs", "1", "--lr", "1e-3", "--threshold-lr", "1e-3", "--lam", "0.5",
+              "--stages", "finetune,soft", "--threads", "1"]
+    assert min(len(b) for b in train.epoch_batches([3] * 49, 8, 0, 0)) == 1
+    one = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *common, "--output-dir",
+                          str(tmp_path / "one")], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    torchrun(*common, "--output-dir", tmp_path / "two")
     for stage in ("finetune", "soft"):
         a, b = params(tmp_path / "one" / stage), params(tmp_path / "two" / stage)
         for k in a:
             torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=f"{stage} {k}")
+    # the dev evaluation is sharded over the processes and gathered: the same rows as one process
+    rows = lambda d: [(r["stage"], r["accuracy"], r["relative_flops"]) for r in evals_of(d)]
+    assert rows(tmp_path / "one") == rows(tmp_path / "two")
+
+
+def test_two_processes_resume_bit_identical(tmp_path):
+    """Killed (--max-steps) and resumed under torchrun, with dropout: each process restores its own RNG streams."""
+    make_glue(tmp_path / "glue")
+    make_model(tmp_path / "m", dropout=0.1)
+    common = ["--task", "sst2", "--model", tmp_path / "m", "--data-dir", tmp_path / "glue", "--batch-size", "8",
+              "--epochs", "1", "--lr", "1e-3", "--threshold-lr", "1e-3", "--lam", "0.5", "--stages", "finetune",
+              "--threads", "1", "--save-every", "1"]
+    torchrun(*common, "--output-dir", tmp_path / "a")
+    torchrun(*common, "--output-dir", tmp_path / "b", "--max-steps", "4")
+    assert (tmp_path / "b" / "finetune" / "state.rank1.pt").exists()
+    torchrun(*common, "--output-dir", tmp_path / "b", "--resume")
+    a, b = params(tmp_path / "a" / "finetune"), params(tmp_path / "b" / "finetune")
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after a resume under torchrun"
 
 
 def test_offline_defaults_fail_fast_with_one_clear_message(tmp_path, monkeypatch):
@@ -295,3 +324,33 @@ def test_resume_state_loads_without_pickle_and_a_tampered_one_is_refused(tmp_pat
     with pytest.raises(SystemExit, match="state.pt: not a valid resume state"):
         run(tmp_path, tmp_path / "out", "--stages", "finetune", "--resume")
     assert not (tmp_path / "pwned").exists()
+
+
+def test_sigkill_mid_stage_and_mid_write_then_resume_is_bit_identical(tmp_path):
+    """A real crash: SIGKILL after a save, then SIGKILL while state.pt.tmp is being written, then --resume."""
+    import signal
+    make_glue(tmp_path / "glue")
+    make_model(tmp_path / "m")
+    argv = [sys.executable, os.path.join(ROOT, "train.py"), "--task", "sst2", "--model", str(tmp_path / "m"),
+            "--data-dir", str(tmp_path / "glue"), "--batch-size", "8", "--epochs", "2", "--lr", "1e-3",
+            "--threshold-lr", "1e-3", "--lam", "0.5", "--stages", "finetune,soft", "--save-every", "1", "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(argv + ["--output-dir", str(tmp_path / "a")], env=env, capture_output=True, timeout=300, check=True)
+    out = tmp_path / "b"
+    state, tmp = out / "finetune" / "state.pt", out / "finetune" / "state.pt.tmp"
+    for wait_for in (state, tmp):  # 1: a kill between saves; 2: a kill while the state is being written
+        proc = subprocess.Popen(argv + ["--output-dir", str(out), "--resume"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        t0 = time.time()
+        while not wait_for.exists() and proc.poll() is None and time.time() - t0 < 120:
+            time.sleep(0 if wait_for == tmp else 0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not (out / "finetune" / "DONE").exists(), "the run ended before it could be killed"
+    r = subprocess.run(argv + ["--output-dir", str(out), "--resume"], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for stage in ("finetune", "soft"):
+        a, b = params(tmp_path / "a" / stage), params(out / stage)
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{stage} {k} differs after SIGKILL and --resume"
