@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 import ltp
 from ltp import flops as fl
-from ltp.cli import Parser, add_inference_args, int_list, load_model, nonneg_int, positive_int, read_inputs, run_cli, tune_allocator
+from ltp.cli import (Parser, add_inference_args, int_list, load_model, nonneg_int, output_path, positive_int, read_inputs,
+                     run_cli, tune_allocator)
 from ltp.packed import PackedModel, forward_batches, make_batches, onednn_available, sync
 from ltp.text import collate
 
@@ -262,6 +263,8 @@ def main(args):
     dev = args.device
     if dev == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device available")
+    for flag in ("json", "markdown", "plot"):
+        output_path(getattr(args, flag), f"--{flag}")
     texts, _ = read_inputs(args)
     if args.max_examples:
         texts = texts[:args.max_examples]
@@ -373,9 +376,7 @@ def main(args):
     md = markdown(result)
     print(md)
     for out, text in ((args.json, json.dumps(result, indent=2) + "\n"), (args.markdown, md)):
-        if out:
-            if os.path.dirname(out):
-                os.makedirs(os.path.dirname(out), exist_ok=True)
+        if out:  # its folder was made (or refused) by output_path before any measuring
             ltp.model.atomic_write(out, lambda p: open(p, "w").write(text))
     if args.plot or args.json:
         plot(result, args.plot or os.path.splitext(args.json)[0] + ".png")

@@ -18,7 +18,8 @@ import torch
 
 import ltp
 from ltp import glue
-from ltp.cli import Parser, add_inference_args, load_model, nonneg_int, positive_int, read_inputs, run_cli, tune_allocator
+from ltp.cli import (Parser, add_inference_args, load_model, nonneg_int, output_path, positive_int, read_inputs, run_cli,
+                     tune_allocator)
 from ltp.flops import flops_summary
 from ltp.packed import PackedModel, forward_batches, make_batches
 
@@ -53,6 +54,7 @@ def main(args):
     tune_allocator()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device available")
+    output_path(args.output, "--output")
     texts, labels = read_inputs(args)
     model = load_model(args.model, args.final_threshold).to(args.device)
     tok = ltp.Tokenizer.from_dir(ltp.model.resolve(args.model), model.cfg)
@@ -73,8 +75,6 @@ def main(args):
     if args.output == "-":
         sys.stdout.write(lines)
     else:
-        if os.path.dirname(args.output):
-            os.makedirs(os.path.dirname(args.output), exist_ok=True)
         ltp.model.atomic_write(args.output, lambda p: open(p, "w").write(lines))
 
     # Summary (stderr, so that --output - stays pure JSON lines)

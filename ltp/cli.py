@@ -142,6 +142,18 @@ def load_model(path, final_threshold=None, need_head=True):
     return model.eval()
 
 
+def output_path(path, flag):
+    """Make an output file's folder now, before any work, or fail with one line naming the flag (- = stdout)."""
+    if path and path != "-" and os.path.dirname(path):
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"{flag} {path}: cannot create its folder ({e.strerror})") from None
+        if os.path.isdir(path):
+            raise ValueError(f"{flag} {path}: is a folder, not a file")
+    return path
+
+
 def run_cli(main, args, name):
     """
     The scripts' one error path: a bad file or input ends in one line on stderr, '<name>: error: FILE...: what',
