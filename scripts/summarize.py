@@ -25,12 +25,15 @@ def rows(run):
     for stage, r in evals.items():
         metrics = {k: v for k, v in r.items() if k in ("accuracy", "f1", "pearson", "spearman", "mcc",
                                                        "accuracy_mm")}
+        soft = "soft" in args.get("stages", "") and stage != "finetune"
         out.append({"run": os.path.basename(run.rstrip("/")), "stage": stage,
-                    # lambda and T belong to soft pruning: shown when this run did the soft stage
-                    "lam": args.get("lam") if "soft" in args.get("stages", "") and stage != "finetune" else None,
+                    # lambda (or the FLOPs budget R) and T belong to soft pruning: shown when this run did it
+                    "lam": (args.get("lam") if args.get("lam") is not None else f"R {args.get('target_flops')}"
+                            + (f" {args['soft_mask']}" if args.get("soft_mask") else "")) if soft else None,
                     "T": args.get("temperature") if "soft" in args.get("stages", "") and stage != "finetune" else None,
-                    "lr": args.get("lr"), "init": os.path.basename(os.path.dirname(args.get("init") or "")),
+                    "lr": args.get("finetune_lr") or args.get("lr") if stage == "finetune" else args.get("lr"), "init": os.path.basename(os.path.dirname(args.get("init") or "")),
                     **metrics, "relative_flops": r["relative_flops"], "gflops": r["gflops"],
+                    "train_relative_flops": r.get("train_relative_flops"),
                     "kept_per_layer": r.get("kept_per_layer"), "minutes": round(secs.get(stage, 0) / 60, 1)})
     return out
 
@@ -57,14 +60,16 @@ def main(runs):
     if not table:
         sys.exit("no metrics.jsonl in the given run folders")
     metric_keys = [k for k in ("accuracy", "f1", "pearson", "spearman", "mcc", "accuracy_mm") if any(k in r for r in table)]
-    head = ["run", "stage", "from", "lambda", "T", "lr"] + metric_keys + ["rel. FLOPs", "GFLOPs/ex", "tokens kept per layer", "min"]
+    head = (["run", "stage", "from", "lambda / budget", "T", "lr"] + metric_keys
+            + ["rel. FLOPs", "train rel. FLOPs", "GFLOPs/ex", "tokens kept per layer", "min"])
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in table:
         cells = [r["run"], r["stage"], r["init"], r["lam"] if r["lam"] is not None else "",
                  r["T"] if r["T"] is not None else "", r["lr"]]
         cells += [f"{100 * r[k]:.2f}" if k in r else "" for k in metric_keys]
-        cells += [f"{r['relative_flops']:.3f}", f"{r['gflops']:.3f}",
+        cells += [f"{r['relative_flops']:.3f}",
+                  "" if r["train_relative_flops"] is None else f"{r['train_relative_flops']:.3f}", f"{r['gflops']:.3f}",
                   " ".join(f"{v:.1f}" for v in (r["kept_per_layer"] or [])), r["minutes"]]
         print("| " + " | ".join(str(c) for c in cells) + " |")
 
