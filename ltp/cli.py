@@ -161,6 +161,8 @@ def run_cli(main, args, name):
     """
     try:
         return main(args)
+    except KeyboardInterrupt:
+        sys.exit(f"{name}: interrupted (train.py: rerun the same command with --resume to continue)")
     except SystemExit as e:
         if isinstance(e.code, str) and not os.environ.get("LTP_DEBUG"):
             msg = e.code.removeprefix("error: ")

@@ -396,6 +396,7 @@ def load(path_or_id, num_labels=None, new_head_ok=False):
         raise KeyError(f"{path}/model.safetensors: " + "; ".join(
             f"{what} tensor(s) {', '.join(map(repr, keys[:3]))}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
             for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys))
+    # strict=False only because theta (and a new head) are not in the checkpoint; every tensor was checked above
     model.load_state_dict(filled, strict=False)
     ltp_json = os.path.join(path, "ltp.json")
     if os.path.isfile(ltp_json):
@@ -436,6 +437,7 @@ def save(model, path):
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     cfg = model.cfg
+    # the architectures / id2label keys let transformers' Auto classes read the folder as a classifier
     if model.head is not None:
         kind = "Roberta" if cfg.model_type == "roberta" else "Bert"
         cfg.architectures = [f"{kind}ForSequenceClassification"]

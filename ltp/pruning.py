@@ -101,22 +101,18 @@ def mask_regularizer(masks, real):
 
 def dual_ascent(lam, flops, target, rate):
     """
-    Eq. 14 (ours, --target-flops): the lambda of eq. 12 becomes a Lagrange multiplier of the constraint
-    F <= R and is updated by projected dual ascent on the FLOPs gap after each step,
-        lambda <- max(0, lambda + eta (F - R)),
-    F the hard-pruned (eq. 8) model's relative FLOPs on the step's training batch, R the target:
-    lambda rises while the model is over budget and falls (to 0 at least) while it is under.
-    Example: lambda 0.5, F 0.7, R 0.6, eta 2 -> 0.7.
+    Eq. 14 (ours, --target-flops): lambda of eq. 12 is a Lagrange multiplier of F <= R, updated after each
+    step by projected dual ascent, lambda <- max(0, lambda + eta (F - R)), F the hard (eq. 8) model's
+    relative FLOPs on the step's batch. Example: lambda 0.5, F 0.7, R 0.6, eta 2 -> 0.7.
     """
     return max(0.0, lam + rate * (flops - target))
 
 
 def calibrate_scale(flops_at, target, iters=12):
     """
-    Eq. 15 (ours, --target-flops): after soft pruning and after hard pruning, theta <- c theta, one
-    scale c for every layer (eq. 8's form and the learned ratios between layers stay), with c found by
-    bisection so that F(c theta) on training data is at most R and as close to it as the bisection
-    gets. flops_at(c) -> relative FLOPs with thresholds c theta; it falls as c rises. Returns c.
+    Eq. 15 (ours, --target-flops): theta <- c theta, one scale for every layer (eq. 8's form and the learned
+    ratios between layers stay), c by bisection so that F(c theta) on training data is at most R and as
+    close to it as the bisection gets. flops_at(c): relative FLOPs at thresholds c theta, falling in c.
     Example: flops_at = lambda c: 1 / (1 + c), target 0.5 -> c ~ 1.0.
     """
     lo, hi = 0.0, 1.0
