@@ -261,6 +261,9 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
         model.cfg.problem_type = "regression"
     L = model.cfg.num_hidden_layers
     budget = args.target_flops if args.lam is None else None  # eqs. 14-15 instead of a fixed lambda
+    enc, labels = train
+    # eq. 15 calibrates on a fixed random sample of the training set (never on dev)
+    calib_ids = sorted(np.random.default_rng(args.seed).permutation(len(enc))[:args.calibration_examples].tolist())
     if stage == "finetune":
         model.prune = PruneConfig(mode="off")
     elif stage == "soft":  # step 1: soft masks, thresholds initialised linearly rising (section 4.4)
@@ -269,17 +272,31 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
         model.encoder.theta.data.copy_(init_thresholds(L, args.final_threshold))
     elif model.prune.mode == "off":  # hard pruning straight from a fine-tuned model: the baselines
         # manual thresholds theta_L * l / L (section 4.4), top-k or fixed lengths, one switch: --method
+        # with --target-flops given, each calibrates its own knob to R on training data, as eq. 15 does
+        target = args.target_flops if args.target_given else None
         lengths = None
         if args.method == "fixed":
-            lengths = ([int(k) for k in args.lengths.split(",")] if args.lengths else
-                       fixed_lengths([len(e[0]) for e in train[0]], L, model.cfg.hidden_size,
-                                     model.cfg.intermediate_size, args.flops_budget))
+            lengths = ([int(k) for k in args.lengths.split(",")] if args.lengths and target is None else
+                       fixed_lengths([len(e[0]) for e in enc], L, model.cfg.hidden_size,
+                                     model.cfg.intermediate_size, target or args.flops_budget))
             if len(lengths) != L:
                 raise SystemExit(f"--lengths: {len(lengths)} values, the model has {L} layers")
         model.prune = PruneConfig(mode="hard", method=args.method, final_threshold=args.final_threshold,
                                   keep_ratio=args.keep_ratio, lengths=lengths)
         model.encoder.theta.data.copy_(init_thresholds(L, args.final_threshold))
-        budget = None  # the baselines keep their own knob
+        if target is not None and args.method == "threshold":  # manual thresholds: eq. 15's scale
+            calibrate(model, enc, calib_ids, target)
+        elif target is not None and args.method == "topk":    # top-k: the final retain ratio, 1 - c
+
+            def flops_at(c):
+                model.prune = PruneConfig(**{**model.prune.__dict__, "keep_ratio": max(-1.0, 1.0 - c)})
+                return train_flops(model, enc, calib_ids)
+            F = flops_at(calibrate_scale(flops_at, target))
+            if F > target and rank == 0:
+                print(f"warning: top-k cannot reach --target-flops {target} on this model (at least {F:.3f}: "
+                      f"SpAtten's schedule keeps every token in layers 1-3)", file=sys.stderr)
+        # manual thresholds drift with the weights (scaled again after each epoch); top-k and fixed cannot
+        budget = target if args.method == "threshold" else None
         if rank == 0:
             print(f"[hard] {args.method} pruning from {src}: {model.prune}")
     else:  # step 2 happened when soft saved: binarized mask (mode "hard"), theta frozen from now on
@@ -297,15 +314,12 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
     base_lrs = [lr, lr] + ([args.threshold_lr] if stage == "soft" else [])
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
     epochs = getattr(args, f"{stage}_epochs")
-    enc, labels = train
     lengths = [len(e[0]) for e in enc]
     steps_per_epoch = len(epoch_batches(lengths, args.batch_size, args.seed, 0))
     total = epochs * steps_per_epoch
     warmup = int(args.warmup * total)
     # eq. 14's multiplier starts at 0: the task loss alone until the hard model is over budget
     lam = (args.lam or 0.0) if budget is None else 0.0
-    # eq. 15 calibrates on a fixed random sample of the training set (never on dev)
-    calib_ids = sorted(np.random.default_rng(args.seed).permutation(len(enc))[:args.calibration_examples].tolist())
 
     def get_lr(step):  # linear warm-up then linear decay to 0 (RoBERTa's GLUE recipe)
         return step / max(1, warmup) if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
@@ -473,6 +487,7 @@ def main(args):
     for s in ("finetune", "soft", "hard"):  # --epochs sets every stage not set on its own
         if getattr(args, f"{s}_epochs") is None and args.epochs is not None:
             setattr(args, f"{s}_epochs", args.epochs)
+    args.target_given = args.target_flops is not None  # the baselines calibrate to it only when given
     if args.finetune_lr is None and args.lr is not None:  # one --lr for every stage, as before --finetune-lr
         args.finetune_lr = args.lr
     for k, v in {**DEFAULTS, **TASK_OVERRIDES.get(args.task, {})}.items():

@@ -30,17 +30,19 @@ def describe(run):
     """(method, setting label) of a run from its args.json."""
     a = json.load(open(os.path.join(run, "args.json")))
     method = a.get("method", "threshold")
+    calibrated = a.get("target_given") and "soft" not in a["stages"]  # a baseline calibrated to --target-flops
     if method == "topk":
-        return "topk", f"keep {a['keep_ratio']}"
+        return "topk", f"R {a['target_flops']}" if calibrated else f"keep {a['keep_ratio']}"
     if method == "fixed":
-        return "fixed", (f"lengths {a['lengths']}" if a.get("lengths") else f"budget {a['flops_budget']}")
+        return "fixed", (f"R {a['target_flops']}" if calibrated else
+                         f"lengths {a['lengths']}" if a.get("lengths") else f"budget {a['flops_budget']}")
     if "soft" in a["stages"] or (a.get("init") or "").rstrip("/").endswith("/soft"):
         if "soft" not in a["stages"]:
             return "learned", f"from {a['init']}"
         if a.get("lam") is None:  # --target-flops (eqs. 14-15)
             return "learned", f"R {a['target_flops']} ({a.get('soft_mask') or 'cumulative'}), {a['soft_epochs']} soft ep."
         return "learned", f"λ {a['lam']}, {a['soft_epochs']} soft ep."
-    return "manual", f"θ_L {a['final_threshold']}"
+    return "manual", f"R {a['target_flops']}" if calibrated else f"θ_L {a['final_threshold']}"
 
 
 def throughput(run):

@@ -354,3 +354,21 @@ def test_sigkill_mid_stage_and_mid_write_then_resume_is_bit_identical(tmp_path):
         a, b = params(tmp_path / "a" / stage), params(out / stage)
         for k in a:
             assert torch.equal(a[k], b[k]), f"{stage} {k} differs after SIGKILL and --resume"
+
+
+def test_baselines_calibrate_their_knob_to_target_flops_on_train(tmp_path):
+    make_glue(tmp_path / "glue", n_train=64)
+    make_model(tmp_path / "m", layers=6)  # SpAtten's top-k prunes from layer 4 on: 6 layers reach 0.8
+    run(tmp_path, tmp_path / "ft", "--stages", "finetune", "--epochs", "1")
+    init = str(tmp_path / "ft" / "finetune")
+    R = 0.8
+    for name in ("threshold", "topk", "fixed"):
+        train.main(train.parse_args(["--task", "sst2", "--init", init, "--data-dir", str(tmp_path / "glue"),
+                                     "--output-dir", str(tmp_path / name), "--batch-size", "8", "--epochs", "1",
+                                     "--lr", "1e-3", "--stages", "hard", "--method", name, "--target-flops", str(R),
+                                     "--threads", "1"]))
+        last = evals_of(tmp_path / name)[-1]
+        # at most R on training data; top-k and fixed lengths move in whole tokens per sequence, so within 0.1
+        assert R - (0.05 if name == "threshold" else 0.1) <= last["train_relative_flops"] <= R + 1e-9, (name, last)
+    cfg = json.load(open(tmp_path / "topk" / "hard" / "ltp.json"))
+    assert -1.0 <= cfg["keep_ratio"] < 1.0
