@@ -90,3 +90,26 @@ def test_lengths_scripts_on_a_tiny_model(tmp_path, capsys):
     dev = [len(l.split("\t")[0].split()) + 2 for l in open(tmp_path / "glue" / "SST-2" / "dev.tsv").read().splitlines()[1:]]
     assert len(rows) == 5 and n == sorted(n) and n[0] == min(dev) and n[-1] == max(dev)
     assert all(len(set(r[2:])) == 1 for r in rows)  # no pruning: every layer keeps every token
+
+
+def test_seeds_summary_means_paired_differences_and_verdicts(tmp_path):
+    import seeds_summary
+    root = tmp_path / "runs"
+    score = {("learned", 0): 0.90, ("learned", 1): 0.91, ("learned", 2): 0.92,
+             ("fixed", 0): 0.88, ("fixed", 1): 0.885, ("fixed", 2): 0.90,        # learned +2.0, +2.5, +2.0
+             ("manual", 0): 0.91, ("manual", 1): 0.90, ("manual", 2): 0.93}      # learned -1, +1, -1
+    for (method, seed), acc in score.items():
+        run = fake_run(root / "seeds" / f"sst2-s{seed}-{method}-R0.6", {"stages": "hard"},
+                       [{"stage": "hard", "step": 9, "accuracy": acc, "relative_flops": 0.62 + seed / 100,
+                         "train_relative_flops": 0.6}])
+        os.makedirs(os.path.join(run, "hard"))
+        open(os.path.join(run, "hard", "DONE"), "w").write("done\n")
+    fake_run(root / "seeds" / "sst2-s0-learned-R0.45", {}, [{"stage": "hard", "accuracy": 0.5, "relative_flops": 0.4}])
+    seeds_summary.main([str(root), "--out", str(tmp_path / "s")])  # the unfinished R0.45 run (no DONE) is left out
+    rows = json.load(open(tmp_path / "s.json"))
+    assert len(rows) == 9 and {r["method"] for r in rows} == {"learned", "fixed", "manual"}
+    md = {l.split("|")[2].strip(): [c.strip() for c in l.split("|")] for l in open(tmp_path / "s.md") if l.startswith("| 0.6 ")}
+    assert md["learned"][4] == "91.00 ± 1.00" and md["learned"][5] == "0.630 ± 0.010"
+    assert md["fixed"][7] == "+2.17 ± 0.29 (n=3)" and md["fixed"][8] == "learned better"
+    assert md["manual"][7] == "-0.33 ± 1.15 (n=3)" and md["manual"][8] == "not distinguishable"
+    assert os.path.getsize(tmp_path / "s.png") > 1000

