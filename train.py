@@ -540,6 +540,11 @@ def main(args):
         dev_sets["_mm"] = glue.encode_split(tok, glue.read_split(args.task, args.data_dir, "dev_mismatched"))
     if rank == 0:
         print(f"{args.task}: {len(train[0])} train, {len(dev_sets[''][0])} dev examples; stages {stages}")
+        print(f"settings: batch {args.batch_size}, lr {args.finetune_lr} (fine-tune) / {args.lr}, epochs "
+              f"{args.finetune_epochs}/{args.soft_epochs}/{args.hard_epochs}, "
+              + (f"lambda {args.lam}" if args.lam is not None else f"target FLOPs {args.target_flops} (eta {args.flops_lr})")
+              + f", soft mask {args.soft_mask}, theta_L init {args.final_threshold:.4g}, threshold lr {args.threshold_lr}, "
+              f"T {args.temperature} (all in {os.path.join(args.output_dir, 'args.json')})")
 
     src = first_src
     if stages and stages[0] != "finetune" and not args.init:  # continue from the previous stage's output
