@@ -8,6 +8,8 @@ Sequence-length experiments of the paper (issue 5), on any checkpoints train.py 
                 dev lengths): table 3, for models trained on short examples
   trajectories  tokens live after each layer for ~20 dev examples spread over the length range
                 (fig. A.2): learned thresholds adapt to each input, fixed lengths do not
+  flops-by-length  relative FLOPs per length bucket on train and dev (why a budget met on train
+                moves on dev)
 
   python scripts/lengths.py table2 --task sst2,mrpc,stsb --data-dir ../shared/glue --model runs/sst2-minilm/finetune
   python scripts/lengths.py buckets --task sst2 --data-dir ../shared/glue RUN/hard RUN2/hard ...
@@ -64,6 +66,36 @@ def table2(args):
                      f"{tr.mean():.1f} | {dv.mean():.1f} | {100 * (tr <= qd[1]).mean():.1f}% | "
                      f"{kl_divergence(tr, dv, bins):.4f} |")
     return lines
+
+
+def flops_by_length(args):
+    """
+    Relative FLOPs per fixed length bucket on train (a random sample) and dev: whether a FLOPs budget met on
+    train carries over to dev is a question of how each length prunes and of the two splits' length mixes.
+    """
+    edges = [int(e) for e in args.edges.split(",")]
+    bounds = list(zip([0] + edges, edges + [10 ** 6]))
+    lines = ["| model | split | all | " + " | ".join(f"[{lo}, {hi})" if hi < 10 ** 6 else f">= {lo}" for lo, hi in bounds)
+             + " |", "|---|---|---:|" + "---:|" * len(bounds)]
+    for path in args.models:
+        model, tok = load(path)
+        for split in ("train", "dev"):
+            enc, labels, n = split_lengths(tok, args.task, args.data_dir, split)
+            if split == "train" and len(enc) > args.sample:
+                ids = np.sort(np.random.default_rng(0).permutation(len(enc))[:args.sample])
+                enc, labels, n = [enc[i] for i in ids], [labels[i] for i in ids], n[ids]
+            row, kept = glue.evaluate(model, args.task, enc, labels)
+            cells = [f"{row['relative_flops']:.3f} (n={len(enc)}, mean {n.mean():.1f} tokens)"]
+            for lo, hi in bounds:
+                sel = (n >= lo) & (n < hi)
+                cells.append(f"{flops_of(kept[torch.from_numpy(sel)], model.cfg):.3f} ({sel.sum()})" if sel.any() else "")
+            lines.append(f"| {path} | {split} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def flops_of(kept, cfg):
+    from ltp.flops import flops_summary
+    return flops_summary(kept, cfg)[1]
 
 
 def buckets(args):
@@ -130,7 +162,7 @@ def trajectories(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["table2", "buckets", "trajectories"])
+    p.add_argument("command", choices=["table2", "buckets", "trajectories", "flops-by-length"])
     p.add_argument("models", nargs="*", help="checkpoint directories (buckets, trajectories)")
     p.add_argument("--task", default="sst2")
     p.add_argument("--data-dir", default="data/glue")
@@ -139,6 +171,8 @@ def main(argv=None):
     p.add_argument("--labels", default=None, help="trajectories: comma list of panel titles, one per model")
     p.add_argument("--out", default=None, help="write OUT.md (and OUT.png for trajectories)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--edges", default="10,20,30,45", help="flops-by-length: bucket edges in tokens")
+    p.add_argument("--sample", type=int, default=4000, help="flops-by-length: training examples sampled")
     args = p.parse_intermixed_args(argv)
     torch.set_num_threads(args.threads)
     for task in args.task.split(","):
@@ -150,7 +184,8 @@ def main(argv=None):
         sys.exit("table2 needs --model (a checkpoint directory, for its tokenizer)")
     if args.command != "table2" and not args.models:
         sys.exit(f"{args.command} needs at least one checkpoint directory")
-    lines = {"table2": table2, "buckets": buckets, "trajectories": trajectories}[args.command](args)
+    lines = {"table2": table2, "buckets": buckets, "trajectories": trajectories,
+             "flops-by-length": flops_by_length}[args.command](args)
     print("\n".join(lines))
     if args.out:
         with open(args.out + ".md", "w") as f:

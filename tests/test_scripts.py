@@ -84,6 +84,13 @@ def test_lengths_scripts_on_a_tiny_model(tmp_path, capsys):
     lengths.main(["buckets", str(model), *data])
     rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith(f"| {model} |")]
     assert len(rows) == 1 and rows[0].count("| 1.000") == 3  # unpruned: relative FLOPs 1 in every bucket
+    lengths.main(["flops-by-length", str(model), *data, "--edges", "4,8"])
+    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith(f"| {model} |")]
+    # unpruned: 1.000 in every bucket; the bucket counts add up to the split's size (40 train, 24 dev)
+    for row, n in zip(rows, (40, 24)):
+        cells = [c.strip() for c in row.strip("|").split("|")][2:]
+        assert cells[0].startswith(f"1.000 (n={n},")
+        assert sum(int(c.split("(")[1].rstrip(")")) for c in cells[1:] if c) == n
     lengths.main(["trajectories", str(model), *data, "--n", "5", "--out", str(tmp_path / "t")])
     rows = [l.rstrip(" |").split(" | ") for l in open(tmp_path / "t.md").read().splitlines()[2:]]
     n = [int(r[2]) for r in rows]
