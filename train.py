@@ -238,6 +238,39 @@ def log_row(args, row):
 
 # ---------------------------------------------------------------------------------------------
 
+def setup_baseline(args, model, enc, calib_ids):
+    """
+    The hard stage of a baseline, straight from a fine-tuned model: manual thresholds theta_L * l / L (section
+    4.4), top-k or fixed lengths, one switch: --method. With --target-flops given, each calibrates its own knob
+    to R on training data, as eq. 15 does. Returns the budget the hard stage holds after each epoch (None but
+    for manual thresholds, which drift with the weights; top-k and fixed lengths cannot).
+    """
+    L = model.cfg.num_hidden_layers
+    target = args.target_flops if args.target_given else None
+    lengths = None
+    if args.method == "fixed":
+        lengths = ([int(k) for k in args.lengths.split(",")] if args.lengths and target is None else
+                   fixed_lengths([len(e[0]) for e in enc], L, model.cfg.hidden_size,
+                                 model.cfg.intermediate_size, target or args.flops_budget))
+        if len(lengths) != L:
+            raise SystemExit(f"error: --lengths: {len(lengths)} values, the model has {L} layers")
+    model.prune = PruneConfig(mode="hard", method=args.method, final_threshold=args.final_threshold,
+                              keep_ratio=args.keep_ratio, lengths=lengths)
+    model.encoder.theta.data.copy_(init_thresholds(L, args.final_threshold))
+    if target is not None and args.method == "threshold":  # manual thresholds: eq. 15's scale
+        calibrate(model, enc, calib_ids, target)
+    elif target is not None and args.method == "topk":    # top-k: the final retain ratio, 1 - c
+
+        def flops_at(c):
+            model.prune = PruneConfig(**{**model.prune.__dict__, "keep_ratio": max(-1.0, 1.0 - c)})
+            return train_flops(model, enc, calib_ids)
+        F = flops_at(calibrate_scale(flops_at, target))
+        if F > target:
+            print(f"warning: top-k cannot reach --target-flops {target} on this model (at least {F:.3f}: "
+                  f"SpAtten's schedule keeps every token in layers 1-3)", file=sys.stderr)
+    return target if args.method == "threshold" else None
+
+
 def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
     """Train one stage starting from checkpoint directory `src`; returns the stage's directory."""
     out = os.path.join(args.output_dir, stage)
@@ -271,32 +304,7 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
                                   soft_mask=args.soft_mask)
         model.encoder.theta.data.copy_(init_thresholds(L, args.final_threshold))
     elif model.prune.mode == "off":  # hard pruning straight from a fine-tuned model: the baselines
-        # manual thresholds theta_L * l / L (section 4.4), top-k or fixed lengths, one switch: --method
-        # with --target-flops given, each calibrates its own knob to R on training data, as eq. 15 does
-        target = args.target_flops if args.target_given else None
-        lengths = None
-        if args.method == "fixed":
-            lengths = ([int(k) for k in args.lengths.split(",")] if args.lengths and target is None else
-                       fixed_lengths([len(e[0]) for e in enc], L, model.cfg.hidden_size,
-                                     model.cfg.intermediate_size, target or args.flops_budget))
-            if len(lengths) != L:
-                raise SystemExit(f"--lengths: {len(lengths)} values, the model has {L} layers")
-        model.prune = PruneConfig(mode="hard", method=args.method, final_threshold=args.final_threshold,
-                                  keep_ratio=args.keep_ratio, lengths=lengths)
-        model.encoder.theta.data.copy_(init_thresholds(L, args.final_threshold))
-        if target is not None and args.method == "threshold":  # manual thresholds: eq. 15's scale
-            calibrate(model, enc, calib_ids, target)
-        elif target is not None and args.method == "topk":    # top-k: the final retain ratio, 1 - c
-
-            def flops_at(c):
-                model.prune = PruneConfig(**{**model.prune.__dict__, "keep_ratio": max(-1.0, 1.0 - c)})
-                return train_flops(model, enc, calib_ids)
-            F = flops_at(calibrate_scale(flops_at, target))
-            if F > target and rank == 0:
-                print(f"warning: top-k cannot reach --target-flops {target} on this model (at least {F:.3f}: "
-                      f"SpAtten's schedule keeps every token in layers 1-3)", file=sys.stderr)
-        # manual thresholds drift with the weights (scaled again after each epoch); top-k and fixed cannot
-        budget = target if args.method == "threshold" else None
+        budget = setup_baseline(args, model, enc, calib_ids)
         if rank == 0:
             print(f"[hard] {args.method} pruning from {src}: {model.prune}")
     else:  # step 2 happened when soft saved: binarized mask (mode "hard"), theta frozen from now on
