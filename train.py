@@ -63,6 +63,7 @@ def size_defaults(cfg):
                 finetune_lr=5e-5 if small else 2e-5, batch_size=32 if small else 64)
 
 
+COLLAPSE_STEPS = 10  # --target-flops: steps in a row under R / 2 before the thresholds are scaled back to R
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "vocab.txt",
                    "special_tokens_map.json")
 
@@ -328,6 +329,7 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
     warmup = int(args.warmup * total)
     # eq. 14's multiplier starts at 0: the task loss alone until the hard model is over budget
     lam = (args.lam or 0.0) if budget is None else 0.0
+    under = 0  # steps in a row far under budget (the collapse guard)
 
     def get_lr(step):  # linear warm-up then linear decay to 0 (RoBERTa's GLUE recipe)
         return step / max(1, warmup) if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
@@ -344,7 +346,7 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
                                  f"(interrupted while saving); delete both to restart the stage")
             st["rng"] = own["rng"]
         set_rng_state(st["rng"])
-        start_epoch, start_batch, lam = st["epoch"], st["batch"], st.get("lam", lam)
+        start_epoch, start_batch, lam, under = st["epoch"], st["batch"], st.get("lam", lam), st.get("under", 0)
         if rank == 0:
             print(f"[{stage}] resuming at epoch {start_epoch} batch {start_batch}")
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -387,26 +389,37 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
                 F = float(fl[0] / fl[1])
                 lam = dual_ascent(lam, F, budget, args.flops_lr)
                 post.update(F=f"{F:.3f}", lam=f"{lam:.3f}")
+                # Collapse guard: thresholds that overshoot every score saturate their sigmoids, and then no
+                # gradient brings them back, even at lambda 0. Far under budget for COLLAPSE_STEPS steps in a
+                # row, they are scaled back to R on training data (eq. 15, mid-stage).
+                under = under + 1 if F < budget / 2 else 0
+                if under >= COLLAPSE_STEPS:
+                    c, F = calibrate(model, enc, calib_ids, budget)
+                    under = 0
+                    if rank == 0:
+                        print(f"[soft] step {step}: collapsing (FLOPs < R/2 for {COLLAPSE_STEPS} steps): thresholds "
+                              f"scaled by {c:.4f}, relative FLOPs {F:.3f} on training data", file=sys.stderr)
+                        log_row(args, {"stage": stage, "event": "rescaled", "step": step, "scale": round(c, 6)})
             if stage == "soft":
                 post["theta_L"] = f"{model.encoder.theta[-1].item():.4f}"
             else:
                 post["kept"] = f"{(aux['kept'][:, -1] / aux['kept'][:, 0]).mean().item():.2f}"
             bar.set_postfix(**post)
             if args.save_every and step % args.save_every == 0 and b + 1 < len(batches):
-                save_state(model, optimizer, epoch, b + 1, state_path, rank, lam)
+                save_state(model, optimizer, epoch, b + 1, state_path, rank, lam, under)
             if args.eval_every and step % args.eval_every == 0 and b + 1 < len(batches):
                 # a look mid-epoch (eval mode: no dropout, so no RNG is drawn and --resume stays exact)
                 log_eval(args, model, task, dev_sets, stage, step, epoch + b / len(batches), lam, (enc, calib_ids),
                          world, rank)
             if args.max_steps and step >= args.max_steps:  # for interruption tests and quick looks
-                save_state(model, optimizer, epoch, b + 1, state_path, rank, lam)
+                save_state(model, optimizer, epoch, b + 1, state_path, rank, lam, under)
                 return None
         start_batch = 0
         if stage == "hard" and budget is not None:  # eq. 15: the weights moved, the budget holds
             c, F = calibrate(model, enc, calib_ids, budget)
             if rank == 0:
                 print(f"[hard] thresholds scaled by {c:.4f}: relative FLOPs {F:.3f} on {len(calib_ids)} training examples")
-        save_state(model, optimizer, epoch + 1, 0, state_path, rank, lam)
+        save_state(model, optimizer, epoch + 1, 0, state_path, rank, lam, under)
         row = log_eval(args, model, task, dev_sets, stage, step, epoch + 1, lam, (enc, calib_ids), world, rank)
         if rank == 0:
             print(json.dumps(row))
@@ -474,7 +487,7 @@ def rank_state_path(path, rank):
     return f"{path[:-3]}.rank{rank}.pt"  # state.pt -> state.rank1.pt
 
 
-def save_state(model, optimizer, epoch, batch, path, rank, lam=0.0):
+def save_state(model, optimizer, epoch, batch, path, rank, lam=0.0, under=0):
     """
     Everything --resume needs: weights (incl. theta), optimizer, RNG streams, data position, lambda (process 0:
     state.pt); every other process writes its own RNG streams (state.rankR.pt) first, so that a state.pt
@@ -486,7 +499,7 @@ def save_state(model, optimizer, epoch, batch, path, rank, lam=0.0):
                                                                           "batch": batch}, p))
         return
     st = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(),
-          "epoch": epoch, "batch": batch, "lam": lam}
+          "epoch": epoch, "batch": batch, "lam": lam, "under": under}
     atomic_write(path, lambda p: torch.save(st, p))
 
 
