@@ -63,7 +63,6 @@ def size_defaults(cfg):
                 finetune_lr=5e-5 if small else 2e-5, batch_size=32 if small else 64)
 
 
-COLLAPSE_STEPS = 10  # --target-flops: steps in a row under R / 2 before the thresholds are scaled back to R
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "vocab.txt",
                    "special_tokens_map.json")
 
@@ -329,7 +328,7 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
     warmup = int(args.warmup * total)
     # eq. 14's multiplier starts at 0: the task loss alone until the hard model is over budget
     lam = (args.lam or 0.0) if budget is None else 0.0
-    under = 0  # steps in a row far under budget (the collapse guard)
+    under = 1.0  # running mean of the FLOPs on training batches (the collapse guard)
 
     def get_lr(step):  # linear warm-up then linear decay to 0 (RoBERTa's GLUE recipe)
         return step / max(1, warmup) if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
@@ -346,7 +345,7 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
                                  f"(interrupted while saving); delete both to restart the stage")
             st["rng"] = own["rng"]
         set_rng_state(st["rng"])
-        start_epoch, start_batch, lam, under = st["epoch"], st["batch"], st.get("lam", lam), st.get("under", 0)
+        start_epoch, start_batch, lam, under = st["epoch"], st["batch"], st.get("lam", lam), st.get("under", 1.0)
         if rank == 0:
             print(f"[{stage}] resuming at epoch {start_epoch} batch {start_batch}")
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -390,15 +389,16 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
                 lam = dual_ascent(lam, F, budget, args.flops_lr)
                 post.update(F=f"{F:.3f}", lam=f"{lam:.3f}")
                 # Collapse guard: thresholds that overshoot every score saturate their sigmoids, and then no
-                # gradient brings them back, even at lambda 0. Far under budget for COLLAPSE_STEPS steps in a
-                # row, they are scaled back to R on training data (eq. 15, mid-stage).
-                under = under + 1 if F < budget / 2 else 0
-                if under >= COLLAPSE_STEPS:
+                # gradient brings them back, even at lambda 0. When the FLOPs' running mean (over ~10 steps)
+                # falls under R / 2, the thresholds are scaled back to R on training data (eq. 15, mid-stage)
+                # and lambda, whose overshoot caused it, restarts from 0.
+                under = 0.9 * under + 0.1 * F
+                if under < budget / 2:
                     c, F = calibrate(model, enc, calib_ids, budget)
-                    under = 0
+                    lam, under = 0.0, 1.0
                     if rank == 0:
-                        print(f"[soft] step {step}: collapsing (FLOPs < R/2 for {COLLAPSE_STEPS} steps): thresholds "
-                              f"scaled by {c:.4f}, relative FLOPs {F:.3f} on training data", file=sys.stderr)
+                        print(f"[soft] step {step}: collapsing (FLOPs' running mean < R/2): thresholds scaled by "
+                              f"{c:.4f}, relative FLOPs {F:.3f} on training data, lambda reset", file=sys.stderr)
                         log_row(args, {"stage": stage, "event": "rescaled", "step": step, "scale": round(c, 6)})
             if stage == "soft":
                 post["theta_L"] = f"{model.encoder.theta[-1].item():.4f}"
@@ -487,7 +487,7 @@ def rank_state_path(path, rank):
     return f"{path[:-3]}.rank{rank}.pt"  # state.pt -> state.rank1.pt
 
 
-def save_state(model, optimizer, epoch, batch, path, rank, lam=0.0, under=0):
+def save_state(model, optimizer, epoch, batch, path, rank, lam=0.0, under=1.0):
     """
     Everything --resume needs: weights (incl. theta), optimizer, RNG streams, data position, lambda (process 0:
     state.pt); every other process writes its own RNG streams (state.rankR.pt) first, so that a state.pt

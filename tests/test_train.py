@@ -270,8 +270,8 @@ def test_target_flops_reaches_the_budget_from_above_and_below(tmp_path, start):
     run(tmp_path, tmp_path / "ft", "--stages", "finetune", "--epochs", "2")
     R = 0.7
     argv = ["--task", "sst2", "--init", str(tmp_path / "ft" / "finetune"), "--data-dir", str(tmp_path / "glue"),
-            "--output-dir", str(tmp_path / "out"), "--batch-size", "8", "--epochs", "2", "--lr", "1e-3",
-            "--threshold-lr", "1e-3", "--target-flops", str(R), "--threads", "1",
+            "--output-dir", str(tmp_path / "out"), "--batch-size", "8", "--epochs", "2" if start == "above" else "4",
+            "--lr", "1e-3", "--threshold-lr", "1e-3", "--target-flops", str(R), "--threads", "1",
             "--final-threshold", "0.0001" if start == "above" else "0.2", "--flops-lr", "0.5"]
     train.main(train.parse_args(argv))
     rows = evals_of(tmp_path / "out")
@@ -280,10 +280,10 @@ def test_target_flops_reaches_the_budget_from_above_and_below(tmp_path, start):
     hard = [r for r in rows if r["stage"] == "hard"]
     if start == "above":
         assert soft[0]["lam"] > 0  # over budget: lambda rose
-    else:  # far under budget for 10 steps in a row: the collapse guard scales the thresholds back (eq. 15)
-        assert soft[0]["train_relative_flops"] < R - 0.05 and soft[0]["lam"] == 0.0
+    else:  # the FLOPs' running mean falls under R / 2: the collapse guard scales the thresholds back (eq. 15)
+        assert soft[0]["lam"] == 0.0
         events = [json.loads(l) for l in open(tmp_path / "out" / "metrics.jsonl") if '"rescaled"' in l]
-        assert [e["step"] for e in events] == [train.COLLAPSE_STEPS] and events[0]["scale"] < 1
+        assert len(events) >= 1 and events[0]["step"] <= 32 and events[0]["scale"] < 1
     # the binarized and the final model meet the budget on training data: at most R, within a token's worth
     for r in (binarize, hard[-1]):
         assert R - 0.05 <= r["train_relative_flops"] <= R
