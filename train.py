@@ -149,12 +149,13 @@ def collapsed(kept):
 def hard_flops(model, enc, ids):
     """
     F of eq. 14: the hard-pruned model's (eq. 8 at the current thresholds, no dropout) FLOPs on training
-    examples `ids`, as a tensor [pruned FLOPs, unpruned FLOPs] (summed, so processes can add theirs up).
-    The packed routine, rebuilt from the current weights (fused Q|K|V), runs it at inference cost.
+    examples `ids`, as a tensor [pruned FLOPs, unpruned FLOPs, sequences, sequences down to their first token
+    before the last layer] (sums, so processes can add theirs up). The packed routine, rebuilt from the
+    current weights (fused Q|K|V), runs it at inference cost.
     """
     cfg = model.cfg
     if not ids:
-        return torch.zeros(2, dtype=torch.float64)
+        return torch.zeros(4, dtype=torch.float64)
     ids_t, types, cu = pack([enc[i] for i in ids], device=model.encoder.theta.device)
     model.eval()  # no dropout in the head: no RNG is drawn
     with torch.inference_mode():
@@ -163,7 +164,7 @@ def hard_flops(model, enc, ids):
     kept = kept.tolist()
     return torch.tensor([sum(sequence_flops(k, cfg.hidden_size, cfg.intermediate_size) for k in kept),
                          sum(unpruned_flops(k[0], cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size)
-                             for k in kept)], dtype=torch.float64)
+                             for k in kept), len(kept), sum(k[-2] <= 1 for k in kept)], dtype=torch.float64)
 
 
 def train_flops(model, enc, ids):
@@ -328,7 +329,7 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
     warmup = int(args.warmup * total)
     # eq. 14's multiplier starts at 0: the task loss alone until the hard model is over budget
     lam = (args.lam or 0.0) if budget is None else 0.0
-    under = 1.0  # running mean of the FLOPs on training batches (the collapse guard)
+    under = 0.0  # running mean of the share of collapsed sequences in training batches (the collapse guard)
 
     def get_lr(step):  # linear warm-up then linear decay to 0 (RoBERTa's GLUE recipe)
         return step / max(1, warmup) if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
@@ -345,7 +346,7 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
                                  f"(interrupted while saving); delete both to restart the stage")
             st["rng"] = own["rng"]
         set_rng_state(st["rng"])
-        start_epoch, start_batch, lam, under = st["epoch"], st["batch"], st.get("lam", lam), st.get("under", 1.0)
+        start_epoch, start_batch, lam, under = st["epoch"], st["batch"], st.get("lam", lam), st.get("under", 0.0)
         if rank == 0:
             print(f"[{stage}] resuming at epoch {start_epoch} batch {start_batch}")
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -389,15 +390,15 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
                 lam = dual_ascent(lam, F, budget, args.flops_lr)
                 post.update(F=f"{F:.3f}", lam=f"{lam:.3f}")
                 # Collapse guard: thresholds that overshoot every score saturate their sigmoids, and then no
-                # gradient brings them back, even at lambda 0. When the FLOPs' running mean (over ~10 steps)
-                # falls under R / 2, the thresholds are scaled back to R on training data (eq. 15, mid-stage)
-                # and lambda, whose overshoot caused it, restarts from 0.
-                under = 0.9 * under + 0.1 * F
-                if under < budget / 2:
+                # gradient brings them back, even at lambda 0. When, in a running mean over ~10 steps, 90% of
+                # the sequences are down to their first token before the last layer, the thresholds are scaled
+                # back to R on training data (eq. 15, mid-stage) and lambda, whose overshoot caused it, restarts.
+                under = 0.9 * under + 0.1 * float(fl[3] / fl[2])
+                if under > 0.9:
                     c, F = calibrate(model, enc, calib_ids, budget)
-                    lam, under = 0.0, 1.0
+                    lam, under = 0.0, 0.0
                     if rank == 0:
-                        print(f"[soft] step {step}: collapsing (FLOPs' running mean < R/2): thresholds scaled by "
+                        print(f"[soft] step {step}: collapsing (most sequences down to one token): thresholds scaled by "
                               f"{c:.4f}, relative FLOPs {F:.3f} on training data, lambda reset", file=sys.stderr)
                         log_row(args, {"stage": stage, "event": "rescaled", "step": step, "scale": round(c, 6)})
             if stage == "soft":
@@ -487,7 +488,7 @@ def rank_state_path(path, rank):
     return f"{path[:-3]}.rank{rank}.pt"  # state.pt -> state.rank1.pt
 
 
-def save_state(model, optimizer, epoch, batch, path, rank, lam=0.0, under=1.0):
+def save_state(model, optimizer, epoch, batch, path, rank, lam=0.0, under=0.0):
     """
     Everything --resume needs: weights (incl. theta), optimizer, RNG streams, data position, lambda (process 0:
     state.pt); every other process writes its own RNG streams (state.rankR.pt) first, so that a state.pt
