@@ -174,6 +174,7 @@ def train_flops(model, enc, ids):
     model.eval()  # no dropout in the head: no RNG is drawn, so --resume stays exact
     pm = PackedModel(model)
     kept = []
+    ids = sorted(ids, key=lambda j: len(enc[j][0]))  # length-sorted batches: a small padded attention view
     with torch.inference_mode():
         for b in range(0, len(ids), 64):
             i, t, cu = pack([enc[j] for j in ids[b:b + 64]], device=model.encoder.theta.device)
@@ -615,7 +616,7 @@ def parse_args(argv=None):
     p.add_argument("--lam", type=nonneg_float, default=None, help="the paper's recipe instead: a fixed lambda of eq. 12 "
                                                            "(larger prunes more); not with --target-flops")
     p.add_argument("--flops-lr", type=nonneg_float, default=None, help="eta of eq. 14, lambda's step per unit of FLOPs gap (0.05)")
-    p.add_argument("--calibration-examples", type=positive_int, default=2048,
+    p.add_argument("--calibration-examples", type=positive_int, default=1024,
                    help="training examples eq. 15 scales the thresholds on")
     p.add_argument("--soft-mask", default=None, choices=["cumulative", "paper"],
                    help="soft mask of eq. 9: one sigmoid per layer (paper) or times the soft live mask so far (cumulative)")

@@ -283,12 +283,12 @@ def test_calibrate_scale_meets_the_budget():
     for target in (0.3, 0.5, 0.8):
         c = calibrate_scale(lambda c: 1 / (1 + c), target)
         assert 1 / (1 + c) <= target  # the budget holds
-        assert c == pytest.approx(1 / target - 1, rel=1e-3)
+        assert c == pytest.approx(1 / target - 1, rel=1e-2)
     # already within budget at c = 0 (R = 1): nothing to scale
     assert calibrate_scale(lambda c: 1 / (1 + c), 1.0) == 0.0
     # a step curve (FLOPs come in whole tokens): the smallest scale on the budget side of the step
     c = calibrate_scale(lambda c: 0.9 if c < 0.3 else 0.5, 0.6)
-    assert 0.3 <= c < 0.3 + 2 ** -10
+    assert 0.3 <= c < 0.3 + 2 ** -8
 
 
 def test_regularizer_hand_worked_and_ignores_padding():
