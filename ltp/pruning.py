@@ -108,7 +108,7 @@ def dual_ascent(lam, flops, target, rate):
     return max(0.0, lam + rate * (flops - target))
 
 
-def calibrate_scale(flops_at, target, iters=9):
+def calibrate_scale(flops_at, target, iters=12):
     """
     Eq. 15 (ours, --target-flops): theta <- c theta, one scale for every layer (eq. 8's form and the learned
     ratios between layers stay), c by bisection so that F(c theta) on training data is at most R and as
