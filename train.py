@@ -11,7 +11,6 @@ OUTPUT/metrics.jsonl gets one row per evaluation. Multi-process: torchrun --npro
 """
 import argparse
 import json
-import math
 import os
 import random
 import shutil
@@ -27,7 +26,7 @@ import ltp
 from ltp import glue
 from ltp.baselines import fixed_lengths
 from ltp.cli import Parser, nonneg_float, nonneg_int, number, positive_float, positive_int, run_cli
-from ltp.flops import relative_flops, sequence_flops, unpruned_flops
+from ltp.flops import flops_summary, sequence_flops, unpruned_flops
 from ltp.model import atomic_write, resolve
 from ltp.packed import PackedModel, pack
 from ltp.pruning import PruneConfig, calibrate_scale, dual_ascent, init_thresholds, mask_regularizer
@@ -168,19 +167,9 @@ def hard_flops(model, enc, ids):
 
 
 def train_flops(model, enc, ids):
-    """Relative FLOPs of the hard-pruned model on training examples `ids` (the packed routine, batches of 64)."""
-    cfg = model.cfg
-    was_training = model.training
-    model.eval()  # no dropout in the head: no RNG is drawn, so --resume stays exact
-    pm = PackedModel(model)
-    kept = []
-    ids = sorted(ids, key=lambda j: len(enc[j][0]))  # length-sorted batches: a small padded attention view
-    with torch.inference_mode():
-        for b in range(0, len(ids), 64):
-            i, t, cu = pack([enc[j] for j in ids[b:b + 64]], device=model.encoder.theta.device)
-            kept += pm(i, cu, t)[1].tolist()
-    model.train(was_training)
-    return relative_flops(kept, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size)
+    """Relative FLOPs of the hard-pruned model on training examples `ids` (glue.predict: packed, eval mode, no RNG)."""
+    _, kept = glue.predict(model, [enc[j] for j in ids], batch_size=64)
+    return flops_summary(kept, model.cfg)[1]
 
 
 def calibrate(model, enc, ids, target):
