@@ -5,15 +5,18 @@ plus the top-k vs threshold latency of appendix A.2.
 
   python bench.py --model DIR --task sst2 --data-dir /work/shared/glue --final-threshold 0.01 --json runs/bench.json
 
-Methods (one row per method and batch size):
+Methods (one row per method, batch size and precision, --precision fp32,bf16):
   hf-dataset-order  transformers (AutoModel / ...ForSequenceClassification from DIR), padded batches in dataset order
+                    (in bf16: the fp32 model under torch.autocast(dtype=torch.bfloat16))
   hf-sorted         the same, length-sorted batches
   packed            ltp/packed.py without pruning, length-sorted batches (the loop of infer.py)
   ltp               ltp/packed.py with the checkpoint's learned thresholds (ltp.json) or --final-threshold
+                    (packed and ltp in bf16: PackedModel(precision="bf16"), weights converted once)
 Throughput is the median of --repeats full passes after a warm-up (the passes go round the methods, so a
 change of the machine's load hits all alike), model time only (inputs tokenized, padded or packed beforehand).
 Useful GFLOP/s counts real tokens only (pruning.sequence_flops).
 """
+import argparse
 import json
 import math
 import os
@@ -29,7 +32,7 @@ import ltp
 from ltp import flops as fl
 from ltp.cli import (Parser, add_inference_args, int_list, load_model, nonneg_int, output_path, positive_int, read_inputs,
                      run_cli, tune_allocator)
-from ltp.packed import PackedModel, forward_batches, make_batches, onednn_available, sync
+from ltp.packed import PackedModel, forward_batches, make_batches, onednn_available, resolve_precision, sync
 from ltp.text import collate
 
 METHODS = ("hf-dataset-order", "hf-sorted", "packed", "ltp")
@@ -52,22 +55,28 @@ def timed(fn, device, repeats, warmup=1):
     return statistics.median(times), times
 
 
-def peak_gflops(device, repeats=10, M=2048, K=768, N=3072):
-    """This machine's fp32 GEMM rate on an M x K x N product: F.linear, and oneDNN's prepacked paths on CPU.
-    main() measures it before and after the throughput runs and keeps the better value of each."""
+def peak_gflops(device, repeats=10, M=2048, K=768, N=3072, bf16=False):
+    """This machine's fp32 GEMM rate on an M x K x N product: F.linear, and oneDNN's prepacked paths on CPU;
+    "best" is the best of those; with bf16, "bf16" is the best bf16 rate (F.linear and oneDNN prepacked, bf16
+    operands). main() measures it before and after the throughput runs and keeps the better value of each."""
     x, w, b = torch.randn(M, K, device=device), torch.randn(N, K, device=device) * 0.02, torch.zeros(N, device=device)
     flops = 2 * M * K * N
-    out = {}
+    out, half = {}, {}
     with torch.inference_mode():
-        out["F.linear"] = flops / timed(lambda: F.linear(x, w, b), device, repeats, 2)[0] / 1e9
+        for dtype, rates in ((torch.float32, out), (torch.bfloat16, half)) if bf16 else ((torch.float32, out),):
+            xd, wd, bd = x.to(dtype), w.to(dtype), b.to(dtype)
+            rates["F.linear"] = flops / timed(lambda: F.linear(xd, wd, bd), device, repeats, 2)[0] / 1e9
+            if onednn_available(device):
+                wp = torch.ops.mkldnn._reorder_linear_weight(wd, M)  # oneDNN's blocked layout, prepacked once
+                rates["onednn_prepacked"] = flops / timed(
+                    lambda: torch.ops.mkldnn._linear_pointwise(xd, wp, bd, "none", [], ""), device, repeats, 2)[0] / 1e9
         if onednn_available(device):
-            wp = torch.ops.mkldnn._reorder_linear_weight(w, M)  # oneDNN's blocked layout, prepacked once
-            out["onednn_prepacked"] = flops / timed(
-                lambda: torch.ops.mkldnn._linear_pointwise(x, wp, b, "none", [], ""), device, repeats, 2)[0] / 1e9
             # what torch.utils.mkldnn.to_mkldnn's MkldnnLinear runs, with the input kept as an mkldnn tensor
             xm, wm, bm = x.to_mkldnn(), w.to_mkldnn(), b.to_mkldnn()
             out["mkldnn_tensor"] = flops / timed(lambda: torch._C._nn.mkldnn_linear(xm, wm, bm), device, repeats, 2)[0] / 1e9
     out["best"] = max(out.values())
+    if bf16:
+        out["bf16"] = max(half.values())
     return out
 
 
@@ -149,26 +158,36 @@ def hf_batches(encoded, batch_size, sort, cfg, device):
     return out
 
 
-def hf_pass(hf, batches):
-    with torch.inference_mode():
+def autocast(precision, device):
+    """transformers' bf16 rows: the fp32 model under torch.autocast (a no-op context in fp32)."""
+    import contextlib
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def hf_pass(hf, batches, precision="fp32"):
+    with torch.inference_mode(), autocast(precision, hf.device):
         for b in batches:
             hf(**b)
 
 
 def check_same_model(hf, pm, encoded, device):
-    """Sanity check before timing: transformers and the packed routine (pruning off) agree on a few examples."""
+    """Sanity check before timing: transformers and the packed routine (pruning off) agree on a few examples
+    (in bf16 both run in bf16: transformers under autocast)."""
     sample = encoded[:4]
     b = hf_batches(sample, 4, False, pm.cfg, device)[0]
     ids, types, cu = make_batches(sample, 4, sort=False, device=device)[0][1:]
     with torch.inference_mode():
         out, kept = pm(ids, cu, types)
-        ref = hf(**b)
+        with autocast(pm.precision, device):
+            ref = hf(**b)
     if pm.model.head is not None:
         diff = (ref.logits.float() - out).abs().max().item()
     else:  # first tokens of each sequence in the packed last hidden states
         first = kept[:, -1].cumsum(0) - kept[:, -1]
         diff = (ref.last_hidden_state[:, 0].float() - out[first]).abs().max().item()
-    print(f"transformers vs packed (no pruning), 4 examples: max abs difference {diff:.2e}", file=sys.stderr)
+    print(f"transformers vs packed (no pruning, {pm.precision}), 4 examples: max abs difference {diff:.2e}", file=sys.stderr)
     return diff
 
 
@@ -209,20 +228,32 @@ def markdown(result):
     pk = result["peak_gflops"]
     lines = [f"Model {s['model']} ({s['model_type']}, {s['layers']} layers, hidden {s['hidden']}), "
              f"{s['examples']} examples of {s['data']} (mean {s['mean_tokens']:.1f} tokens), "
-             f"{s['threads']} threads on {s['device']}, fp32, linear: {s['linear']}.",
+             f"{s['threads']} threads on {s['device']}, {' and '.join(s['precisions'])}, linear: {s['linear']}.",
              f"Pruning: {s['pruning']}. GFLOPs per example: {s['gflops_unpruned']:.3f} unpruned, "
              f"{s['gflops_ltp']:.3f} with LTP (relative FLOPs {s['relative_flops']:.3f}); "
              f"mean tokens kept per layer: {s['kept_per_layer']}.",
-             "Peak fp32 GEMM (2048x768x3072, better of before/after the runs): "
+             "Peak GEMM (2048x768x3072, better of before/after the runs; fp32 unless named bf16): "
              + ", ".join(f"{k} {v:.0f}" for k, v in pk.items()) + " GFLOP/s.",
-             "",
-             "| method | batch | examples/s | tokens/s | useful GFLOP/s | % of peak | rel. FLOPs | vs packed | vs hf-sorted | peak MB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "% of peak: of the best fp32 rate (fp32 rows) or of the bf16 rate (bf16 rows); vs packed, vs hf-sorted: "
+             "against the same batch size and precision; vs hf fp32: against hf-sorted fp32."]
+    ag = result["setup"].get("bf16_vs_fp32")
+    if ag:
+        lines.append(f"bf16 vs fp32 (ltp rows): kept counts equal in every layer on {ag['kept_all_layers']:.1%} of the "
+                     f"examples (per layer: {', '.join(f'{v:.1%}' for v in ag['kept_per_layer'])}; mean |difference| "
+                     f"{ag['mean_abs_kept_diff']:.3f} tokens per layer)"
+                     + (f", labels equal on {ag['labels']:.2%}, max |logit difference| {ag['max_abs_logit_diff']:.3f}"
+                        if "labels" in ag else "") + ".")
+    lines += ["",
+              "| method | precision | batch | examples/s | tokens/s | useful GFLOP/s | % of peak | rel. FLOPs | vs packed | "
+              "vs hf-sorted | vs hf fp32 | peak MB |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         f = lambda v, fmt: "" if v is None else format(v, fmt)  # noqa: E731
-        lines.append(f"| {r['method']} | {r['batch_size']} | {r['examples_per_s']:.1f} | {r['tokens_per_s']:.0f} | "
-                     f"{r['gflops_per_s']:.1f} | {100 * r['gflops_per_s'] / pk['best']:.0f}% | {r['relative_flops']:.3f} | "
-                     f"{f(r['speedup_vs_packed'], '.2f')} | {f(r['speedup_vs_hf_sorted'], '.2f')} | {r['peak_memory_mb']:.0f} |")
+        ref = pk.get("bf16", pk["best"]) if r["precision"] == "bf16" else pk["best"]
+        lines.append(f"| {r['method']} | {r['precision']} | {r['batch_size']} | {r['examples_per_s']:.1f} | "
+                     f"{r['tokens_per_s']:.0f} | {r['gflops_per_s']:.1f} | {100 * r['gflops_per_s'] / ref:.0f}% | "
+                     f"{r['relative_flops']:.3f} | {f(r['speedup_vs_packed'], '.2f')} | {f(r['speedup_vs_hf_sorted'], '.2f')} | "
+                     f"{f(r.get('speedup_vs_hf_sorted_fp32'), '.2f')} | {r['peak_memory_mb']:.0f} |")
     if result.get("topk"):
         lines += ["", "Appendix A.2, batch 32: mean latency (us) of torch.topk vs the threshold test (s > theta)",
                   "", "| length | retain | top-k us | threshold us | top-k / threshold |", "|---:|---:|---:|---:|---:|"]
@@ -240,10 +271,12 @@ def plot(result, path):
     except ImportError:
         return print("matplotlib is not installed: no PNG", file=sys.stderr)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for m in METHODS:
-        rows = [r for r in result["rows"] if r["method"] == m]
-        if rows:
-            ax.plot([r["batch_size"] for r in rows], [r["examples_per_s"] for r in rows], marker="o", label=m)
+    for p in result["setup"]["precisions"]:
+        for m in METHODS:
+            rows = [r for r in result["rows"] if r["method"] == m and r["precision"] == p]
+            if rows:
+                ax.plot([r["batch_size"] for r in rows], [r["examples_per_s"] for r in rows], marker="o",
+                        linestyle="-" if p == "fp32" else "--", label=f"{m} {p}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
     ax.set_ylabel("examples / s")
@@ -276,87 +309,107 @@ def main(args):
     lengths = [len(i) for i, _ in encoded]
     L, C, I = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
     prune = model.prune
-    pm = PackedModel(model, onednn={"auto": None, "on": True, "off": False}[args.onednn])
+    precisions = list(dict.fromkeys(resolve_precision(p, dev) for p in args.precision))  # auto resolved, no repeats
+    pms = {p: PackedModel(model, onednn={"auto": None, "on": True, "off": False}[args.onednn], precision=p)
+           for p in precisions}
+    print(f"precision: {', '.join(precisions)} (asked: {','.join(args.precision)})", file=sys.stderr)
     if prune.mode == "off":
         print("no ltp.json and no --final-threshold: no ltp rows (pass --final-threshold 0.01 to prune)", file=sys.stderr)
 
     print("measuring the peak GEMM rate ...", file=sys.stderr)
-    peak = peak_gflops(dev, args.peak_repeats)
+    peak = peak_gflops(dev, args.peak_repeats, bf16="bf16" in precisions)
     hf = None if args.skip_hf else load_hf(path, model.head is not None, args.hf_attn, dev)
-    hf_diff = None
+    hf_diff = {}
     if hf is not None:
         model.prune = ltp.PruneConfig(mode="off")
-        hf_diff = check_same_model(hf, pm, encoded, dev)
+        hf_diff = {p: check_same_model(hf, pms[p], encoded, dev) for p in precisions}
         model.prune = prune
 
     unpruned_flops = sum(fl.unpruned_flops(n, L, C, I) for n in lengths)
     no_prune = ltp.PruneConfig(mode="off")
 
-    def runner(method, bs):
-        """A function running one full pass of `method` at batch size bs (inputs prepared beforehand)."""
+    def runner(method, bs, precision):
+        """A function running one full pass of `method` at batch size bs in `precision` (inputs prepared beforehand)."""
         if method.startswith("hf"):
             batches = hf_batches(encoded, bs, method == "hf-sorted", cfg, dev)
-            return lambda part=None: hf_pass(hf, batches[:part])
+            return lambda part=None: hf_pass(hf, batches[:part], precision)
         batches = make_batches(encoded, bs, sort=True, device=dev)
         mode = prune if method == "ltp" else no_prune
 
         def run(part=None):
             model.prune = mode  # PackedModel reads model.prune at every call
-            out = forward_batches(pm, batches[:part], len(encoded))
+            out = forward_batches(pms[precision], batches[:part], len(encoded))
             model.prune = prune
             return out
         return run
 
-    rows, ltp_kept = [], None
+    rows, ltp_out = [], {}
     for bs in args.batch_sizes:
-        methods = [m for m in METHODS if not (m.startswith("hf") and hf is None or m == "ltp" and prune.mode == "off")]
-        runs = {m: runner(m, bs) for m in methods}
-        for m in methods:  # warm-up on a few batches (allocator, MKL / oneDNN kernel selection)
-            runs[m](8)
+        methods = [(m, p) for p in precisions for m in METHODS
+                   if not (m.startswith("hf") and hf is None or m == "ltp" and prune.mode == "off")]
+        runs = {mp: runner(mp[0], bs, mp[1]) for mp in methods}
+        for mp in methods:  # warm-up on a few batches (allocator, MKL / oneDNN kernel selection)
+            runs[mp](8)
         # The repeats go round the methods, so a change in the machine's load hits every method alike.
-        times, mem = {m: [] for m in methods}, {m: 0.0 for m in methods}
+        times, mem = {mp: [] for mp in methods}, {mp: 0.0 for mp in methods}
         for _ in range(args.repeats):
-            for m in methods:
+            for mp in methods:
                 with PeakMemory(dev) as pmem:
-                    times[m].append(timed(runs[m], dev, 1, warmup=0)[0])
-                mem[m] = max(mem[m], pmem.mb)
-        for m in methods:
-            sec = statistics.median(times[m])
+                    times[mp].append(timed(runs[mp], dev, 1, warmup=0)[0])
+                mem[mp] = max(mem[mp], pmem.mb)
+        for m, p in methods:
+            sec = statistics.median(times[m, p])
             flops = unpruned_flops
             if m == "ltp":
-                kept = runs[m]()[1]
-                ltp_kept = kept if ltp_kept is None else ltp_kept
+                out, kept, _ = runs[m, p]()
+                ltp_out.setdefault(p, (out, kept))
                 flops = sum(fl.sequence_flops(k, C, I) for k in kept.tolist())
-            row = {"method": m, "batch_size": bs, "examples_per_s": len(encoded) / sec,
+            row = {"method": m, "precision": p, "batch_size": bs, "examples_per_s": len(encoded) / sec,
                    "tokens_per_s": sum(lengths) / sec, "gflops_per_s": flops / sec / 1e9,
-                   "relative_flops": flops / unpruned_flops, "peak_memory_mb": mem[m],
-                   "seconds": times[m], "speedup_vs_packed": None, "speedup_vs_hf_sorted": None}
+                   "relative_flops": flops / unpruned_flops, "peak_memory_mb": mem[m, p],
+                   "seconds": times[m, p], "speedup_vs_packed": None, "speedup_vs_hf_sorted": None}
             rows.append(row)
-            print(f"  {m:17s} batch {bs:4d}: {row['examples_per_s']:8.1f} examples/s, "
-                  f"{row['gflops_per_s']:6.1f} useful GFLOP/s, peak +{mem[m]:.0f} MB", file=sys.stderr)
+            print(f"  {m:17s} {p} batch {bs:4d}: {row['examples_per_s']:8.1f} examples/s, "
+                  f"{row['gflops_per_s']:6.1f} useful GFLOP/s, peak +{mem[m, p]:.0f} MB", file=sys.stderr)
     # the peak again at the end: the machine's load may have changed meanwhile; report the better of the two
-    end = peak_gflops(dev, args.peak_repeats)
+    end = peak_gflops(dev, args.peak_repeats, bf16="bf16" in precisions)
     peak = {k: max(v, end.get(k, 0.0)) for k, v in peak.items()} | {"best_start": peak["best"], "best_end": end["best"]}
-    for r in rows:
-        base = {x["method"]: x["examples_per_s"] for x in rows if x["batch_size"] == r["batch_size"]}
-        if "packed" in base and r["method"] != "packed":
-            r["speedup_vs_packed"] = r["examples_per_s"] / base["packed"]
-        if "hf-sorted" in base and r["method"] != "hf-sorted":
-            r["speedup_vs_hf_sorted"] = r["examples_per_s"] / base["hf-sorted"]
+    for r in rows:  # speedups against the same batch size, in the same precision (and against hf-sorted fp32)
+        same = {(x["method"], x["precision"]): x["examples_per_s"] for x in rows if x["batch_size"] == r["batch_size"]}
+        if ("packed", r["precision"]) in same and r["method"] != "packed":
+            r["speedup_vs_packed"] = r["examples_per_s"] / same["packed", r["precision"]]
+        if ("hf-sorted", r["precision"]) in same and r["method"] != "hf-sorted":
+            r["speedup_vs_hf_sorted"] = r["examples_per_s"] / same["hf-sorted", r["precision"]]
+        if ("hf-sorted", "fp32") in same and r["precision"] != "fp32":
+            r["speedup_vs_hf_sorted_fp32"] = r["examples_per_s"] / same["hf-sorted", "fp32"]
+    agreement = None
+    if {"fp32", "bf16"} <= ltp_out.keys():  # what bf16 changes in the pruned model's decisions
+        (o32, k32), (o16, k16) = ltp_out["fp32"], ltp_out["bf16"]
+        agreement = {"kept_all_layers": (k32 == k16).all(1).float().mean().item(),
+                     "kept_per_layer": [round(v, 4) for v in (k32 == k16).float().mean(0).tolist()],
+                     "mean_abs_kept_diff": (k32 - k16).abs().float().mean().item(),
+                     "relative_flops": {p: fl.flops_summary(k, cfg)[1] for p, (_, k) in ltp_out.items()}}
+        if o32 is not None:
+            agreement |= {"labels": (o32.argmax(1) == o16.argmax(1)).float().mean().item(),
+                          "max_abs_logit_diff": (o32 - o16).abs().max().item()}
+        print(f"bf16 vs fp32 (ltp): kept counts equal in every layer on {agreement['kept_all_layers']:.1%} of the "
+              f"examples" + (f", labels on {agreement['labels']:.2%}" if o32 is not None else ""), file=sys.stderr)
 
+    ltp_kept = ltp_out[precisions[0]][1] if ltp_out else None
     kept = ltp_kept if ltp_kept is not None else torch.tensor([[n] * (L + 1) for n in lengths])
     g_ltp, rel = fl.flops_summary(kept, cfg)
     result = {
         "setup": {
             "model": args.model, "model_name": os.path.basename(os.path.normpath(path)), "model_type": cfg.model_type,
-            "layers": L, "hidden": C, "head": model.head is not None,
+            "layers": L, "hidden": C, "head": model.head is not None, "precisions": precisions,
             "data": f"{args.task} {args.split}" if args.task else args.input, "examples": len(encoded),
             "mean_tokens": sum(lengths) / len(lengths), "threads": torch.get_num_threads(), "device": dev,
             "linear": {0: "F.linear", math.inf: "oneDNN prepacked"}.get(
-                pm.onednn_rows, f"oneDNN prepacked below {pm.onednn_rows} rows, else F.linear"),
+                pms[precisions[0]].onednn_rows, f"oneDNN prepacked below {pms[precisions[0]].onednn_rows} rows, else F.linear"),
             "repeats": args.repeats,
             "hf_attention": args.hf_attn if hf is not None else None,
-            "hf_max_abs_diff": hf_diff,  # transformers vs the packed routine, pruning off, 4 examples
+            "hf_max_abs_diff": hf_diff,  # per precision: transformers vs the packed routine, pruning off, 4 examples
+            "bf16_vs_fp32": agreement,  # the ltp rows' kept counts and labels, bf16 against fp32 (first batch size)
             "pruning": (f"{prune.mode}, thresholds " + " ".join(f"{t:.4g}" for t in model.encoder.theta.tolist())
                         + (" (manual, linear-rising)" if args.final_threshold is not None and not
                            os.path.isfile(os.path.join(path, "ltp.json")) else " (ltp.json)"))
@@ -383,6 +436,15 @@ def main(args):
     return result
 
 
+def precision_list(s):
+    """An argparse type: a comma list of fp32 / bf16 / auto, e.g. 'fp32,bf16'."""
+    out = [x.strip() for x in s.split(",")]
+    bad = [x for x in out if x not in ("fp32", "bf16", "auto")]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{bad[0]!r} is not a precision (fp32, bf16 or auto)")
+    return out
+
+
 def get_parser():
     p = Parser(description="Throughput, FLOPs and memory of packed LTP inference vs transformers.")
     add_inference_args(p)
@@ -391,6 +453,9 @@ def get_parser():
                    help="comma-separated batch sizes")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed passes over the data per method and batch size (median)")
     p.add_argument("--peak-repeats", type=positive_int, default=10, help="timed runs of each peak GEMM measurement (median)")
+    p.add_argument("--precision", type=precision_list, default=["fp32"],
+                   help="comma list of fp32, bf16, auto (bf16 where the hardware multiplies bf16 natively, else fp32): "
+                        "every method runs in each")
     p.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="transformers attention implementation")
     p.add_argument("--skip-hf", action="store_true", help="no transformers rows")
     p.add_argument("--skip-topk", action="store_true", help="skip the appendix A.2 top-k vs threshold latency")

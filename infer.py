@@ -59,7 +59,7 @@ def main(args):
     model = load_model(args.model, args.final_threshold).to(args.device)
     tok = ltp.Tokenizer.from_dir(ltp.model.resolve(args.model), model.cfg)
     encoded = tok.encode(texts)
-    pm = PackedModel(model, onednn={"auto": None, "on": True, "off": False}[args.onednn])
+    pm = PackedModel(model, onednn={"auto": None, "on": True, "off": False}[args.onednn], precision=args.precision)
     batches = make_batches(encoded, args.batch_size, sort=not args.no_sort, device=args.device)
     logits, kept, seconds = forward_batches(pm, batches, len(texts), progress=len(texts) >= 1000)
 
@@ -83,7 +83,8 @@ def main(args):
     gflops, rel = flops_summary(kept, model.cfg)
     say(f"{len(texts)} examples in {seconds:.2f} s: {len(texts) / seconds:.1f} examples/s "
         f"(model only, batch {args.batch_size}, {'length-sorted' if not args.no_sort else 'input order'}, "
-        f"{torch.get_num_threads()} threads, {args.device})")
+        f"{torch.get_num_threads()} threads, {args.device}, {pm.precision}"
+        + (f" from --precision auto" if args.precision == "auto" else "") + ")")
     say("mean tokens kept per layer: " + " ".join(f"{v:.1f}" for v in kept.float().mean(0).tolist())
         + "  (entering layer 1, then after each layer)")
     say(f"relative FLOPs {rel:.3f}, {gflops:.4g} GFLOPs per example"
@@ -103,6 +104,9 @@ def get_parser():
     add_inference_args(p)
     p.add_argument("--output", default="-", help="JSON lines output, one row per input line in order (- = stdout)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="examples per packed batch")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                   help="matmuls in fp32 or bf16 (weights converted once; softmax, scores, eq. 8 and LayerNorm stay fp32); "
+                        "auto: bf16 where the hardware multiplies bf16 natively (AMX, AVX512-BF16, CUDA), else fp32")
     p.add_argument("--no-sort", action="store_true", help="batch in input order instead of length-sorted (output order is the same)")
     p.add_argument("--explain", type=nonneg_int, default=0, help="print, for the first K inputs, the tokens surviving each layer")
     return p

@@ -28,7 +28,7 @@ from ltp.baselines import fixed_lengths
 from ltp.cli import Parser, nonneg_float, nonneg_int, number, positive_float, positive_int, run_cli
 from ltp.flops import flops_summary, sequence_flops, unpruned_flops
 from ltp.model import atomic_write, resolve
-from ltp.packed import PackedModel, pack
+from ltp.packed import PackedModel, pack, resolve_precision
 from ltp.pruning import PruneConfig, calibrate_scale, dual_ascent, init_thresholds, mask_regularizer, ramped_target
 from ltp.text import Tokenizer, collate
 
@@ -360,7 +360,10 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
             # gradient (DDP averages over processes, hence the factor `world`)
             n_global = len(global_ids)
             real_global = sum(lengths[i] for i in global_ids)
-            logits, loss, aux = net(x, m, t, y)
+            # --precision bf16: the forward (and so the backward) under autocast; the weights, theta, the eq. 12
+            # regulariser and AdamW's state stay fp32 (the model's softmax, eq. 7-9 masks and loss are fp32)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+                logits, loss, aux = net(x, m, t, y)
             loss_task = weight * loss * len(ids) * world / n_global
             loss_total = loss_task
             if stage == "soft":  # eq. 12: L_new = L + lam * L_reg
@@ -517,6 +520,7 @@ def main(args):
             torch.cuda.set_device(device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.precision = resolve_precision(args.precision, device)  # auto -> fp32 or bf16, as it ran (args.json)
 
     # the data and the model source; offline, both fail within seconds with one clear line
     try:
@@ -557,7 +561,7 @@ def main(args):
               f"{args.finetune_epochs}/{args.soft_epochs}/{args.hard_epochs}, "
               + (f"lambda {args.lam}" if args.lam is not None else f"target FLOPs {args.target_flops} (eta {args.flops_lr}, reached over the first {args.flops_warmup:.0%} of soft steps)")
               + f", soft mask {args.soft_mask}, theta_L init {args.final_threshold:.4g}, threshold lr {args.threshold_lr}, "
-              f"T {args.temperature} (all in {os.path.join(args.output_dir, 'args.json')})")
+              f"T {args.temperature}, {args.precision} (all in {os.path.join(args.output_dir, 'args.json')})")
 
     src = first_src
     if stages and stages[0] != "finetune" and not args.init:  # continue from the previous stage's output
@@ -634,6 +638,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the data order, init and dropout")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                   help="bf16: the training forward and backward under torch.autocast (weights, thresholds, the regulariser "
+                        "and the optimizer state stay fp32; evaluation stays fp32); auto: bf16 where the hardware "
+                        "multiplies bf16 natively")
     p.add_argument("--threads", type=nonneg_int, default=None, help="torch CPU threads (default: torch's)")
     args = p.parse_args(argv)
     if args.output_dir is None:

@@ -270,7 +270,7 @@ class Model(nn.Module):
         h, aux = self.encoder(input_ids, attention_mask, token_type_ids)
         if self.head is None:
             return None, None, aux
-        logits = self.head(h)  # (B, num_labels)
+        logits = self.head(h).float()  # (B, num_labels); fp32 under bf16 autocast too, for the loss
         loss = None
         if labels is not None:
             if self.num_labels == 1:

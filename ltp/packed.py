@@ -46,6 +46,22 @@ def pack(encoded, device=None):
     return ids, types, lengths.cumsum(0)
 
 
+def native_bf16(device):
+    """True where the hardware multiplies bf16 natively: AMX or AVX512-BF16 on CPU, CUDA with bf16 support."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
+
+
+def resolve_precision(precision, device):
+    """'fp32' or 'bf16' as given; 'auto': bf16 where native_bf16(device) (elsewhere bf16 is emulated, slower than fp32)."""
+    if precision not in ("fp32", "bf16", "auto"):
+        raise ValueError(f"precision {precision!r}: fp32, bf16 or auto")
+    return ("bf16" if native_bf16(device) else "fp32") if precision == "auto" else precision
+
+
 def onednn_available(device):
     """oneDNN's prepacked-weight linear exists on CPU builds with MKL-DNN (not on cuda)."""
     return (torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
@@ -64,12 +80,19 @@ class PackedModel:
     shapes, six layers' weights in turn: at 32 / 64 / 128 / 800 rows oneDNN reaches 104 / 129 / 141 / 152
     GFLOP/s, F.linear 79 / 109 / 136 / 155 (batch 1 and the late, pruned layers are the small cases).
     With other jobs on the cores, oneDNN also held up better at 800 rows (1.5x); that case is not tuned for.
+    precision: "fp32", "bf16" or "auto" (resolve_precision). In bf16 the weights of the four linear layers are
+    converted once, here, and every matmul (the linears, q k^T, A V) runs in bf16; what decides which tokens are
+    kept stays fp32: the softmax of eq. 6 (from bf16 logits), the eq. 7 scores and the eq. 8 test. The residual
+    stream, the embeddings, every LayerNorm and the head are fp32 too (a linear's bf16 output plus the fp32
+    residual is fp32), so only the inputs of the matmuls are rounded.
     """
     ONEDNN_ROWS = 128
 
-    def __init__(self, model, onednn=None):
+    def __init__(self, model, onednn=None, precision="fp32"):
         self.model, self.cfg = model, model.cfg
         dev = model.encoder.theta.device
+        self.precision = resolve_precision(precision, dev)
+        self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         if onednn and not onednn_available(dev):
             raise RuntimeError(f"oneDNN prepacked linear is not available on {dev}")
         self.onednn_rows = {True: math.inf, False: 0, None: self.ONEDNN_ROWS if onednn_available(dev) else 0}[onednn]
@@ -85,8 +108,8 @@ class PackedModel:
                                 "ln1": layer.ln1, "ln2": layer.ln2})
 
     def weight(self, w, b):
-        """(W, b, W reordered once into oneDNN's blocked layout or None): no reorder at every call."""
-        w, b = w.detach(), b.detach()
+        """(W, b, W reordered once into oneDNN's blocked layout or None), in self.dtype: no cast or reorder per call."""
+        w, b = w.detach().to(self.dtype), b.detach().to(self.dtype)
         packed = torch.ops.mkldnn._reorder_linear_weight(w, None) if self.onednn else None
         return w, b, packed
 
@@ -145,14 +168,15 @@ class PackedModel:
         j = torch.arange(N, device=dev)
         live = j < lengths[:, None]                                        # (B, N) live tokens of each sequence
         dense = T == B * N  # all sequences have the same length: the packed rows already are the padded view
-        qkv = self.linear(x, w["qkv"])                                     # (T, 3C)
+        qkv = self.linear(x.to(self.dtype), w["qkv"])                      # (T, 3C), bf16 in bf16
         if not dense:  # padded view by one gather; a padding slot repeats its sequence's first token (finite,
             # masked as a key below, and its query row is never used), so no zero fill is needed
             qkv = qkv.index_select(0, (start[:, None] + j * live).view(-1))  # (B*N, 3C)
         q, k, v = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)           # 3 x (B, H, N, D)
-        live = live.to(x.dtype)                                            # (B, N) 1 live, 0 padding
-        # eq. 6, as Layer.attention_probs: A = softmax(q k^T / sqrt(d_h)), padded keys removed (log 0 = -inf)
-        logits = (q @ k.transpose(-2, -1)) / math.sqrt(D) + live.log()[:, None, None, :]  # (B, H, N, N)
+        live = live.float()                                                # (B, N) 1 live, 0 padding
+        # eq. 6, as Layer.attention_probs: A = softmax(q k^T / sqrt(d_h)), padded keys removed (log 0 = -inf);
+        # fp32 from the logits on, in either precision (the scores and the eq. 8 test read A)
+        logits = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(D) + live.log()[:, None, None, :]  # (B, H, N, N)
         probs = logits.softmax(dim=-1)
         if l is not None:
             enc = self.model.encoder
@@ -165,22 +189,25 @@ class PackedModel:
             # (token 0 is always kept, so a sequence's first row stays its first row)
             n_out = m.sum(1)                                               # (B,)
         if l is None or bool((n_out == lengths).all()):
-            y = (probs @ v).transpose(1, 2).reshape(B * N, C)              # (B, H, N, D) -> (B*N, C)
+            y = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(B * N, C)  # (B, H, N, D) -> (B*N, C)
             return self.finish(x, y if dense else y[live.view(-1) > 0], w), lengths  # real rows, in packed order
         # The pruned tokens leave now: only the surviving query rows of A meet V (all live keys stay keys here).
         N2 = int(n_out.max())
         rows = torch.sort((~m).to(torch.uint8), dim=1, stable=True).indices[:, :N2]  # (B, N2) survivors' old rows first
         a = probs.gather(2, rows[:, None, :, None].expand(B, H, N2, N))    # (B, H, N2, N)
-        y = (a @ v).transpose(1, 2).reshape(B * N2, C)                     # (B, H, N2, D) -> (B*N2, C)
+        y = (a.to(v.dtype) @ v).transpose(1, 2).reshape(B * N2, C)         # (B, H, N2, D) -> (B*N2, C)
         y = y[(j[:N2] < n_out[:, None]).view(-1)]                          # (T', C) the survivors, in packed order
         survivors = (start[:, None] + j).view(-1)[m.view(-1)]              # (T',) their rows in x
         return self.finish(x.index_select(0, survivors), y, w), n_out
 
     def finish(self, x, y, w):
-        """Eqs. 3-5 on packed rows, as Layer.finish: x, y (T, C) the layer input and the heads' concatenation."""
+        """
+        Eqs. 3-5 on packed rows, as Layer.finish: x (T, C) the layer input (fp32), y (T, C) the heads'
+        concatenation (self.dtype). The sums with x are fp32, so are the LayerNorms.
+        """
         ln1, ln2 = w["ln1"], w["ln2"]
         x = F.layer_norm(self.linear(y, w["out"]) + x, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps)  # eq. 3
-        h = self.linear(activation(self.cfg.hidden_act, self.linear(x, w["fc1"])), w["fc2"])      # eq. 4
+        h = self.linear(activation(self.cfg.hidden_act, self.linear(x.to(self.dtype), w["fc1"])), w["fc2"])  # eq. 4
         return F.layer_norm(h + x, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)            # eq. 5
 
 

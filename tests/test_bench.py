@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import bench  # noqa: E402
 
-KEYS = {"method", "batch_size", "examples_per_s", "tokens_per_s", "gflops_per_s", "relative_flops", "peak_memory_mb"}
+KEYS = {"method", "precision", "batch_size", "examples_per_s", "tokens_per_s", "gflops_per_s", "relative_flops", "peak_memory_mb"}
 
 
 def make_checkpoint(path, num_labels):
@@ -45,9 +45,11 @@ def test_bench_writes_all_rows_and_keys(tmp_path):
     inp.write_text("the movie was great\nnot fun\na plot\tthe plot\n\nbad bad bad bad bad movie\n" * 3)
     out = tmp_path / "bench.json"
     run(["--model", tmp_path / "m", "--input", inp, "--final-threshold", 0.02, "--batch-sizes", "1,4",
-         "--repeats", 1, "--peak-repeats", 1, "--topk-runs", 2, "--json", out, "--markdown", tmp_path / "bench.md", "--threads", 1])
+         "--repeats", 1, "--peak-repeats", 1, "--topk-runs", 2, "--json", out, "--markdown", tmp_path / "bench.md", "--threads", 1,
+         "--precision", "fp32,bf16"])
     result = json.loads(out.read_text())
-    assert set(result["peak_gflops"]) >= {"F.linear", "best"}
+    assert set(result["peak_gflops"]) >= {"F.linear", "best", "bf16"}
+    assert result["setup"]["precisions"] == ["fp32", "bf16"]
     methods = {r["method"] for r in result["rows"]}
     assert {"packed", "ltp"} <= methods  # and the hf rows when transformers is installed
     try:
@@ -55,10 +57,14 @@ def test_bench_writes_all_rows_and_keys(tmp_path):
         assert {"hf-dataset-order", "hf-sorted"} <= methods
     except ImportError:
         pass
-    assert len(result["rows"]) == 2 * len(methods)
+    assert len(result["rows"]) == 2 * 2 * len(methods)  # batch sizes x precisions x methods
     for r in result["rows"]:
         assert KEYS <= set(r), r
-        assert r["batch_size"] in (1, 4) and r["examples_per_s"] > 0
+        assert r["batch_size"] in (1, 4) and r["examples_per_s"] > 0 and r["precision"] in ("fp32", "bf16")
+    assert {(r["method"], r["precision"]) for r in result["rows"]} == {(m, p) for m in methods for p in ("fp32", "bf16")}
+    # bf16 against fp32 on the same model: the agreement of the ltp rows is reported
+    ag = result["setup"]["bf16_vs_fp32"]
+    assert 0 <= ag["kept_all_layers"] <= 1 and len(ag["kept_per_layer"]) == 3 and ag["labels"] >= 0.9
     ltp_rows = [r for r in result["rows"] if r["method"] == "ltp"]
     # the ltp rows really prune, and by exactly what infer.py's packed run of the same model keeps
     import infer
@@ -67,12 +73,14 @@ def test_bench_writes_all_rows_and_keys(tmp_path):
                                                      "--final-threshold", "0.02", "--output", str(tmp_path / "p.jsonl")]))
     rel = flops_summary(torch.tensor([r["kept"] for r in rows]), ltp.load(str(tmp_path / "m")).cfg)[1]
     assert rel < 0.9
-    assert all(r["relative_flops"] == pytest.approx(rel, abs=1e-9) for r in ltp_rows)
+    assert all(r["relative_flops"] == pytest.approx(rel, abs=1e-9) for r in ltp_rows if r["precision"] == "fp32")
     assert all(r["relative_flops"] == 1.0 for r in result["rows"] if r["method"] != "ltp")
     if "hf-sorted" in methods:  # transformers and the packed routine compute the same model
-        assert result["setup"]["hf_max_abs_diff"] < 1e-4
+        assert result["setup"]["hf_max_abs_diff"]["fp32"] < 1e-4
+        assert result["setup"]["hf_max_abs_diff"]["bf16"] < 0.1  # both in bf16: rounding, not another model
     assert len(result["topk"]) == 4 * 5
-    assert "| ltp | 4 |" in (tmp_path / "bench.md").read_text()
+    md = (tmp_path / "bench.md").read_text()
+    assert "| ltp | fp32 | 4 |" in md and "| ltp | bf16 | 4 |" in md
 
 
 def test_bench_base_encoder_without_thresholds(tmp_path):

@@ -374,3 +374,33 @@ def test_baselines_calibrate_their_knob_to_target_flops_on_train(tmp_path):
         assert R - (0.05 if name == "threshold" else 0.1) <= last["train_relative_flops"] <= R + 1e-9, (name, last)
     cfg = json.load(open(tmp_path / "topk" / "hard" / "ltp.json"))
     assert -1.0 <= cfg["keep_ratio"] < 1.0
+
+
+def test_bf16_training_keeps_fp32_state_and_follows_fp32(tmp_path):
+    """--precision bf16: autocast forward and backward; the weights, theta and AdamW's moments stay fp32, and
+    the soft stage learns what fp32 learns up to bf16 rounding (same seed, same batches)."""
+    make_glue(tmp_path / "glue")
+    make_model(tmp_path / "m", dropout=0.0)
+    run(tmp_path, tmp_path / "ft", "--stages", "finetune")
+    out = {}
+    for precision in ("fp32", "bf16"):
+        run(tmp_path, tmp_path / precision, "--stages", "soft", "--init", str(tmp_path / "ft" / "finetune"),
+            "--precision", precision, "--epochs", "1")
+        state = torch.load(tmp_path / precision / "soft" / "state.pt", weights_only=True)
+        assert all(v.dtype == torch.float32 for v in state["model"].values() if v.is_floating_point())
+        moments = [t for s in state["optimizer"]["state"].values() for k, t in s.items() if k.startswith("exp_avg")]
+        assert moments and all(t.dtype == torch.float32 for t in moments)
+        assert json.load(open(tmp_path / precision / "args.json"))["precision"] == precision
+        out[precision] = params(tmp_path / precision / "soft"), json.load(open(tmp_path / precision / "soft" / "ltp.json"))
+    (w32, ltp32), (w16, ltp16) = out["fp32"], out["bf16"]
+    init = params(tmp_path / "ft" / "finetune")
+    moved = [k for k in w32 if not torch.equal(w32[k], init[k])]
+    assert moved and any(not torch.equal(w16[k], w32[k]) for k in moved)  # bf16 really ran, and differs a little
+    cos = torch.nn.functional.cosine_similarity
+    d32 = {k: (w32[k] - init[k]).flatten().double() for k in moved}
+    d16 = {k: (w16[k] - init[k]).flatten().double() for k in moved}
+    assert cos(torch.cat(list(d32.values())), torch.cat(list(d16.values())), dim=0) > 0.95  # the same update
+    for k in moved:  # tensor by tensor, where the update is more than noise (a key bias gets no gradient at all)
+        if d32[k].norm() > 1e-4:
+            assert cos(d32[k], d16[k], dim=0) > 0.8, k
+    assert ltp16["thresholds"] == pytest.approx(ltp32["thresholds"], rel=0.1)
