@@ -81,10 +81,10 @@ class PackedModel:
     GFLOP/s, F.linear 79 / 109 / 136 / 155 (batch 1 and the late, pruned layers are the small cases).
     With other jobs on the cores, oneDNN also held up better at 800 rows (1.5x); that case is not tuned for.
     precision: "fp32", "bf16" or "auto" (resolve_precision). In bf16 the weights of the four linear layers are
-    converted once, here, and every matmul (the linears, q k^T, A V) runs in bf16; what decides which tokens are
-    kept stays fp32: the softmax of eq. 6 (from bf16 logits), the eq. 7 scores and the eq. 8 test. The residual
+    converted once, here, and the linears and A V run in bf16; what decides which tokens are kept stays fp32:
+    q k^T (of the bf16 q and k), the softmax of eq. 6, the eq. 7 scores and the eq. 8 test. The residual
     stream, the embeddings, every LayerNorm and the head are fp32 too (a linear's bf16 output plus the fp32
-    residual is fp32), so only the inputs of the matmuls are rounded.
+    residual is fp32), so only the inputs of the bf16 matmuls are rounded.
     """
     ONEDNN_ROWS = 128
 
@@ -176,7 +176,9 @@ class PackedModel:
         live = live.float()                                                # (B, N) 1 live, 0 padding
         # eq. 6, as Layer.attention_probs: A = softmax(q k^T / sqrt(d_h)), padded keys removed (log 0 = -inf);
         # fp32 from the logits on, in either precision (the scores and the eq. 8 test read A)
-        logits = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(D) + live.log()[:, None, None, :]  # (B, H, N, N)
+        logits = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(D)  # (B, H, N, N)
+        if not dense:
+            logits = logits + live.log()[:, None, None, :]
         probs = logits.softmax(dim=-1)
         if l is not None:
             enc = self.model.encoder
@@ -192,6 +194,10 @@ class PackedModel:
             y = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(B * N, C)  # (B, H, N, D) -> (B*N, C)
             return self.finish(x, y if dense else y[live.view(-1) > 0], w), lengths  # real rows, in packed order
         # The pruned tokens leave now: only the surviving query rows of A meet V (all live keys stay keys here).
+        if B == 1:  # one sequence (T = N): its survivors' rows directly, no sort and no gather over a batch
+            rows = m[0].nonzero().squeeze(1)                               # (T',)
+            y = (probs[:, :, rows].to(v.dtype) @ v).transpose(1, 2).reshape(-1, C)  # (1, H, T', D) -> (T', C)
+            return self.finish(x.index_select(0, rows), y, w), n_out
         N2 = int(n_out.max())
         rows = torch.sort((~m).to(torch.uint8), dim=1, stable=True).indices[:, :N2]  # (B, N2) survivors' old rows first
         a = probs.gather(2, rows[:, None, :, None].expand(B, H, N2, N))    # (B, H, N2, N)
