@@ -75,19 +75,18 @@ class PackedModel:
     Pruning follows model.prune (mode "off" or "hard"; "soft" is a training mode and is run as "hard";
     method "threshold", or the baselines "topk" / "fixed") and model.encoder.theta.
     onednn: the linear layers' kernel. False = F.linear (MKL); True = oneDNN's prepacked-weight linear
-    (CPU builds with MKL-DNN); None (default) = oneDNN for matmuls of fewer than ONEDNN_ROWS rows when
-    available, F.linear for the rest. Measured on the project's 2-core AVX2 CPU, idle, 2 threads, MiniLM
-    shapes, six layers' weights in turn: at 32 / 64 / 128 / 800 rows oneDNN reaches 104 / 129 / 141 / 152
-    GFLOP/s, F.linear 79 / 109 / 136 / 155 (batch 1 and the late, pruned layers are the small cases).
-    With other jobs on the cores, oneDNN also held up better at 800 rows (1.5x); that case is not tuned for.
+    (CPU builds with MKL-DNN); None (default) = oneDNN where available, else F.linear. Measured, idle, 2 threads,
+    the Q|K|V weights of MiniLM (1152 x 384): on a 2-core AMD EPYC (Zen 4) at 64 / 128 / 256 / 511 / 800 rows,
+    oneDNN 181 / 179 / 182 / 191 / 197 GFLOP/s in fp32 and 297 / 345 / 366 / 363 / 373 in bf16, F.linear
+    137 / 145 / 148 / 154 / 156 and 238 / 306 / 341 / 303 / 347; on a 2-core AVX2 CPU (fp32, six layers' weights
+    in turn) at 32 / 64 / 128 / 800 rows, oneDNN 104 / 129 / 141 / 152, F.linear 79 / 109 / 136 / 155.
     precision: "fp32", "bf16" or "auto" (resolve_precision). In bf16 the weights of the four linear layers are
-    converted once, here, and the linears and A V run in bf16; what decides which tokens are kept stays fp32:
-    q k^T (of the bf16 q and k), the softmax of eq. 6, the eq. 7 scores and the eq. 8 test. The residual
-    stream, the embeddings, every LayerNorm and the head are fp32 too (a linear's bf16 output plus the fp32
-    residual is fp32), so only the inputs of the bf16 matmuls are rounded.
+    converted once, here, and the linears run in bf16; what decides which tokens are kept stays fp32: q k^T
+    (of the bf16 q and k), the softmax of eq. 6, the eq. 7 scores and the eq. 8 test. A V is fp32 too (the
+    attention is a few % of the FLOPs, and CPU bf16 batched matmuls go to oneDNN, which compiles a kernel
+    for every new shape; see ROW_BUCKET). The residual stream, the embeddings, every LayerNorm and the head
+    are fp32 (a linear's bf16 output plus the fp32 residual is fp32): only the linears' inputs are rounded.
     """
-    ONEDNN_ROWS = 128
-
     def __init__(self, model, onednn=None, precision="fp32"):
         self.model, self.cfg = model, model.cfg
         dev = model.encoder.theta.device
@@ -95,7 +94,7 @@ class PackedModel:
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         if onednn and not onednn_available(dev):
             raise RuntimeError(f"oneDNN prepacked linear is not available on {dev}")
-        self.onednn_rows = {True: math.inf, False: 0, None: self.ONEDNN_ROWS if onednn_available(dev) else 0}[onednn]
+        self.onednn_rows = {True: math.inf, False: 0, None: math.inf if onednn_available(dev) else 0}[onednn]
         self.onednn = self.onednn_rows > 0
         self.layers = []
         for layer in model.encoder.layers:
@@ -113,10 +112,19 @@ class PackedModel:
         packed = torch.ops.mkldnn._reorder_linear_weight(w, None) if self.onednn else None
         return w, b, packed
 
+    # oneDNN compiles a kernel per input shape and keeps the last 1,024 (ONEDNN_PRIMITIVE_CACHE_CAPACITY). With
+    # pruning, every layer of every batch has a row count of its own: more shapes than that, and each call
+    # compiles again. Above 64 rows, rows are padded to a multiple of ROW_BUCKET (at most 15 rows of extra
+    # work, under 20%); at 64 or fewer (batch 1) they are few shapes already, where padding would cost most.
+    ROW_BUCKET = 16
+
     def linear(self, x, wb):
         w, b, packed = wb
         if x.shape[0] < self.onednn_rows:
-            return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+            M = x.shape[0]
+            if M > 64 and M % self.ROW_BUCKET:
+                x = F.pad(x, (0, 0, 0, -M % self.ROW_BUCKET))
+            return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")[:M]
         return F.linear(x, w, b)
 
     def __call__(self, ids, cu_seqlens, type_ids=None):
@@ -191,17 +199,17 @@ class PackedModel:
             # (token 0 is always kept, so a sequence's first row stays its first row)
             n_out = m.sum(1)                                               # (B,)
         if l is None or bool((n_out == lengths).all()):
-            y = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(B * N, C)  # (B, H, N, D) -> (B*N, C)
+            y = (probs @ v.float()).transpose(1, 2).reshape(B * N, C)      # (B, H, N, D) -> (B*N, C)
             return self.finish(x, y if dense else y[live.view(-1) > 0], w), lengths  # real rows, in packed order
         # The pruned tokens leave now: only the surviving query rows of A meet V (all live keys stay keys here).
         if B == 1:  # one sequence (T = N): its survivors' rows directly, no sort and no gather over a batch
             rows = m[0].nonzero().squeeze(1)                               # (T',)
-            y = (probs[:, :, rows].to(v.dtype) @ v).transpose(1, 2).reshape(-1, C)  # (1, H, T', D) -> (T', C)
+            y = (probs[:, :, rows] @ v.float()).transpose(1, 2).reshape(-1, C)  # (1, H, T', D) -> (T', C)
             return self.finish(x.index_select(0, rows), y, w), n_out
         N2 = int(n_out.max())
         rows = torch.sort((~m).to(torch.uint8), dim=1, stable=True).indices[:, :N2]  # (B, N2) survivors' old rows first
         a = probs.gather(2, rows[:, None, :, None].expand(B, H, N2, N))    # (B, H, N2, N)
-        y = (a.to(v.dtype) @ v).transpose(1, 2).reshape(B * N2, C)         # (B, H, N2, D) -> (B*N2, C)
+        y = (a @ v.float()).transpose(1, 2).reshape(B * N2, C)             # (B, H, N2, D) -> (B*N2, C)
         y = y[(j[:N2] < n_out[:, None]).view(-1)]                          # (T', C) the survivors, in packed order
         survivors = (start[:, None] + j).view(-1)[m.view(-1)]              # (T',) their rows in x
         return self.finish(x.index_select(0, survivors), y, w), n_out
@@ -209,10 +217,11 @@ class PackedModel:
     def finish(self, x, y, w):
         """
         Eqs. 3-5 on packed rows, as Layer.finish: x (T, C) the layer input (fp32), y (T, C) the heads'
-        concatenation (self.dtype). The sums with x are fp32, so are the LayerNorms.
+        concatenation (fp32). The sums with x are fp32, so are the LayerNorms.
         """
         ln1, ln2 = w["ln1"], w["ln2"]
-        x = F.layer_norm(self.linear(y, w["out"]) + x, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps)  # eq. 3
+        x = F.layer_norm(self.linear(y.to(self.dtype), w["out"]) + x, ln1.normalized_shape, ln1.weight, ln1.bias,
+                         ln1.eps)                                                                 # eq. 3
         h = self.linear(activation(self.cfg.hidden_act, self.linear(x.to(self.dtype), w["fc1"])), w["fc2"])  # eq. 4
         return F.layer_norm(h + x, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)            # eq. 5
 
