@@ -49,6 +49,9 @@ def train_args(t, *extra):
     ("infer.py", ["--model", "m", "--threads", "-2"], "--threads"),
     ("bench.py", ["--model", "m", "--batch-sizes", "1,0"], "--batch-sizes"),
     ("bench.py", ["--model", "m", "--repeats", "0"], "--repeats"),
+    ("bench.py", ["--model", "m", "--precision", "fp32,fp16"], "--precision"),
+    ("infer.py", ["--model", "m", "--precision", "fp16"], "--precision"),
+    ("train.py", ["--flops-warmup", "1.5"], "--flops-warmup"),
 ])
 def test_out_of_range_flags_are_usage_errors(script, args, flag):
     last = cli(script, *args, code=2)

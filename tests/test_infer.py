@@ -169,6 +169,25 @@ def test_glue_task_input_reports_metrics(tmp_path, capsys):
     assert "sst2 dev: accuracy" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("precision", ["bf16", "auto"])
+def test_precision_is_applied_and_printed(tmp_path, capsys, precision):
+    """--precision bf16 / auto: the summary names the precision that ran; bf16 rows keep fp32's labels and
+    come close to its logits (bf16 rounds the linears' inputs), auto is bf16 exactly where the CPU has it."""
+    from ltp.packed import resolve_precision
+    make_checkpoint(tmp_path / "m")
+    ran = resolve_precision(precision, "cpu")
+    rows = {}
+    for p in ("fp32", precision):
+        run(["--model", tmp_path / "m", "--input", write_input(tmp_path), "--output", tmp_path / f"{p}.jsonl",
+             "--final-threshold", 0.02, "--precision", p])
+        rows[p] = read_rows(tmp_path / f"{p}.jsonl")
+        err = capsys.readouterr().err
+        assert f"cpu, {ran if p == precision else 'fp32'}" in err
+    assert [r["label"] for r in rows[precision]] == [r["label"] for r in rows["fp32"]]
+    diff = max(abs(a - b) for r, q in zip(rows[precision], rows["fp32"]) for a, b in zip(r["logits"], q["logits"]))
+    assert diff < 0.1 and (diff > 0) == (ran == "bf16")
+
+
 def cli(*args, stdin=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), *map(str, args)], input=stdin,
