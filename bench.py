@@ -17,8 +17,8 @@ change of the machine's load hits all alike), model time only (inputs tokenized,
 Useful GFLOP/s counts real tokens only (pruning.sequence_flops).
 """
 import argparse
+import contextlib
 import json
-import math
 import os
 import resource
 import statistics
@@ -160,7 +160,6 @@ def hf_batches(encoded, batch_size, sort, cfg, device):
 
 def autocast(precision, device):
     """transformers' bf16 rows: the fp32 model under torch.autocast (a no-op context in fp32)."""
-    import contextlib
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
@@ -404,8 +403,7 @@ def main(args):
             "layers": L, "hidden": C, "head": model.head is not None, "precisions": precisions,
             "data": f"{args.task} {args.split}" if args.task else args.input, "examples": len(encoded),
             "mean_tokens": sum(lengths) / len(lengths), "threads": torch.get_num_threads(), "device": dev,
-            "linear": {0: "F.linear", math.inf: "oneDNN prepacked"}.get(
-                pms[precisions[0]].onednn_rows, f"oneDNN prepacked below {pms[precisions[0]].onednn_rows} rows, else F.linear"),
+            "linear": "oneDNN prepacked" if pms[precisions[0]].onednn else "F.linear",
             "repeats": args.repeats,
             "hf_attention": args.hf_attn if hf is not None else None,
             "hf_max_abs_diff": hf_diff,  # per precision: transformers vs the packed routine, pruning off, 4 examples

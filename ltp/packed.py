@@ -94,8 +94,7 @@ class PackedModel:
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         if onednn and not onednn_available(dev):
             raise RuntimeError(f"oneDNN prepacked linear is not available on {dev}")
-        self.onednn_rows = {True: math.inf, False: 0, None: math.inf if onednn_available(dev) else 0}[onednn]
-        self.onednn = self.onednn_rows > 0
+        self.onednn = onednn_available(dev) if onednn is None else onednn
         self.layers = []
         for layer in model.encoder.layers:
             wqkv = torch.cat([layer.query.weight, layer.key.weight, layer.value.weight]).detach()  # (3C, C)
@@ -120,7 +119,7 @@ class PackedModel:
 
     def linear(self, x, wb):
         w, b, packed = wb
-        if x.shape[0] < self.onednn_rows:
+        if packed is not None:
             M = x.shape[0]
             if M > 64 and M % self.ROW_BUCKET:
                 x = F.pad(x, (0, 0, 0, -M % self.ROW_BUCKET))
