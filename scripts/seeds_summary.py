@@ -3,16 +3,21 @@ Issue 13: the runs of scripts/seeds.sh as numbers with error bars.
 
   python scripts/seeds_summary.py RUNS --out docs/fig4_seeds [--data-dir ../shared/glue]
 
-Writes OUT.json (one row per finished run: task, method, seed, target_flops, relative_flops, train_relative_flops
-and the task's metrics), OUT.md (mean and standard deviation per task, budget and method; the paired difference
+Writes OUT.json (one row per finished run: task, method, seed, target_flops, relative_flops, train_relative_flops,
+the task's metrics, and the CPU and torch version that ran it), OUT.md (mean and standard deviation per task, budget and method; the paired difference
 against learned thresholds on the same seed, i.e. the same fine-tuned model underneath, with a verdict) and OUT.png
 (fig. 4 with error bars, when matplotlib is installed). With --data-dir, also table 3: accuracy and FLOPs per dev
 length bucket of the models trained on short SST-2 sentences (sst2short-*), mean and standard deviation over seeds.
+
+OUT.json is the study's record, committed: run folders (checkpoints) do not outlive a machine, the rows do. Rows
+already in OUT.json are kept, and a run folder found again replaces its row, so sittings on different machines add up;
+scripts/seeds.sh skips runs whose rows are recorded. --fresh starts the record from the run folders alone.
 """
 import argparse
 import json
 import math
 import os
+import platform
 import re
 import statistics
 import sys
@@ -32,8 +37,17 @@ def last_row(run, stage):
     return rows[-1] if rows and os.path.isfile(os.path.join(run, stage, "DONE")) else None
 
 
-def collect(root):
-    """One row per finished run under ROOT/seeds."""
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), platform.processor())
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def collect(root, data_dir=None):
+    """One row per finished run under ROOT/seeds; with DATA_DIR, table 3's per-bucket figures in sst2short rows."""
+    import torch
     out = []
     for name in sorted(os.listdir(os.path.join(root, "seeds"))):
         m = NAME.match(name)
@@ -45,10 +59,25 @@ def collect(root):
             continue
         row = {"task": m["task"], "method": "finetuned" if m["ft"] else m["method"], "seed": int(m["seed"]),
                "target_flops": None if m["ft"] else float(m["R"]), "relative_flops": r["relative_flops"],
-               "train_relative_flops": r.get("train_relative_flops"), "run": name}
+               "train_relative_flops": r.get("train_relative_flops"), "run": name, "cpu": cpu_name(),
+               "torch": torch.__version__}
         row.update({k: r[k] for k in METRICS if k in r})
+        if data_dir and m["task"] == "sst2short" and not m["ft"]:
+            row["buckets"] = buckets(os.path.join(run, "hard"), data_dir)
         out.append(row)
     return out
+
+
+def merge(old, new):
+    """The recorded rows, with every run found again replaced by its new row; a re-run fine-tune whose scores moved
+    (another CPU rounds differently) is named, since the pairs of that seed may then rest on two fine-tuned models."""
+    fresh = {r["run"]: r for r in new}
+    for r in old:
+        n = fresh.get(r["run"])
+        if n is not None and r["method"] == "finetuned" and abs(score(n) - score(r)) > 1e-9:
+            print(f"note: {r['run']} re-run scores {score(n):.2f}, recorded {score(r):.2f} ({r.get('cpu')}); "
+                  f"seed {r['seed']}'s recorded {r['task']} rows rest on the recorded one", file=sys.stderr)
+    return sorted([r for r in old if r["run"] not in fresh] + new, key=lambda r: r["run"])
 
 
 def score(row):
@@ -136,36 +165,43 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
-def table3(root, data_dir):
-    """Per dev length bucket (~Q2, Q2~Q3, Q3~ of SST-2 dev), mean ± sd over seeds of accuracy and relative FLOPs."""
+def buckets(path, data_dir):
+    """Accuracy and relative FLOPs of the model at PATH on each SST-2 dev length bucket (~Q2, Q2~Q3, Q3~)."""
     import numpy as np
     import ltp
     from ltp import glue
+    model = ltp.load(path).eval()
+    enc, labels = glue.encode_split(ltp.Tokenizer.from_dir(path, model.cfg), glue.read_split("sst2", data_dir, "dev"))
+    n = np.array([len(e[0]) for e in enc])
+    q2, q3 = np.percentile(n, 50), np.percentile(n, 75)
+    out = []
+    for sel in (n <= q2, (n > q2) & (n <= q3), n > q3):
+        ids = np.flatnonzero(sel)
+        row, _ = glue.evaluate(model, "sst2", [enc[i] for i in ids], [labels[i] for i in ids])
+        out.append({"n": len(ids), "accuracy": row["accuracy"], "relative_flops": row["relative_flops"]})
+    return out
+
+
+def table3(rows):
+    """Table 3 from the sst2short rows that carry per-bucket figures: mean ± sd over seeds of accuracy and FLOPs."""
     per = {}
-    for name in sorted(os.listdir(os.path.join(root, "seeds"))):
-        m = re.match(r"^sst2short-s(\d+)-(learned|fixed)-R([0-9.]+)$", name)
-        path = os.path.join(root, "seeds", name, "hard")
-        if not m or not os.path.isfile(os.path.join(path, "DONE")):
-            continue
-        model = ltp.load(path).eval()
-        enc, labels = glue.encode_split(ltp.Tokenizer.from_dir(path, model.cfg), glue.read_split("sst2", data_dir, "dev"))
-        n = np.array([len(e[0]) for e in enc])
-        q2, q3 = np.percentile(n, 50), np.percentile(n, 75)
-        for b, sel in enumerate((n <= q2, (n > q2) & (n <= q3), n > q3)):
-            ids = np.flatnonzero(sel)
-            row, _ = glue.evaluate(model, "sst2", [enc[i] for i in ids], [labels[i] for i in ids])
-            per.setdefault((m[2], b), []).append((100 * row["accuracy"], row["relative_flops"]))
+    for r in rows:
+        if r["task"] == "sst2short" and r.get("buckets"):
+            for b, x in enumerate(r["buckets"]):
+                per.setdefault((r["method"], b), []).append((100 * x["accuracy"], x["relative_flops"]))
     if not per:
         return []
     lines = ["### Table 3, SST-2 (trained on sentences <= 23 tokens; accuracy % / relative FLOPs, mean ± sd over seeds)", "",
              "| method | seeds | ~Q2 | Q2~Q3 | Q3~ |", "|---|---:|---|---|---|"]
     for method in ("learned", "fixed"):
+        if (method, 0) not in per:
+            continue
         cells = []
         for b in range(3):
-            v = per.get((method, b), [])
+            v = per[(method, b)]
             (a, asd), (f, fsd) = mean_sd([x[0] for x in v]), mean_sd([x[1] for x in v])
             cells.append(f"{a:.2f} ± {asd:.2f} / {f:.3f} ± {fsd:.3f}")
-        lines.append(f"| {method} | {len(per.get((method, 0), []))} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method} | {len(per[(method, 0)])} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
@@ -174,13 +210,25 @@ def main(argv=None):
     p.add_argument("root", help="the RUNS folder given to scripts/seeds.sh (runs are under ROOT/seeds)")
     p.add_argument("--out", required=True, help="output prefix: OUT.json, OUT.md, OUT.png")
     p.add_argument("--data-dir", default=None, help="GLUE folder, for table 3's per-bucket evaluation")
+    p.add_argument("--fresh", action="store_true", help="ignore the rows recorded in OUT.json")
     args = p.parse_args(argv)
-    if not os.path.isdir(os.path.join(args.root, "seeds")):
+    old = []
+    if os.path.isfile(args.out + ".json") and not args.fresh:
+        try:
+            with open(args.out + ".json") as f:
+                old = json.load(f)
+            assert isinstance(old, list) and all(isinstance(r, dict) and "run" in r for r in old)
+        except (ValueError, AssertionError):
+            sys.exit(f"{args.out}.json: not a list of run rows (fix it, or start anew with --fresh)")
+    found = os.path.isdir(os.path.join(args.root, "seeds"))
+    if not found and not old:
         sys.exit(f"{args.root}/seeds: no such folder (run scripts/seeds.sh first)")
-    rows = collect(args.root)
-    with open(args.out + ".json", "w") as f:
+    rows = merge(old, collect(args.root, args.data_dir) if found else [])
+    tmp = args.out + ".json.tmp"
+    with open(tmp, "w") as f:
         json.dump(rows, f, indent=1)
-    lines = tables(rows) + (table3(args.root, args.data_dir) if args.data_dir else [])
+    os.replace(tmp, args.out + ".json")
+    lines = tables(rows) + table3(rows)
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -120,3 +120,93 @@ def test_seeds_summary_means_paired_differences_and_verdicts(tmp_path):
     assert md["fixed"][7] == "+2.17 ± 0.29 (n=3)" and md["fixed"][8] == "learned better"
     assert md["manual"][7] == "-0.33 ± 1.15 (n=3)" and md["manual"][8] == "not distinguishable"
     assert os.path.getsize(tmp_path / "s.png") > 1000
+
+
+def test_seeds_summary_keeps_recorded_rows_and_replaces_runs_found_again(tmp_path, capsys):
+    import seeds_summary
+    root, out = tmp_path / "runs", str(tmp_path / "s")
+
+    def finished(name, stage, **metrics):
+        run = fake_run(root / "seeds" / name, {}, [{"stage": stage, "relative_flops": 0.6, **metrics}])
+        os.makedirs(os.path.join(run, stage))
+        open(os.path.join(run, stage, "DONE"), "w").write("done\n")
+        return run
+
+    finished("mrpc-s0-ft", "finetune", accuracy=0.8, f1=0.9)
+    finished("mrpc-s0-learned-R0.6", "hard", accuracy=0.7, f1=0.8)
+    finished("mrpc-s0-fixed-R0.6", "hard", accuracy=0.6, f1=0.7)
+    seeds_summary.main([str(root), "--out", out])
+    first = {r["run"]: r for r in json.load(open(out + ".json"))}
+    assert set(first) == {"mrpc-s0-ft", "mrpc-s0-learned-R0.6", "mrpc-s0-fixed-R0.6"}
+    assert first["mrpc-s0-fixed-R0.6"]["cpu"] and first["mrpc-s0-fixed-R0.6"]["torch"]
+    # another machine: the old folders are gone; the fine-tune is re-made (its scores moved), one more run finished
+    import shutil
+    shutil.rmtree(root)
+    finished("mrpc-s0-ft", "finetune", accuracy=0.81, f1=0.9)
+    finished("mrpc-s0-topk-R0.6", "hard", accuracy=0.65, f1=0.75)
+    capsys.readouterr()
+    seeds_summary.main([str(root), "--out", out])
+    assert "mrpc-s0-ft re-run scores 85.50, recorded 85.00" in capsys.readouterr().err
+    rows = {r["run"]: r for r in json.load(open(out + ".json"))}
+    assert set(rows) == set(first) | {"mrpc-s0-topk-R0.6"}
+    assert rows["mrpc-s0-ft"]["accuracy"] == 0.81 and rows["mrpc-s0-fixed-R0.6"] == first["mrpc-s0-fixed-R0.6"]
+    md = {l.split("|")[2].strip(): [c.strip() for c in l.split("|")] for l in open(out + ".md") if l.startswith("| 0.6 ")}
+    assert md["fixed"][7] == "+10.00 ± nan (n=1)" and md["topk"][7] == "+5.00 ± nan (n=1)"
+    # with no run folder at all the record alone is summarised; --fresh drops it
+    shutil.rmtree(root)
+    seeds_summary.main([str(root), "--out", out])
+    assert len(json.load(open(out + ".json"))) == 4
+    with pytest.raises(SystemExit, match="no such folder"):
+        seeds_summary.main([str(root), "--out", out, "--fresh"])
+    open(out + ".json", "w").write('{"not": "rows"}')
+    with pytest.raises(SystemExit, match="s.json: not a list of run rows"):
+        seeds_summary.main([str(root), "--out", out])
+
+
+def test_seeds_summary_table3_buckets_add_up_to_the_whole_dev_set(tmp_path):
+    import seeds_summary
+    from ltp import glue
+    import ltp
+    make_glue(tmp_path / "glue", n_train=40, n_dev=24)
+    make_model(tmp_path / "m")
+    run(tmp_path, tmp_path / "out", "--stages", "finetune", "--epochs", "1")
+    model = str(tmp_path / "out" / "finetune")
+    b = seeds_summary.buckets(model, str(tmp_path / "glue"))
+    m = ltp.load(model).eval()
+    enc, labels = glue.encode_split(ltp.Tokenizer.from_dir(model, m.cfg), glue.read_split("sst2", str(tmp_path / "glue"), "dev"))
+    whole, _ = glue.evaluate(m, "sst2", enc, labels)
+    assert sum(x["n"] for x in b) == 24 and all(x["n"] > 0 for x in b)
+    assert sum(x["n"] * x["accuracy"] for x in b) / 24 == pytest.approx(whole["accuracy"], abs=2e-6)  # rows round to 6 digits
+    assert [x["relative_flops"] for x in b] == [1.0, 1.0, 1.0]  # unpruned
+    # table 3 from recorded rows: mean ± sd over seeds per bucket
+    rows = [{"task": "sst2short", "method": "fixed", "seed": s, "run": f"sst2short-s{s}-fixed-R0.6",
+             "buckets": [{"n": 1, "accuracy": a, "relative_flops": 0.5} for a in (0.9, 0.8, 0.7 - s / 10)]}
+            for s in (0, 1)]
+    lines = seeds_summary.table3(rows)
+    assert lines[-2] == "| fixed | 2 | 90.00 ± 0.00 / 0.500 ± 0.000 | 80.00 ± 0.00 / 0.500 ± 0.000 | 65.00 ± 7.07 / 0.500 ± 0.000 |"
+
+
+def test_seeds_driver_skips_recorded_runs_and_remakes_a_missing_fine_tune(tmp_path):
+    import subprocess
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    fake = bin_ / "python"  # records train.py's output folder instead of training
+    fake.write_text('#!/usr/bin/env bash\nif [[ $1 == -c ]]; then echo /model; exit 0; fi\n'
+                    'while [[ $# -gt 0 ]]; do [[ $1 == --output-dir ]] && echo "$2" >> "$CALLS"; shift; done\n')
+    fake.chmod(0o755)
+    names = ["mrpc-s0-ft"] + [f"mrpc-s0-{m}-R0.6" for m in ("learned", "manual", "topk", "fixed")]
+    record = tmp_path / "record.json"
+
+    def drive(recorded):
+        json.dump([{"run": n} for n in recorded], open(record, "w"), indent=1)
+        calls = tmp_path / "calls"
+        calls.write_text("")
+        env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "CALLS": str(calls), "RECORD": str(record),
+               "LANES": "2", "LANE2": "mrpc"}
+        subprocess.run(["bash", os.path.join(ROOT, "scripts", "seeds.sh"), "glue", str(tmp_path / "r"), "0"],
+                       env=env, cwd=ROOT, check=True, capture_output=True)
+        return [os.path.basename(l) for l in calls.read_text().split()]
+
+    assert drive([]) == names
+    assert drive(names) == []
+    assert drive([n for n in names if "topk" not in n]) == ["mrpc-s0-ft", "mrpc-s0-topk-R0.6"]
