@@ -8,13 +8,17 @@
 #   bash scripts/seeds.sh [GLUE_DIR] [RUNS_DIR] [SEEDS]        e.g. bash scripts/seeds.sh ../shared/glue runs "0 1 2"
 #   LANES=2 bash scripts/seeds.sh ...                          one lane only (1: SST-2; 2: MRPC, STS-B, table 3)
 #   LANE1=mrpc LANE2=stsb bash scripts/seeds.sh ...            other jobs per lane (sst2, mrpc, stsb, table3)
-#   python scripts/seeds_summary.py RUNS_DIR --out docs/fig4_seeds
+#   python scripts/seeds_summary.py RUNS_DIR --out docs/fig4_seeds --data-dir GLUE_DIR     (run after every run)
+#
+# docs/fig4_seeds.json (RECORD=...) is the study's record: commit it. Runs recorded there are skipped, and a group
+# (a task's seed) that is partly recorded re-makes its fine-tune for the runs left.
 #
 # Runs: RUNS/seeds/<task>-s<seed>-ft, <task>-s<seed>-<method>-R<target> (method: learned, manual, topk, fixed);
 # table 3: RUNS/seeds/sst2short-s<seed>-ft and -learned-R0.6 / -fixed-R0.6 (trained on sentences <= 23 tokens).
 set -euo pipefail
 GLUE=${1:-../shared/glue}
-RUNS=${2:-runs}/seeds
+ROOT=${2:-runs}
+RUNS=$ROOT/seeds
 SEEDS=${3:-0 1 2}
 LANES=${LANES:-1 2}
 RECORD=${RECORD:-docs/fig4_seeds.json}   # rows of finished runs (scripts/seeds_summary.py): those runs are skipped
@@ -24,7 +28,9 @@ mkdir -p "$RUNS"
 run() {  # out-dir, then train.py flags; skipped when every stage it runs is done
     local out=$1; shift
     if [[ -f "$out/hard/DONE" || ( -f "$out/finetune/DONE" && "$*" == *"--stages finetune"* ) ]]; then return; fi
-    python train.py --data-dir "$GLUE" --output-dir "$out" --threads 1 --resume "$@" || echo "FAILED: $out"
+    python train.py --data-dir "$GLUE" --output-dir "$out" --threads 1 --resume "$@" || { echo "FAILED: $out"; return; }
+    python scripts/seeds_summary.py "$ROOT" --out "${RECORD%.json}" --data-dir "$GLUE" > /dev/null \
+        || echo "FAILED: recording $out in $RECORD"   # the record follows every finished run (commit it)
 }
 
 recorded() {  # run names...: true when every one has its row in $RECORD (its folder may be gone with an old machine)
@@ -73,4 +79,4 @@ LANE2=${LANE2:-mrpc stsb table3}      # lane 2: the sentence-pair tasks, then ta
 if [[ " $LANES " == *" 1 "* ]]; then lane $LANE1 >> "$RUNS/lane1.log" 2>&1 & fi
 if [[ " $LANES " == *" 2 "* ]]; then lane $LANE2 >> "$RUNS/lane2.log" 2>&1 & fi
 wait
-echo "done: python scripts/seeds_summary.py ${2:-runs} --out ${RECORD%.json} --data-dir $GLUE"
+echo "done: $RECORD, ${RECORD%.json}.md and .png hold every finished run (python scripts/seeds_summary.py $ROOT --out ${RECORD%.json} --data-dir $GLUE)"

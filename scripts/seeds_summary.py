@@ -74,6 +74,8 @@ def merge(old, new):
     fresh = {r["run"]: r for r in new}
     for r in old:
         n = fresh.get(r["run"])
+        if n is not None and "buckets" in r and "buckets" not in n:  # summarised again without --data-dir
+            n["buckets"] = r["buckets"]
         if n is not None and r["method"] == "finetuned" and abs(score(n) - score(r)) > 1e-9:
             print(f"note: {r['run']} re-run scores {score(n):.2f}, recorded {score(r):.2f} ({r.get('cpu')}); "
                   f"seed {r['seed']}'s recorded {r['task']} rows rest on the recorded one", file=sys.stderr)

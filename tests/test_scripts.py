@@ -192,6 +192,7 @@ def test_seeds_driver_skips_recorded_runs_and_remakes_a_missing_fine_tune(tmp_pa
     bin_.mkdir()
     fake = bin_ / "python"  # records train.py's output folder instead of training
     fake.write_text('#!/usr/bin/env bash\nif [[ $1 == -c ]]; then echo /model; exit 0; fi\n'
+                    '[[ $1 == scripts/seeds_summary.py ]] && echo "record:$4" >> "$CALLS"\n'
                     'while [[ $# -gt 0 ]]; do [[ $1 == --output-dir ]] && echo "$2" >> "$CALLS"; shift; done\n')
     fake.chmod(0o755)
     names = ["mrpc-s0-ft"] + [f"mrpc-s0-{m}-R0.6" for m in ("learned", "manual", "topk", "fixed")]
@@ -207,6 +208,7 @@ def test_seeds_driver_skips_recorded_runs_and_remakes_a_missing_fine_tune(tmp_pa
                        env=env, cwd=ROOT, check=True, capture_output=True)
         return [os.path.basename(l) for l in calls.read_text().split()]
 
-    assert drive([]) == names
+    rec = "record"  # seeds_summary.py --out RECORD-less-.json after a run (basename of "record:/tmp/.../record")
+    assert drive([]) == [c for n in names for c in (n, rec)]  # the record follows every run
     assert drive(names) == []
-    assert drive([n for n in names if "topk" not in n]) == ["mrpc-s0-ft", "mrpc-s0-topk-R0.6"]
+    assert drive([n for n in names if "topk" not in n]) == ["mrpc-s0-ft", rec, "mrpc-s0-topk-R0.6", rec]
