@@ -66,7 +66,7 @@ def peak_gflops(device, repeats=10, M=2048, K=768, N=3072, bf16=False):
         for dtype, rates in ((torch.float32, out), (torch.bfloat16, half)) if bf16 else ((torch.float32, out),):
             xd, wd, bd = x.to(dtype), w.to(dtype), b.to(dtype)
             rates["F.linear"] = flops / timed(lambda: F.linear(xd, wd, bd), device, repeats, 2)[0] / 1e9
-            if onednn_available(device):
+            if onednn_available(device, dtype):
                 wp = torch.ops.mkldnn._reorder_linear_weight(wd, M)  # oneDNN's blocked layout, prepacked once
                 rates["onednn_prepacked"] = flops / timed(
                     lambda: torch.ops.mkldnn._linear_pointwise(xd, wp, bd, "none", [], ""), device, repeats, 2)[0] / 1e9

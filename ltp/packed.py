@@ -62,10 +62,22 @@ def resolve_precision(precision, device):
     return ("bf16" if native_bf16(device) else "fp32") if precision == "auto" else precision
 
 
-def onednn_available(device):
-    """oneDNN's prepacked-weight linear exists on CPU builds with MKL-DNN (not on cuda)."""
-    return (torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+def onednn_available(device, dtype=torch.float32):
+    """
+    oneDNN's prepacked-weight linear exists on CPU builds with MKL-DNN (not on cuda); in bf16 only on CPUs with
+    AVX512 (BW, VL, DQ) or AVX-NE-CONVERT: elsewhere (plain AVX2) its weight reorder refuses bf16, so it is tried
+    on a 1 x 1 weight rather than guessed from the CPU flags.
+    """
+    if not (torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    if dtype == torch.float32:
+        return True
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(1, 1, dtype=dtype), None)
+        return True
+    except RuntimeError:
+        return False
 
 
 class PackedModel:
@@ -75,7 +87,7 @@ class PackedModel:
     Pruning follows model.prune (mode "off" or "hard"; "soft" is a training mode and is run as "hard";
     method "threshold", or the baselines "topk" / "fixed") and model.encoder.theta.
     onednn: the linear layers' kernel. False = F.linear (MKL); True = oneDNN's prepacked-weight linear
-    (CPU builds with MKL-DNN); None (default) = oneDNN where available, else F.linear. Measured, idle, 2 threads,
+    (CPU builds with MKL-DNN; in bf16 not on plain AVX2 CPUs); None (default) = oneDNN where available, else F.linear. Measured, idle, 2 threads,
     the Q|K|V weights of MiniLM (1152 x 384): on a 2-core AMD EPYC (Zen 4) at 64 / 128 / 256 / 511 / 800 rows,
     oneDNN 181 / 179 / 182 / 191 / 197 GFLOP/s in fp32 and 297 / 345 / 366 / 363 / 373 in bf16, F.linear
     137 / 145 / 148 / 154 / 156 and 238 / 306 / 341 / 303 / 347; on a 2-core AVX2 CPU (fp32, six layers' weights
@@ -92,9 +104,10 @@ class PackedModel:
         dev = model.encoder.theta.device
         self.precision = resolve_precision(precision, dev)
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-        if onednn and not onednn_available(dev):
-            raise RuntimeError(f"oneDNN prepacked linear is not available on {dev}")
-        self.onednn = onednn_available(dev) if onednn is None else onednn
+        if onednn and not onednn_available(dev, self.dtype):
+            raise RuntimeError(f"oneDNN prepacked linear is not available on {dev} in {self.precision} "
+                               f"(use --onednn off or auto)")
+        self.onednn = onednn_available(dev, self.dtype) if onednn is None else onednn
         self.layers = []
         for layer in model.encoder.layers:
             wqkv = torch.cat([layer.query.weight, layer.key.weight, layer.value.weight]).detach()  # (3C, C)

@@ -69,6 +69,7 @@ def test_pack_example():
 
 
 LINEAR = [False] + ([True] if onednn_available("cpu") else [])  # F.linear, and oneDNN's prepacked linear (the default)
+LINEAR_BF16 = [False] + ([True] if onednn_available("cpu", torch.bfloat16) else [])  # not in bf16 on plain AVX2
 
 
 @pytest.mark.parametrize("onednn", LINEAR)
@@ -229,7 +230,7 @@ def test_bf16_rounds_only_the_matmuls(monkeypatch):
     assert seen == {"score": {torch.float32}, "mask": {torch.float32}, "layer_norm": {torch.float32}}
 
 
-@pytest.mark.parametrize("onednn", LINEAR)
+@pytest.mark.parametrize("onednn", LINEAR_BF16)
 @torch.inference_mode()
 def test_bf16_agrees_with_fp32(onednn):
     """bf16 against fp32 on the random tiny models of test_packed_equals_mask_forward: the same labels, logits
@@ -311,3 +312,15 @@ def test_minilm_sst2_dev_bf16_against_fp32():
     assert (k16 == k32).all(1).float().mean() >= 0.8
     assert (k16 - k32).abs().float().mean() <= 0.1
     assert (k32[:, -1] < k32[:, 0]).float().mean() > 0.5  # the thresholds really prune
+
+
+def test_onednn_in_bf16_only_where_the_cpu_reorders_it():
+    """oneDNN refuses bf16 weights on plain AVX2 CPUs: the default then falls back to F.linear, asking for it fails."""
+    model = tiny_model("bert", 2, seed=0)
+    pm = PackedModel(model, precision="bf16")  # the default never fails
+    assert pm.onednn == onednn_available("cpu", torch.bfloat16)
+    if pm.onednn:
+        assert pm.layers[0]["qkv"][2] is not None
+    else:
+        with pytest.raises(RuntimeError, match="not available on cpu in bf16"):
+            PackedModel(model, onednn=True, precision="bf16")
