@@ -38,11 +38,21 @@ def last_row(run, stage):
 
 
 def cpu_name():
+    """The CPU as a row records it, e.g. 'AMD EPYC (family 25 model 1, avx2)': the name alone hides the generation."""
+    import torch
+    info = {}
     try:
         with open("/proc/cpuinfo") as f:
-            return next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), platform.processor())
+            for line in f:
+                k, _, v = line.partition(":")
+                info.setdefault(k.strip(), v.strip())
     except OSError:
-        return platform.processor() or platform.machine()
+        pass
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    isa = next((k for k in ("amx_bf16", "avx512_bf16", "avx512_f", "avx2") if caps.get(k)), platform.machine())
+    name = info.get("model name") or platform.processor() or platform.machine()
+    fam = f"family {info['cpu family']} model {info['model']}, " if "cpu family" in info and "model" in info else ""
+    return f"{name} ({fam}{isa})"
 
 
 def collect(root, data_dir=None):
@@ -88,6 +98,11 @@ def score(row):
     return 100 * sum(row[k] for k in names) / len(names)
 
 
+def pm(m, sd, digits=2, sign=""):
+    """'m ± sd', or 'm' alone when one seed leaves no sd."""
+    return f"{m:{sign}.{digits}f}" + ("" if math.isnan(sd) else f" ± {sd:.{digits}f}")
+
+
 def mean_sd(xs):
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else math.nan)
 
@@ -112,7 +127,7 @@ def tables(rows):
         ft = [r for r in tr if r["method"] == "finetuned"]
         if ft:
             m, sd = mean_sd([score(r) for r in ft])
-            lines.append(f"| 1.0 | fine-tuned | {len(ft)} | {m:.2f} ± {sd:.2f} | 1.000 | | | |")
+            lines.append(f"| 1.0 | fine-tuned | {len(ft)} | {pm(m, sd)} | 1.000 | | | |")
         for R in sorted({r["target_flops"] for r in tr if r["target_flops"] is not None}, reverse=True):
             learned = {r["seed"]: r for r in tr if r["target_flops"] == R and r["method"] == "learned"}
             for method in ("learned", "manual", "topk", "fixed"):
@@ -127,10 +142,10 @@ def tables(rows):
                     diffs = [score(learned[r["seed"]]) - score(r) for r in rs if r["seed"] in learned]
                     if diffs:
                         dm, dsd = mean_sd(diffs)
-                        pair, v = f"{dm:+.2f} ± {dsd:.2f} (n={len(diffs)})", verdict(diffs)
-                lines.append(f"| {R} | {method} | {len(rs)} | {m:.2f} ± {sd:.2f} | {f:.3f} ± {fsd:.3f} | "
+                        pair, v = f"{pm(dm, dsd, sign='+')} (n={len(diffs)})", verdict(diffs)
+                lines.append(f"| {R} | {method} | {len(rs)} | {pm(m, sd)} | {pm(f, fsd, 3)} | "
                              f"{statistics.fmean(trf):.3f} | {pair} | {v} |" if trf else
-                             f"| {R} | {method} | {len(rs)} | {m:.2f} ± {sd:.2f} | {f:.3f} ± {fsd:.3f} | | {pair} | {v} |")
+                             f"| {R} | {method} | {len(rs)} | {pm(m, sd)} | {pm(f, fsd, 3)} | | {pair} | {v} |")
         lines.append("")
     return lines
 
@@ -202,7 +217,7 @@ def table3(rows):
         for b in range(3):
             v = per[(method, b)]
             (a, asd), (f, fsd) = mean_sd([x[0] for x in v]), mean_sd([x[1] for x in v])
-            cells.append(f"{a:.2f} ± {asd:.2f} / {f:.3f} ± {fsd:.3f}")
+            cells.append(f"{pm(a, asd)} / {pm(f, fsd, 3)}")
         lines.append(f"| {method} | {len(per[(method, 0)])} | " + " | ".join(cells) + " |")
     return lines + [""]
 

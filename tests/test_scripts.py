@@ -151,7 +151,8 @@ def test_seeds_summary_keeps_recorded_rows_and_replaces_runs_found_again(tmp_pat
     assert set(rows) == set(first) | {"mrpc-s0-topk-R0.6"}
     assert rows["mrpc-s0-ft"]["accuracy"] == 0.81 and rows["mrpc-s0-fixed-R0.6"] == first["mrpc-s0-fixed-R0.6"]
     md = {l.split("|")[2].strip(): [c.strip() for c in l.split("|")] for l in open(out + ".md") if l.startswith("| 0.6 ")}
-    assert md["fixed"][7] == "+10.00 ± nan (n=1)" and md["topk"][7] == "+5.00 ± nan (n=1)"
+    assert md["fixed"][7] == "+10.00 (n=1)" and md["topk"][7] == "+5.00 (n=1)"  # one seed: no sd
+    assert md["fixed"][4] == "65.00" and md["fixed"][8] == "too few seeds"
     # with no run folder at all the record alone is summarised; --fresh drops it
     shutil.rmtree(root)
     seeds_summary.main([str(root), "--out", out])
