@@ -47,13 +47,13 @@ task_runs() {  # task seed subset-flags...
     for R in $targets; do for method in learned manual topk fixed; do names+=("$task-s$s-$method-R$R"); done; done
     recorded "${names[@]}" && return    # the whole group is recorded; else the fine-tune is (re)made for what is left
     run "$ft" --task "$task" --model "$M" --stages finetune --seed "$s" "${epochs[@]}"
-    for R in $targets; do
-        recorded "$task-s$s-learned-R$R" || run "$RUNS/$task-s$s-learned-R$R" --task "$task" --init "$ft/finetune" --target-flops "$R" --seed "$s" "${epochs[@]}" "$@"
+    for R in $targets; do  # the baselines (step 3 only) before the longer learned run: a cut sitting keeps more
         for method in threshold topk fixed; do
             local name=$method; [[ $method == threshold ]] && name=manual
             recorded "$task-s$s-$name-R$R" || run "$RUNS/$task-s$s-$name-R$R" --task "$task" --init "$ft/finetune" --stages hard --method "$method" \
                 --target-flops "$R" --seed "$s" "${epochs[@]}" "$@"
         done
+        recorded "$task-s$s-learned-R$R" || run "$RUNS/$task-s$s-learned-R$R" --task "$task" --init "$ft/finetune" --target-flops "$R" --seed "$s" "${epochs[@]}" "$@"
     done
 }
 

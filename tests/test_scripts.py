@@ -196,7 +196,7 @@ def test_seeds_driver_skips_recorded_runs_and_remakes_a_missing_fine_tune(tmp_pa
                     '[[ $1 == scripts/seeds_summary.py ]] && echo "record:$4" >> "$CALLS"\n'
                     'while [[ $# -gt 0 ]]; do [[ $1 == --output-dir ]] && echo "$2" >> "$CALLS"; shift; done\n')
     fake.chmod(0o755)
-    names = ["mrpc-s0-ft"] + [f"mrpc-s0-{m}-R0.6" for m in ("learned", "manual", "topk", "fixed")]
+    names = ["mrpc-s0-ft"] + [f"mrpc-s0-{m}-R0.6" for m in ("manual", "topk", "fixed", "learned")]  # run order
     record = tmp_path / "record.json"
 
     def drive(recorded):
