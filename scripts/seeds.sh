@@ -8,6 +8,7 @@
 #   bash scripts/seeds.sh [GLUE_DIR] [RUNS_DIR] [SEEDS]        e.g. bash scripts/seeds.sh ../shared/glue runs "0 1 2"
 #   LANES=2 bash scripts/seeds.sh ...                          one lane only (1: SST-2; 2: MRPC, STS-B, table 3)
 #   LANE1=mrpc LANE2=stsb bash scripts/seeds.sh ...            other jobs per lane (sst2, mrpc, stsb, table3)
+#   LANE1="sst2:0.6 sst2:0.45" bash scripts/seeds.sh ...       a job limited to some targets: every seed at 0.6 first
 #   python scripts/seeds_summary.py RUNS_DIR --out docs/fig4_seeds --data-dir GLUE_DIR     (run after every run)
 #
 # docs/fig4_seeds.json (RECORD=...) is the study's record: commit it. Runs recorded there are skipped, and a group
@@ -37,12 +38,13 @@ recorded() {  # run names...: true when every one has its row in $RECORD (its fo
     local name; for name in "$@"; do grep -q "\"run\": \"$name\"" "$RECORD" 2>/dev/null || return 1; done
 }
 
-task_runs() {  # task seed subset-flags...
-    local task=$1 s=$2; shift 2
+task_runs() {  # task[:targets] seed subset-flags...   (targets: comma-separated, e.g. sst2:0.6 or sst2:0.6,0.45)
+    local task=${1%%:*} s=$2 only=; [[ $1 == *:* ]] && only=${1#*:}; shift 2
     local ft=$RUNS/$task-s$s-ft
     local epochs; case $task in sst2) epochs=(--finetune-epochs 1 --soft-epochs 2 --hard-epochs 1) ;;
                                 *) epochs=(--finetune-epochs 3 --soft-epochs 3 --hard-epochs 2) ;; esac
     local targets="0.6"; [[ $task == sst2 ]] && targets="0.6 0.45"
+    [[ -n $only ]] && targets=${only//,/ }
     local names=("$task-s$s-ft") R method
     for R in $targets; do for method in learned manual topk fixed; do names+=("$task-s$s-$method-R$R"); done; done
     recorded "${names[@]}" && return    # the whole group is recorded; else the fine-tune is (re)made for what is left
@@ -67,9 +69,9 @@ table3_runs() {  # seed: train on SST-2 sentences shorter than the dev median (2
         --max-train-examples 16000 "${short[@]}"
 }
 
-lane() {  # jobs...: each job (sst2, mrpc, stsb, table3) for every seed, one job's seeds before the next
+lane() {  # jobs...: each job (sst2, mrpc, stsb, table3; task:targets) for every seed, one job's seeds before the next
     for job in "$@"; do for s in $SEEDS; do case $job in
-        sst2) task_runs sst2 "$s" --max-train-examples 16000 ;;   # steps 1-3 on a 16,000-sentence subset of train
+        sst2|sst2:*) task_runs "$job" "$s" --max-train-examples 16000 ;;   # steps 1-3 on a 16,000-sentence subset of train
         table3) table3_runs "$s" ;;
         *) task_runs "$job" "$s" ;;
     esac; done; done

@@ -199,12 +199,12 @@ def test_seeds_driver_skips_recorded_runs_and_remakes_a_missing_fine_tune(tmp_pa
     names = ["mrpc-s0-ft"] + [f"mrpc-s0-{m}-R0.6" for m in ("manual", "topk", "fixed", "learned")]  # run order
     record = tmp_path / "record.json"
 
-    def drive(recorded):
+    def drive(recorded, lane="mrpc"):
         json.dump([{"run": n} for n in recorded], open(record, "w"), indent=1)
         calls = tmp_path / "calls"
         calls.write_text("")
         env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "CALLS": str(calls), "RECORD": str(record),
-               "LANES": "2", "LANE2": "mrpc"}
+               "LANES": "2", "LANE2": lane}
         subprocess.run(["bash", os.path.join(ROOT, "scripts", "seeds.sh"), "glue", str(tmp_path / "r"), "0"],
                        env=env, cwd=ROOT, check=True, capture_output=True)
         return [os.path.basename(l) for l in calls.read_text().split()]
@@ -213,3 +213,7 @@ def test_seeds_driver_skips_recorded_runs_and_remakes_a_missing_fine_tune(tmp_pa
     assert drive([]) == [c for n in names for c in (n, rec)]  # the record follows every run
     assert drive(names) == []
     assert drive([n for n in names if "topk" not in n]) == ["mrpc-s0-ft", rec, "mrpc-s0-topk-R0.6", rec]
+    only = ["sst2-s0-ft"] + [f"sst2-s0-{m}-R0.45" for m in ("manual", "topk", "fixed", "learned")]
+    assert drive([], lane="sst2:0.45") == [c for n in only for c in (n, rec)]  # a job limited to one target
+    both = only[:1] + [f"sst2-s0-{m}-R{R}" for R in ("0.6", "0.45") for m in ("manual", "topk", "fixed", "learned")]
+    assert drive([], lane="sst2") == [c for n in both for c in (n, rec)]  # sst2 alone: both targets
