@@ -113,6 +113,7 @@ class PackedModel:
             wqkv = torch.cat([layer.query.weight, layer.key.weight, layer.value.weight]).detach()  # (3C, C)
             bqkv = torch.cat([layer.query.bias, layer.key.bias, layer.value.bias]).detach()        # (3C,)
             self.layers.append({"qkv": self.weight(wqkv, bqkv),
+                                "v": self.weight(layer.value.weight, layer.value.bias),  # alone: one-token layers
                                 "out": self.weight(layer.attn_out.weight, layer.attn_out.bias),
                                 "fc1": self.weight(layer.fc1.weight, layer.fc1.bias),
                                 "fc2": self.weight(layer.fc2.weight, layer.fc2.bias),
@@ -129,15 +130,26 @@ class PackedModel:
     # compiles again. Above 64 rows, rows are padded to a multiple of ROW_BUCKET (at most 15 rows of extra
     # work, under 20%); at 64 or fewer (batch 1) they are few shapes already, where padding would cost most.
     ROW_BUCKET = 16
+    # model.activation's names as oneDNN post-ops (attribute, algorithm), applied inside the linear's kernel while
+    # its output is still in registers: one pass over the (T, 4C) FFN activations fewer. fp32: equal to the unfused
+    # F.gelu / F.relu to the bit on the shapes tried, tanh-GELU within 5e-7; bf16: GELU before the rounding to bf16.
+    POST_OPS = {"gelu": ("gelu", "none"), "gelu_new": ("gelu", "tanh"), "relu": ("relu", "")}
 
-    def linear(self, x, wb):
+    def linear(self, x, wb, act=None, trim=True):
+        """
+        x W^T + b on rows x (M, K), then the activation `act` (a model.activation name) when given.
+        trim=False returns the bucket-padded rows as they are (rows past M are junk), for a next linear to take whole.
+        """
         w, b, packed = wb
         if packed is not None:
             M = x.shape[0]
             if M > 64 and M % self.ROW_BUCKET:
                 x = F.pad(x, (0, 0, 0, -M % self.ROW_BUCKET))
-            return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")[:M]
-        return F.linear(x, w, b)
+            attr, algorithm = ("none", "") if act is None else self.POST_OPS[act]
+            y = torch.ops.mkldnn._linear_pointwise(x, packed, b, attr, [], algorithm)
+            return y[:M] if trim else y
+        y = F.linear(x, w, b)
+        return y if act is None else activation(act, y)
 
     def __call__(self, ids, cu_seqlens, type_ids=None):
         """
@@ -183,17 +195,23 @@ class PackedModel:
         cfg, dev = self.cfg, x.device
         T, C = x.shape
         B, H, D = lengths.shape[0], cfg.num_attention_heads, cfg.head_dim
-        N = int(lengths.max())
-        start = lengths.cumsum(0) - lengths                                # (B,) first packed row of each sequence
-        j = torch.arange(N, device=dev)
-        live = j < lengths[:, None]                                        # (B, N) live tokens of each sequence
+        N = T if B == 1 else int(lengths.max())  # the longest live sequence (one sequence: its rows, no read-back)
+        if N == 1:  # one live token per sequence (late layers under LTP): the softmax over a single key is exactly 1,
+            # so A V = V, and eq. 8 keeps token 0 whatever its score; only V is computed, the same y
+            return self.finish(x, self.linear(x.to(self.dtype), w["v"]).float(), w), lengths
         dense = T == B * N  # all sequences have the same length: the packed rows already are the padded view
         qkv = self.linear(x.to(self.dtype), w["qkv"])                      # (T, 3C), bf16 in bf16
-        if not dense:  # padded view by one gather; a padding slot repeats its sequence's first token (finite,
-            # masked as a key below, and its query row is never used), so no zero fill is needed
-            qkv = qkv.index_select(0, (start[:, None] + j * live).view(-1))  # (B*N, 3C)
+        if B == 1:  # one sequence: every row is live
+            live = x.new_ones(1, N)                                        # (B, N)
+        else:
+            start = lengths.cumsum(0) - lengths                            # (B,) first packed row of each sequence
+            j = torch.arange(N, device=dev)
+            live = j < lengths[:, None]                                    # (B, N) live tokens of each sequence
+            if not dense:  # padded view by one gather; a padding slot repeats its sequence's first token (finite,
+                # masked as a key below, and its query row is never used), so no zero fill is needed
+                qkv = qkv.index_select(0, (start[:, None] + j * live).view(-1))  # (B*N, 3C)
+            live = live.float()                                            # (B, N) 1 live, 0 padding
         q, k, v = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)           # 3 x (B, H, N, D)
-        live = live.float()                                                # (B, N) 1 live, 0 padding
         # eq. 6, as Layer.attention_probs: A = softmax(q k^T / sqrt(d_h)), padded keys removed (log 0 = -inf);
         # fp32 from the logits on, in either precision (the scores and the eq. 8 test read A)
         logits = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(D)  # (B, H, N, N)
@@ -234,8 +252,9 @@ class PackedModel:
         ln1, ln2 = w["ln1"], w["ln2"]
         x = F.layer_norm(self.linear(y.to(self.dtype), w["out"]) + x, ln1.normalized_shape, ln1.weight, ln1.bias,
                          ln1.eps)                                                                 # eq. 3
-        h = self.linear(activation(self.cfg.hidden_act, self.linear(x.to(self.dtype), w["fc1"])), w["fc2"])  # eq. 4
-        return F.layer_norm(h + x, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)            # eq. 5
+        # eq. 4; fc1's output goes to fc2 with its bucket padding: no second pad of the (T, 4C) activations
+        h = self.linear(self.linear(x.to(self.dtype), w["fc1"], act=self.cfg.hidden_act, trim=False), w["fc2"])
+        return F.layer_norm(h[:x.shape[0]] + x, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)  # eq. 5
 
 
 # ---------------------------------------------------------------------------------------------

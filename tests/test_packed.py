@@ -124,6 +124,48 @@ def test_same_length_batch_and_single_tokens():
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("onednn", LINEAR)
+@pytest.mark.parametrize("act", ["gelu", "gelu_new", "relu"])
+@torch.inference_mode()
+def test_every_activation_fused_or_not(act, onednn):
+    """The FFN's activation (a oneDNN post-op of fc1 when onednn, else activation() after F.linear) as the mask forward."""
+    rng = random.Random(4)
+    for trial in range(4):
+        model = tiny_model(("bert", "roberta")[trial % 2], 2, seed=400 + trial)
+        model.cfg.hidden_act = act
+        set_pruning(model, rng, "hard")
+        encoded = random_batch(rng, model.cfg, 6)
+        ref, ref_kept = mask_forward(model, encoded)
+        out, kept = packed_forward(PackedModel(model, onednn=onednn), encoded)
+        assert torch.equal(kept, ref_kept)
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("onednn", LINEAR)
+@torch.inference_mode()
+def test_one_token_layers_compute_only_v(onednn):
+    """Once every sequence of a batch is down to one token, a layer skips Q, K and the attention (A = 1, so
+    A V = V) and gives the general path's result: counted by spying on which weights the linears read."""
+    rng = random.Random(5)
+    for trial in range(6):
+        model = tiny_model(("bert", "roberta")[trial % 2], (0, 2)[trial % 2], seed=500 + trial, layers=4)
+        set_pruning(model, rng, "hard")
+        model.encoder.theta.data[1:] = 1.0  # layer 2 on keeps only token 0 (eq. 8 never drops it)
+        pm = PackedModel(model, onednn=onednn)
+        names = {id(v): k for w in pm.layers for k, v in w.items()}  # weight tuple -> "qkv", "v", "out", ...
+        used, linear = [], pm.linear
+        pm.linear = lambda x, wb, **kw: used.append(names[id(wb)]) or linear(x, wb, **kw)
+        encoded = random_batch(rng, model.cfg, rng.choice([1, 3]))
+        ref, ref_kept = mask_forward(model, encoded)
+        out, kept = packed_forward(pm, encoded)
+        assert torch.equal(kept, ref_kept) and (kept[:, 2:] == 1).all()
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+        # layers 1-2 run Q|K|V (layer 2's input may have more than one token), layers 3-4 V alone
+        qkv = [k for k in used if k in ("qkv", "v")]
+        assert qkv[-2:] == ["v", "v"] and qkv.count("qkv") == 4 - qkv.count("v")
+        assert qkv[0] == "qkv" and (qkv[1] == "qkv" or (kept[:, 1] == 1).all())
+
+
 @torch.inference_mode()
 def test_result_does_not_depend_on_batch():
     """A sequence gives the same logits and kept counts alone, in any batch, at any place in it."""
