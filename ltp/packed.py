@@ -198,7 +198,7 @@ class PackedModel:
         N = T if B == 1 else int(lengths.max())  # the longest live sequence (one sequence: its rows, no read-back)
         if N == 1:  # one live token per sequence (late layers under LTP): the softmax over a single key is exactly 1,
             # so A V = V, and eq. 8 keeps token 0 whatever its score; only V is computed, the same y
-            return self.finish(x, self.linear(x.to(self.dtype), w["v"]).float(), w), lengths
+            return self.finish(x, self.linear(x.to(self.dtype), w["v"]), w), lengths
         dense = T == B * N  # all sequences have the same length: the packed rows already are the padded view
         qkv = self.linear(x.to(self.dtype), w["qkv"])                      # (T, 3C), bf16 in bf16
         if B == 1:  # one sequence: every row is live
@@ -211,10 +211,10 @@ class PackedModel:
                 # masked as a key below, and its query row is never used), so no zero fill is needed
                 qkv = qkv.index_select(0, (start[:, None] + j * live).view(-1))  # (B*N, 3C)
             live = live.float()                                            # (B, N) 1 live, 0 padding
-        q, k, v = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)           # 3 x (B, H, N, D)
-        # eq. 6, as Layer.attention_probs: A = softmax(q k^T / sqrt(d_h)), padded keys removed (log 0 = -inf);
-        # fp32 from the logits on, in either precision (the scores and the eq. 8 test read A)
-        logits = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(D)  # (B, H, N, N)
+        # fp32 from here on in either precision (the scores and the eq. 8 test read A): one cast of Q|K|V
+        q, k, v = qkv.float().view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)   # 3 x (B, H, N, D)
+        # eq. 6, as Layer.attention_probs: A = softmax(q k^T / sqrt(d_h)), padded keys removed (log 0 = -inf)
+        logits = (q @ k.transpose(-2, -1)) / math.sqrt(D)                  # (B, H, N, N)
         if not dense:
             logits = logits + live.log()[:, None, None, :]
         probs = logits.softmax(dim=-1)
@@ -229,28 +229,36 @@ class PackedModel:
             # (token 0 is always kept, so a sequence's first row stays its first row)
             n_out = m.sum(1)                                               # (B,)
         if l is None or bool((n_out == lengths).all()):
-            y = (probs @ v.float()).transpose(1, 2).reshape(B * N, C)      # (B, H, N, D) -> (B*N, C)
+            y = self.merge_heads(probs, v)                                 # (B*N, C)
             return self.finish(x, y if dense else y[live.view(-1) > 0], w), lengths  # real rows, in packed order
         # The pruned tokens leave now: only the surviving query rows of A meet V (all live keys stay keys here).
         if B == 1:  # one sequence (T = N): its survivors' rows directly, no sort and no gather over a batch
             rows = m[0].nonzero().squeeze(1)                               # (T',)
-            y = (probs[:, :, rows] @ v.float()).transpose(1, 2).reshape(-1, C)  # (1, H, T', D) -> (T', C)
+            y = self.merge_heads(probs[:, :, rows], v)                     # (T', C)
             return self.finish(x.index_select(0, rows), y, w), n_out
         N2 = int(n_out.max())
         rows = torch.sort((~m).to(torch.uint8), dim=1, stable=True).indices[:, :N2]  # (B, N2) survivors' old rows first
         a = probs.gather(2, rows[:, None, :, None].expand(B, H, N2, N))    # (B, H, N2, N)
-        y = (a @ v.float()).transpose(1, 2).reshape(B * N2, C)             # (B, H, N2, D) -> (B*N2, C)
+        y = self.merge_heads(a, v)                                         # (B*N2, C)
         y = y[(j[:N2] < n_out[:, None]).view(-1)]                          # (T', C) the survivors, in packed order
         survivors = (start[:, None] + j).view(-1)[m.view(-1)]              # (T',) their rows in x
         return self.finish(x.index_select(0, survivors), y, w), n_out
 
+    def merge_heads(self, a, v):
+        """
+        A V for the query rows of a (B, H, N', N) with v (B, H, N, D) (fp32), heads concatenated: (B*N', C) in the
+        linears' dtype, transposed and cast in one copy.
+        """
+        y = (a @ v).transpose(1, 2)                                        # (B, N', H, D), strided
+        return y.new_empty(y.shape, dtype=self.dtype).copy_(y).view(-1, self.cfg.hidden_size)  # (B*N', C)
+
     def finish(self, x, y, w):
         """
         Eqs. 3-5 on packed rows, as Layer.finish: x (T, C) the layer input (fp32), y (T, C) the heads'
-        concatenation (fp32). The sums with x are fp32, so are the LayerNorms.
+        concatenation (in the linears' dtype). The sums with x are fp32, so are the LayerNorms.
         """
         ln1, ln2 = w["ln1"], w["ln2"]
-        x = F.layer_norm(self.linear(y.to(self.dtype), w["out"]) + x, ln1.normalized_shape, ln1.weight, ln1.bias,
+        x = F.layer_norm(self.linear(y, w["out"]) + x, ln1.normalized_shape, ln1.weight, ln1.bias,
                          ln1.eps)                                                                 # eq. 3
         # eq. 4; fc1's output goes to fc2 with its bucket padding: no second pad of the (T, 4C) activations
         h = self.linear(self.linear(x.to(self.dtype), w["fc1"], act=self.cfg.hidden_act, trim=False), w["fc2"])
