@@ -107,6 +107,9 @@ def mean_sd(xs):
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else math.nan)
 
 
+FLOPS_MATCH = 0.02  # dev relative FLOPs this close to learned thresholds' count as matched in the verdict column
+
+
 def verdict(diffs):
     """learned - other, paired by seed: 'learned better' / 'other better' when the mean is 2 standard errors from 0."""
     if len(diffs) < 2:
@@ -143,6 +146,10 @@ def tables(rows):
                     if diffs:
                         dm, dsd = mean_sd(diffs)
                         pair, v = f"{pm(dm, dsd, sign='+')} (n={len(diffs)})", verdict(diffs)
+                        # the knobs are matched on training data: say so where the dev FLOPs came out apart
+                        gap = f - statistics.fmean(r["relative_flops"] for r in learned.values())
+                        if abs(gap) > FLOPS_MATCH:
+                            v += f"; dev FLOPs {gap:+.3f} against learned"
                 lines.append(f"| {R} | {method} | {len(rs)} | {pm(m, sd)} | {pm(f, fsd, 3)} | "
                              f"{statistics.fmean(trf):.3f} | {pair} | {v} |" if trf else
                              f"| {R} | {method} | {len(rs)} | {pm(m, sd)} | {pm(f, fsd, 3)} | | {pair} | {v} |")

@@ -122,6 +122,24 @@ def test_seeds_summary_means_paired_differences_and_verdicts(tmp_path):
     assert os.path.getsize(tmp_path / "s.png") > 1000
 
 
+def test_seeds_summary_names_dev_flops_apart_from_learned(tmp_path):
+    """Knobs are matched on training data; a method whose dev FLOPs land more than 0.02 from learned
+    thresholds' gets the gap in its verdict (here fixed lengths at 0.53 against 0.60 + seed / 1000)."""
+    import seeds_summary
+    root = tmp_path / "runs"
+    for seed in range(3):
+        for method, acc, flops in (("learned", 0.90, 0.60 + seed / 1000), ("fixed", 0.88, 0.53), ("manual", 0.89, 0.61)):
+            run = fake_run(root / "seeds" / f"sst2-s{seed}-{method}-R0.6", {"stages": "hard"},
+                           [{"stage": "hard", "step": 9, "accuracy": acc + seed / 1000, "relative_flops": flops,
+                             "train_relative_flops": 0.6}])
+            os.makedirs(os.path.join(run, "hard"))
+            open(os.path.join(run, "hard", "DONE"), "w").write("done\n")
+    seeds_summary.main([str(root), "--out", str(tmp_path / "s")])
+    md = {l.split("|")[2].strip(): [c.strip() for c in l.split("|")] for l in open(tmp_path / "s.md") if l.startswith("| 0.6 ")}
+    assert md["fixed"][8] == "learned better; dev FLOPs -0.071 against learned"
+    assert md["manual"][8] == "learned better"  # 0.61 against 0.601: matched
+
+
 def test_seeds_summary_keeps_recorded_rows_and_replaces_runs_found_again(tmp_path, capsys):
     import seeds_summary
     root, out = tmp_path / "runs", str(tmp_path / "s")
