@@ -10,10 +10,11 @@ goes through a linear layer, a LayerNorm or the FFN. Per layer:
   3. eq. 7 importance scores and the eq. 8 threshold test (pruning.importance_score / hard_mask,
      the same functions as the mask-based forward of model.py), never a top-k (unless the checkpoint
      is one of the rank-based baselines, PruneConfig.method "topk" / "fixed": baselines.rank_mask)
-  4. the tokens that fail the test leave here: A.V is computed for the surviving query rows only
-     (all live tokens still serve as keys and values in this layer), then W_o, LN, FFN, LN run on
-     the survivors, re-packed with index_select; each sequence's length shrinks on its own
-     (the only state carried from layer to layer is x and the lengths).
+  4. the tokens that fail the test leave here: of A.V (all live tokens still serve as keys and values
+     in this layer) only the survivors' rows go on, and W_o, LN, FFN, LN run on the survivors,
+     re-packed with index_select; each sequence's length shrinks on its own (the only state carried
+     from layer to layer is x and the lengths). A layer whose sequences are all down to one token
+     computes V alone (A = 1).
 No bucketing by length inside a batch: with infer.py's length-sorted batches the padded attention view
 does 1.08x (unpruned) to 1.19x (LTP) the useful attention work on SST-2 / MRPC dev with MiniLM, and the
 attention products are ~7% of the time, so buckets would save ~1% (measured; dataset-order batches: 2-3.4x).
@@ -231,18 +232,13 @@ class PackedModel:
         if l is None or bool((n_out == lengths).all()):
             y = self.merge_heads(probs, v)                                 # (B*N, C)
             return self.finish(x, y if dense else y[live.view(-1) > 0], w), lengths  # real rows, in packed order
-        # The pruned tokens leave now: only the surviving query rows of A meet V (all live keys stay keys here).
-        if B == 1:  # one sequence (T = N): its survivors' rows directly, no sort and no gather over a batch
-            rows = m[0].nonzero().squeeze(1)                               # (T',)
-            y = self.merge_heads(probs[:, :, rows], v)                     # (T', C)
-            return self.finish(x.index_select(0, rows), y, w), n_out
-        N2 = int(n_out.max())
-        rows = torch.sort((~m).to(torch.uint8), dim=1, stable=True).indices[:, :N2]  # (B, N2) survivors' old rows first
-        a = probs.gather(2, rows[:, None, :, None].expand(B, H, N2, N))    # (B, H, N2, N)
-        y = self.merge_heads(a, v)                                         # (B*N2, C)
-        y = y[(j[:N2] < n_out[:, None]).view(-1)]                          # (T', C) the survivors, in packed order
-        survivors = (start[:, None] + j).view(-1)[m.view(-1)]              # (T',) their rows in x
-        return self.finish(x.index_select(0, survivors), y, w), n_out
+        # The pruned tokens leave now: the survivors' rows of A V (all live keys stay keys here) and of x go on.
+        # A V is computed for every query row first: under 1% of a layer's FLOPs at these lengths, and cheaper
+        # than sorting the survivors to the front and gathering their rows of A.
+        slots = m.view(-1).nonzero().squeeze(1)                            # (T',) survivors in the padded view
+        y = self.merge_heads(probs, v).index_select(0, slots)              # (T', C), in packed order
+        rows = slots if B == 1 else (start[:, None] + j).view(-1)[slots]   # (T',) their rows in x (one sequence: the same)
+        return self.finish(x.index_select(0, rows), y, w), n_out
 
     def merge_heads(self, a, v):
         """
