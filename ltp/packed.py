@@ -194,7 +194,7 @@ class PackedModel:
         `lengths` (B,); n0 (B,) the lengths before any pruning. Returns the survivors' x (T', C) and their lengths (B,).
         """
         cfg, dev = self.cfg, x.device
-        T, C = x.shape
+        T = x.shape[0]
         B, H, D = lengths.shape[0], cfg.num_attention_heads, cfg.head_dim
         N = T if B == 1 else int(lengths.max())  # the longest live sequence (one sequence: its rows, no read-back)
         if N == 1:  # one live token per sequence (late layers under LTP): the softmax over a single key is exactly 1,
@@ -233,8 +233,8 @@ class PackedModel:
             y = self.merge_heads(probs, v)                                 # (B*N, C)
             return self.finish(x, y if dense else y[live.view(-1) > 0], w), lengths  # real rows, in packed order
         # The pruned tokens leave now: the survivors' rows of A V (all live keys stay keys here) and of x go on.
-        # A V is computed for every query row first: under 1% of a layer's FLOPs at these lengths, and cheaper
-        # than sorting the survivors to the front and gathering their rows of A.
+        # A V is computed for every query row first (about N / 12C of a layer's FLOPs: 0.5% for MiniLM on SST-2,
+        # 5.5% at 512 tokens and C = 768), cheaper than sorting the survivors to the front to gather their rows of A.
         slots = m.view(-1).nonzero().squeeze(1)                            # (T',) survivors in the padded view
         y = self.merge_heads(probs, v).index_select(0, slots)              # (T', C), in packed order
         rows = slots if B == 1 else (start[:, None] + j).view(-1)[slots]   # (T',) their rows in x (one sequence: the same)
