@@ -147,7 +147,8 @@ def tables(rows):
                         dm, dsd = mean_sd(diffs)
                         pair, v = f"{pm(dm, dsd, sign='+')} (n={len(diffs)})", verdict(diffs)
                         # the knobs are matched on training data: say so where the dev FLOPs came out apart
-                        gap = f - statistics.fmean(r["relative_flops"] for r in learned.values())
+                        gap = statistics.fmean(r["relative_flops"] - learned[r["seed"]]["relative_flops"]
+                                               for r in rs if r["seed"] in learned)  # over the paired seeds
                         if abs(gap) > FLOPS_MATCH:
                             v += f"; dev FLOPs {gap:+.3f} against learned"
                 lines.append(f"| {R} | {method} | {len(rs)} | {pm(m, sd)} | {pm(f, fsd, 3)} | "
