@@ -12,6 +12,8 @@ Methods (one row per method, batch size and precision, --precision fp32,bf16):
   packed            ltp/packed.py without pruning, length-sorted batches (the loop of infer.py)
   ltp               ltp/packed.py with the checkpoint's learned thresholds (ltp.json) or --final-threshold
                     (packed and ltp in bf16: PackedModel(precision="bf16"), weights converted once)
+  ltp-recheck       with --recheck MARGIN, bf16 only: ltp whose sequences with a score within MARGIN of its threshold
+                    run again in fp32 (PackedModel(recheck=MARGIN)): fp32's kept tokens at part of bf16's speed
 Throughput is the median of --repeats full passes after a warm-up (the passes go round the methods, so a
 change of the machine's load hits all alike), model time only (inputs tokenized, padded or packed beforehand).
 Useful GFLOP/s counts real tokens only (pruning.sequence_flops).
@@ -242,6 +244,11 @@ def markdown(result):
                      f"{ag['mean_abs_kept_diff']:.3f} tokens per layer)"
                      + (f", labels equal on {ag['labels']:.2%}, max |logit difference| {ag['max_abs_logit_diff']:.3f}"
                         if "labels" in ag else "") + ".")
+        rc = ag.get("recheck")
+        if rc:
+            lines.append(f"bf16 with --recheck {rc['margin']:g} vs fp32 (ltp-recheck rows): {rc['rechecked']:.1%} of the "
+                         f"examples ran again in fp32; kept counts equal in every layer on {rc['kept_all_layers']:.1%}"
+                         + (f", labels on {rc['labels']:.2%}" if "labels" in rc else "") + ".")
     lines += ["",
               "| method | precision | batch | examples/s | tokens/s | useful GFLOP/s | % of peak | rel. FLOPs | vs packed | "
               "vs hf-sorted | vs hf fp32 | peak MB |",
@@ -271,7 +278,7 @@ def plot(result, path):
         return print("matplotlib is not installed: no PNG", file=sys.stderr)
     fig, ax = plt.subplots(figsize=(6, 4))
     for p in result["setup"]["precisions"]:
-        for m in METHODS:
+        for m in METHODS + ("ltp-recheck",):
             rows = [r for r in result["rows"] if r["method"] == m and r["precision"] == p]
             if rows:
                 ax.plot([r["batch_size"] for r in rows], [r["examples_per_s"] for r in rows], marker="o",
@@ -309,8 +316,12 @@ def main(args):
     L, C, I = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
     prune = model.prune
     precisions = list(dict.fromkeys(resolve_precision(p, dev) for p in args.precision))  # auto resolved, no repeats
-    pms = {p: PackedModel(model, onednn={"auto": None, "on": True, "off": False}[args.onednn], precision=p)
-           for p in precisions}
+    onednn = {"auto": None, "on": True, "off": False}[args.onednn]
+    pms = {p: PackedModel(model, onednn=onednn, precision=p) for p in precisions}
+    recheck = (PackedModel(model, onednn=onednn, precision="bf16", recheck=args.recheck)
+               if args.recheck and "bf16" in precisions and prune.mode != "off" and prune.method == "threshold" else None)
+    if args.recheck and recheck is None:
+        print(f"--recheck {args.recheck:g} ignored: it needs bf16 in --precision and pruning by thresholds", file=sys.stderr)
     print(f"precision: {', '.join(precisions)} (asked: {','.join(args.precision)})", file=sys.stderr)
     if prune.mode == "off":
         print("no ltp.json and no --final-threshold: no ltp rows (pass --final-threshold 0.01 to prune)", file=sys.stderr)
@@ -333,11 +344,11 @@ def main(args):
             batches = hf_batches(encoded, bs, method == "hf-sorted", cfg, dev)
             return lambda part=None: hf_pass(hf, batches[:part], precision)
         batches = make_batches(encoded, bs, sort=True, device=dev)
-        mode = prune if method == "ltp" else no_prune
+        mode = prune if method.startswith("ltp") else no_prune
 
         def run(part=None):
             model.prune = mode  # PackedModel reads model.prune at every call
-            out = forward_batches(pms[precision], batches[:part], len(encoded))
+            out = forward_batches(recheck if method == "ltp-recheck" else pms[precision], batches[:part], len(encoded))
             model.prune = prune
             return out
         return run
@@ -346,6 +357,7 @@ def main(args):
     for bs in args.batch_sizes:
         methods = [(m, p) for p in precisions for m in METHODS
                    if not (m.startswith("hf") and hf is None or m == "ltp" and prune.mode == "off")]
+        methods += [("ltp-recheck", "bf16")] if recheck is not None else []
         runs = {mp: runner(mp[0], bs, mp[1]) for mp in methods}
         for mp in methods:  # warm-up on a few batches (allocator, MKL / oneDNN kernel selection)
             runs[mp](8)
@@ -359,14 +371,17 @@ def main(args):
         for m, p in methods:
             sec = statistics.median(times[m, p])
             flops = unpruned_flops
-            if m == "ltp":
+            if m.startswith("ltp"):
+                done = recheck.rechecked if m == "ltp-recheck" else 0
                 out, kept, _ = runs[m, p]()
-                ltp_out.setdefault(p, (out, kept))
+                ltp_out.setdefault(p if m == "ltp" else m, (out, kept))
                 flops = sum(fl.sequence_flops(k, C, I) for k in kept.tolist())
             row = {"method": m, "precision": p, "batch_size": bs, "examples_per_s": len(encoded) / sec,
                    "tokens_per_s": sum(lengths) / sec, "gflops_per_s": flops / sec / 1e9,
                    "relative_flops": flops / unpruned_flops, "peak_memory_mb": mem[m, p],
                    "seconds": times[m, p], "speedup_vs_packed": None, "speedup_vs_hf_sorted": None}
+            if m == "ltp-recheck":  # the share of the examples run again in fp32 (one pass)
+                row |= {"recheck_margin": args.recheck, "rechecked": (recheck.rechecked - done) / len(encoded)}
             rows.append(row)
             print(f"  {m:17s} {p} batch {bs:4d}: {row['examples_per_s']:8.1f} examples/s, "
                   f"{row['gflops_per_s']:6.1f} useful GFLOP/s, peak +{mem[m, p]:.0f} MB", file=sys.stderr)
@@ -393,6 +408,16 @@ def main(args):
                           "max_abs_logit_diff": (o32 - o16).abs().max().item()}
         print(f"bf16 vs fp32 (ltp): kept counts equal in every layer on {agreement['kept_all_layers']:.1%} of the "
               f"examples" + (f", labels on {agreement['labels']:.2%}" if o32 is not None else ""), file=sys.stderr)
+        if "ltp-recheck" in ltp_out:  # the same with --recheck
+            o16, k16 = ltp_out["ltp-recheck"]
+            agreement["recheck"] = {"margin": args.recheck, "rechecked": next(
+                r["rechecked"] for r in rows if r["method"] == "ltp-recheck"),
+                "kept_all_layers": (k32 == k16).all(1).float().mean().item()}
+            if o32 is not None:
+                agreement["recheck"]["labels"] = (o32.argmax(1) == o16.argmax(1)).float().mean().item()
+            print(f"bf16 --recheck {args.recheck:g} vs fp32 (ltp-recheck): {agreement['recheck']['rechecked']:.1%} of the "
+                  f"examples ran again in fp32; kept counts equal in every layer on "
+                  f"{agreement['recheck']['kept_all_layers']:.1%}", file=sys.stderr)
 
     ltp_kept = ltp_out[precisions[0]][1] if ltp_out else None
     kept = ltp_kept if ltp_kept is not None else torch.tensor([[n] * (L + 1) for n in lengths])

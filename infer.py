@@ -59,7 +59,8 @@ def main(args):
     model = load_model(args.model, args.final_threshold).to(args.device)
     tok = ltp.Tokenizer.from_dir(ltp.model.resolve(args.model), model.cfg)
     encoded = tok.encode(texts)
-    pm = PackedModel(model, onednn={"auto": None, "on": True, "off": False}[args.onednn], precision=args.precision)
+    pm = PackedModel(model, onednn={"auto": None, "on": True, "off": False}[args.onednn], precision=args.precision,
+                     recheck=args.recheck)
     batches = make_batches(encoded, args.batch_size, sort=not args.no_sort, device=args.device)
     logits, kept, seconds = forward_batches(pm, batches, len(texts), progress=len(texts) >= 1000)
 
@@ -85,6 +86,12 @@ def main(args):
         f"(model only, batch {args.batch_size}, {'length-sorted' if not args.no_sort else 'input order'}, "
         f"{torch.get_num_threads()} threads, {args.device}, {pm.precision}"
         + (f" from --precision auto" if args.precision == "auto" else "") + ")")
+    if args.recheck and pm.recheck and model.prune.mode != "off" and model.prune.method == "threshold":
+        say(f"--recheck {args.recheck:g}: {pm.rechecked} of {len(texts)} examples ({pm.rechecked / len(texts):.1%}) had a "
+            f"score near a threshold and ran again in fp32")
+    elif args.recheck:
+        say(f"--recheck {args.recheck:g} ignored: it applies to bf16 with thresholds ({pm.precision}, pruning "
+            f"{model.prune.mode if model.prune.mode == 'off' else model.prune.method})")
     say("mean tokens kept per layer: " + " ".join(f"{v:.1f}" for v in kept.float().mean(0).tolist())
         + "  (entering layer 1, then after each layer)")
     say(f"relative FLOPs {rel:.3f}, {gflops:.4g} GFLOPs per example"

@@ -65,6 +65,9 @@ def add_inference_args(p):
     p.add_argument("--threads", type=nonneg_int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--onednn", default="auto", choices=["auto", "on", "off"],
                    help="linear kernel of the packed routine: oneDNN prepacked weights, F.linear, or auto (oneDNN for small matmuls)")
+    p.add_argument("--recheck", type=nonneg_float, default=0.0, metavar="MARGIN",
+                   help="bf16 with thresholds: run again in fp32 the sequences with an eq. 7 score within MARGIN (relative) "
+                        "of its threshold, so that the kept tokens are fp32's (0.005: 99%% of SST-2 dev agree, 0 = off)")
     return p
 
 

@@ -83,6 +83,26 @@ def test_bench_writes_all_rows_and_keys(tmp_path):
     assert "| ltp | fp32 | 4 |" in md and "| ltp | bf16 | 4 |" in md
 
 
+def test_bench_recheck_rows(tmp_path):
+    """--recheck adds ltp-recheck rows (bf16 only, the other methods as they were), with the share run again; with a
+    margin that takes every sequence, its kept counts are fp32's, so the FLOPs too."""
+    make_checkpoint(tmp_path / "m", num_labels=2)
+    inp = tmp_path / "in.txt"
+    inp.write_text("the movie was great\nnot fun\na plot\tthe plot\nbad bad bad bad bad movie\n" * 2)
+    out = tmp_path / "bench.json"
+    run(["--model", tmp_path / "m", "--input", inp, "--final-threshold", 0.02, "--batch-sizes", "4", "--repeats", 1,
+         "--peak-repeats", 1, "--skip-topk", "--skip-hf", "--json", out, "--threads", 1, "--precision", "fp32,bf16",
+         "--recheck", 1e6])
+    result = json.loads(out.read_text())
+    rows = {(r["method"], r["precision"]): r for r in result["rows"]}
+    assert set(rows) == {("packed", "fp32"), ("ltp", "fp32"), ("packed", "bf16"), ("ltp", "bf16"), ("ltp-recheck", "bf16")}
+    r = rows["ltp-recheck", "bf16"]
+    assert KEYS <= set(r) and r["recheck_margin"] == 1e6 and r["rechecked"] == 1.0  # every input has 2+ tokens
+    assert r["relative_flops"] == pytest.approx(rows["ltp", "fp32"]["relative_flops"], abs=1e-12)
+    rc = result["setup"]["bf16_vs_fp32"]["recheck"]
+    assert rc["kept_all_layers"] == 1.0 and rc["labels"] == 1.0 and rc["rechecked"] == 1.0
+
+
 def test_bench_base_encoder_without_thresholds(tmp_path):
     """A base encoder (no head, no ltp.json, no --final-threshold) is benchmarked as an encoder, without ltp rows."""
     make_checkpoint(tmp_path / "m", num_labels=0)

@@ -188,6 +188,25 @@ def test_precision_is_applied_and_printed(tmp_path, capsys, precision):
     assert diff < 0.1 and (diff > 0) == (ran == "bf16")
 
 
+def test_recheck_gives_fp32_decisions_in_bf16(tmp_path, capsys):
+    """--recheck with a margin that takes every sequence: bf16 rows with fp32's kept counts and logits, and the
+    summary says how many ran again; in fp32 the flag is named as ignored."""
+    make_checkpoint(tmp_path / "m")
+    rows = {}
+    for p, r in (("fp32", 0), ("bf16", 1e6), ("fp32", 0.1)):
+        run(["--model", tmp_path / "m", "--input", write_input(tmp_path), "--output", tmp_path / f"{p}{r}.jsonl",
+             "--final-threshold", 0.02, "--precision", p, "--recheck", r])
+        rows[p, r] = read_rows(tmp_path / f"{p}{r}.jsonl")
+        err = capsys.readouterr().err
+        if (p, r) == ("bf16", 1e6):
+            assert f"--recheck 1e+06: {len(LINES)} of {len(LINES)} examples" in err  # each has [CLS] and more
+        if (p, r) == ("fp32", 0.1):
+            assert "--recheck 0.1 ignored" in err
+    for a, b in zip(rows["bf16", 1e6], rows["fp32", 0]):
+        assert a["kept"] == b["kept"] and a["label"] == b["label"]
+        assert max(abs(x - y) for x, y in zip(a["logits"], b["logits"])) < 1e-5
+
+
 def cli(*args, stdin=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), *map(str, args)], input=stdin,

@@ -294,6 +294,51 @@ def test_bf16_agrees_with_fp32(onednn):
     assert same_kept >= 0.8 * seqs and same_label >= 0.95 * seqs, (seqs, same_kept, same_label)  # measured: 91%, 99.5%
 
 
+@pytest.mark.parametrize("num_labels", [2, 0])
+@torch.inference_mode()
+def test_bf16_recheck_runs_near_sequences_again_in_fp32(num_labels):
+    """PackedModel(precision="bf16", recheck=r): a sequence whose scores all kept clear of their thresholds keeps
+    bf16's output to the bit; one that came within r runs again in fp32 and gets fp32's output and kept counts
+    (those of the same sequence in an fp32 batch, within fp32's batch-to-batch rounding). Huge r: every sequence
+    with a token to test is run again; with or without a head (packed last hidden states, sequence after sequence)."""
+    rng = random.Random(5)
+    partial = 0
+    for trial in range(12):
+        model = tiny_model(("bert", "roberta")[trial % 2], num_labels, seed=500 + trial, layers=3)
+        set_pruning(model, rng, "hard")
+        encoded = random_batch(rng, model.cfg, 9) + [([7], [0])]
+        out32, kept32 = packed_forward(PackedModel(model), encoded)
+        out16, kept16 = packed_forward(PackedModel(model, precision="bf16"), encoded)
+        for r in (1e6, 0.05):
+            pm = PackedModel(model, precision="bf16", recheck=r)
+            out, kept = packed_forward(pm, encoded)
+            rows = kept[:, -1].tolist()  # per sequence: its rows of the packed output (no head), else 1
+            split = (lambda o, k: o.split(k[:, -1].tolist())) if num_labels == 0 else (lambda o, k: o.split(1))
+            redone = 0
+            for b, (a, a32, a16) in enumerate(zip(split(out, kept), split(out32, kept32), split(out16, kept16))):
+                if torch.equal(kept[b], kept16[b]) and torch.equal(a, a16):
+                    continue  # kept bf16's result
+                redone += 1
+                assert torch.equal(kept[b], kept32[b]), (trial, r, b)
+                torch.testing.assert_close(a, a32, atol=1e-5, rtol=0)
+            assert sum(rows) == out.shape[0] or num_labels
+            if r == 1e6:
+                assert pm.rechecked == sum(len(ids) > 1 for ids, _ in encoded)  # one token: nothing to test
+                assert torch.equal(kept, kept32)
+            else:
+                assert redone <= pm.rechecked  # a sequence run again may come out as bf16 had it
+                partial += 0 < pm.rechecked < len(encoded) - 1
+    assert partial >= 6  # r = 0.05 runs some sequences again, not all
+
+
+def test_recheck_applies_to_bf16_only():
+    model = tiny_model("bert", 2, seed=0)
+    assert PackedModel(model, precision="fp32", recheck=0.1).recheck == 0.0  # fp32 decides as fp32 already
+    assert PackedModel(model, precision="bf16", recheck=0.1).fp32.precision == "fp32"
+    with pytest.raises(ValueError, match="recheck"):
+        PackedModel(model, precision="bf16", recheck=-1)
+
+
 def test_resolve_precision():
     from ltp.packed import native_bf16, resolve_precision
     assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
