@@ -5,7 +5,8 @@ Issue 13: the runs of scripts/seeds.sh as numbers with error bars.
 
 Writes OUT.json (one row per finished run: task, method, seed, target_flops, relative_flops, train_relative_flops,
 the task's metrics, and the CPU and torch version that ran it), OUT.md (mean and standard deviation per task, budget and method; the paired difference
-against learned thresholds on the same seed, i.e. the same fine-tuned model underneath, with a verdict) and OUT.png
+against learned thresholds on the same seed, i.e. the same fine-tuned model underneath, with the p-value of a paired
+t-test and a verdict at p < 0.05) and OUT.png
 (fig. 4 with error bars, when matplotlib is installed). With --data-dir, also table 3: accuracy and FLOPs per dev
 length bucket of the models trained on short SST-2 sentences (sst2short-*), mean and standard deviation over seeds.
 
@@ -110,13 +111,39 @@ def mean_sd(xs):
 FLOPS_MATCH = 0.02  # dev relative FLOPs this close to learned thresholds' count as matched in the verdict column
 
 
-def verdict(diffs):
-    """learned - other, paired by seed: 'learned better' / 'other better' when the mean is 2 standard errors from 0."""
+def t_pvalue(t, df):
+    """
+    Two-sided p-value of Student's t with df degrees of freedom: 2 P(T > |t|), Simpson's rule on the density.
+    Examples: t_pvalue(12.706, 1) ~ 0.05, t_pvalue(4.303, 2) ~ 0.05, t_pvalue(0, 3) = 1.
+    """
+    t = abs(t)
+    if t == 0:
+        return 1.0
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    f = lambda x: c * (1 + x * x / df) ** (-(df + 1) / 2)  # noqa: E731
+    n = 2000  # even; P(0 < T < t) by Simpson's rule, exact to ~1e-9 here
+    h = t / n
+    area = h / 3 * (f(0) + f(t) + sum((4 if i % 2 else 2) * f(i * h) for i in range(1, n)))
+    return max(0.0, 1 - 2 * area)
+
+
+def paired_test(diffs):
+    """learned - other, paired by seed: (p-value of the paired t-test, two-sided; None below 2 seeds or when all equal)."""
     if len(diffs) < 2:
-        return "too few seeds"
+        return None
     m, sd = mean_sd(diffs)
-    se = sd / math.sqrt(len(diffs))
-    return "learned better" if m - 2 * se > 0 else "learned worse" if m + 2 * se < 0 else "not distinguishable"
+    if sd == 0:
+        return 0.0 if m else 1.0
+    return t_pvalue(m / (sd / math.sqrt(len(diffs))), len(diffs) - 1)
+
+
+def verdict(diffs):
+    """'learned better' / 'learned worse' when the paired t-test gives p < 0.05 (two-sided), else 'not distinguishable'."""
+    p = paired_test(diffs)
+    if p is None:
+        return "too few seeds"
+    m = statistics.fmean(diffs)
+    return ("learned better" if m > 0 else "learned worse") if p < 0.05 else "not distinguishable"
 
 
 def tables(rows):
@@ -145,7 +172,9 @@ def tables(rows):
                     diffs = [score(learned[r["seed"]]) - score(r) for r in rs if r["seed"] in learned]
                     if diffs:
                         dm, dsd = mean_sd(diffs)
-                        pair, v = f"{pm(dm, dsd, sign='+')} (n={len(diffs)})", verdict(diffs)
+                        p = paired_test(diffs)
+                        pair = f"{pm(dm, dsd, sign='+')} (n={len(diffs)}" + ("" if p is None else f", p {p:.3f}") + ")"
+                        v = verdict(diffs)
                         # the knobs are matched on training data: say so where the dev FLOPs came out apart
                         gap = statistics.fmean(r["relative_flops"] - learned[r["seed"]]["relative_flops"]
                                                for r in rs if r["seed"] in learned)  # over the paired seeds
