@@ -242,12 +242,16 @@ def buckets(path, data_dir):
 
 
 def table3(rows):
-    """Table 3 from the sst2short rows that carry per-bucket figures: mean ± sd over seeds of accuracy and FLOPs."""
-    per = {}
+    """
+    Table 3 from the sst2short rows that carry per-bucket figures: mean ± sd over seeds of accuracy and FLOPs, then
+    learned - fixed accuracy per bucket, paired by seed, with the paired t-test's p-value.
+    """
+    per, acc = {}, {}
     for r in rows:
         if r["task"] == "sst2short" and r.get("buckets"):
             for b, x in enumerate(r["buckets"]):
                 per.setdefault((r["method"], b), []).append((100 * x["accuracy"], x["relative_flops"]))
+                acc.setdefault((r["method"], b), {})[r["seed"]] = 100 * x["accuracy"]
     if not per:
         return []
     lines = ["### Table 3, SST-2 (trained on sentences <= 23 tokens; accuracy % / relative FLOPs, mean ± sd over seeds)", "",
@@ -261,6 +265,14 @@ def table3(rows):
             (a, asd), (f, fsd) = mean_sd([x[0] for x in v]), mean_sd([x[1] for x in v])
             cells.append(f"{pm(a, asd)} / {pm(f, fsd, 3)}")
         lines.append(f"| {method} | {len(per[(method, 0)])} | " + " | ".join(cells) + " |")
+    if ("learned", 0) in acc and ("fixed", 0) in acc:
+        cells = []
+        for b in range(3):
+            lrn, fix = acc[("learned", b)], acc[("fixed", b)]
+            diffs = [lrn[sd] - fix[sd] for sd in sorted(lrn) if sd in fix]
+            p = paired_test(diffs)
+            cells.append(f"{pm(*mean_sd(diffs), sign='+')}" + ("" if p is None else f", p {p:.3f}") if diffs else "")
+        lines.append(f"| learned − fixed (paired) | {len(diffs)} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 

@@ -216,6 +216,12 @@ def test_seeds_summary_table3_buckets_add_up_to_the_whole_dev_set(tmp_path):
             for s in (0, 1)]
     lines = seeds_summary.table3(rows)
     assert lines[-2] == "| fixed | 2 | 90.00 ± 0.00 / 0.500 ± 0.000 | 80.00 ± 0.00 / 0.500 ± 0.000 | 65.00 ± 7.07 / 0.500 ± 0.000 |"
+    # with learned rows of the same seeds: learned - fixed per bucket, paired by seed (Cauchy: p = 1 - 2 atan(t) / pi; t 11 and 3)
+    rows += [{"task": "sst2short", "method": "learned", "seed": s, "run": f"sst2short-s{s}-learned-R0.6",
+              "buckets": [{"n": 1, "accuracy": a, "relative_flops": 0.6} for a in (0.9, 0.85 + s / 100, 0.8)]}
+             for s in (0, 1)]
+    lines = seeds_summary.table3(rows)
+    assert lines[-2] == "| learned − fixed (paired) | 2 | +0.00 ± 0.00, p 1.000 | +5.50 ± 0.71, p 0.058 | +15.00 ± 7.07, p 0.205 |"
 
 
 def test_seeds_driver_skips_recorded_runs_and_remakes_a_missing_fine_tune(tmp_path):
