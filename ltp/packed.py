@@ -251,8 +251,11 @@ class PackedModel:
                 # masked as a key below, and its query row is never used), so no zero fill is needed
                 qkv = qkv.index_select(0, (start[:, None] + j * live).view(-1))  # (B*N, 3C)
             live = live.float()                                            # (B, N) 1 live, 0 padding
-        # fp32 from here on in either precision (the scores and the eq. 8 test read A): one cast of Q|K|V
-        q, k, v = qkv.float().view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)   # 3 x (B, H, N, D)
+        # fp32 from here on in either precision (the scores and the eq. 8 test read A): one copy of Q|K|V casts it
+        # and puts the heads first, so that the batched products read contiguous (B*H, N, D) blocks (from the
+        # strided view, matmul would copy q, k and v again)
+        qkv = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)               # (3, B, H, N, D), strided
+        q, k, v = torch.empty(qkv.shape, dtype=torch.float32, device=dev).copy_(qkv)  # 3 x (B, H, N, D)
         # eq. 6, as Layer.attention_probs: A = softmax(q k^T / sqrt(d_h)), padded keys removed (log 0 = -inf)
         logits = (q @ k.transpose(-2, -1)) / math.sqrt(D)                  # (B, H, N, N)
         if not dense:
