@@ -6,7 +6,8 @@ FILE has one example per line (a tab separates the two texts of a pair; an empty
 with empty text); OUT gets one JSON object per input line, in order: "logits", "label" (the config's
 id2label name of the argmax, or the score of a 1-label regression model) and, for a pruned model,
 "kept" (tokens entering layer 1, then surviving each layer). Also: --task sst2 --split dev --data-dir DIR
-(GLUE, with metrics), --input - (stdin), --explain K (which tokens survive each layer).
+(GLUE, with metrics), --input - (stdin), --explain K (which tokens survive each layer), --precision bf16
+(the linears in bf16) with --recheck 0.005 (sequences with a score near a threshold run again in fp32).
 The batching and timing loop (ltp/packed.py: make_batches, forward_batches) is the one bench.py measures.
 """
 import contextlib
