@@ -192,7 +192,9 @@ def plot(rows, path):
     if plt is None:
         return
     tasks = sorted({r["task"] for r in rows})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.8), squeeze=False)
+    per_bucket = [r for r in rows if r["task"] == "sst2short" and r.get("buckets")]
+    fig, axes = plt.subplots(1, len(tasks) + bool(per_bucket), figsize=(4.5 * (len(tasks) + bool(per_bucket)), 3.8),
+                             squeeze=False)
     style = {"learned": ("tab:red", "o"), "manual": ("tab:blue", "s"), "topk": ("tab:green", "^"), "fixed": ("tab:purple", "D")}
     for ax, task in zip(axes[0], tasks):
         tr = [r for r in rows if r["task"] == task]
@@ -220,6 +222,19 @@ def plot(rows, path):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("dev score (%), mean ± sd over seeds")
+    if per_bucket:  # table 3: accuracy per dev length bucket of the models trained on short sentences
+        ax = axes[0][-1]
+        for method in ("learned", "fixed"):
+            rs = [r for r in per_bucket if r["method"] == method]
+            if rs:
+                stats = [mean_sd([100 * r["buckets"][b]["accuracy"] for r in rs]) for b in range(3)]
+                ax.errorbar(range(3), [m for m, _ in stats], yerr=[0 if math.isnan(sd) else sd for _, sd in stats],
+                            color=style[method][0], marker=style[method][1], capsize=3, label=f"{method} ({len(rs)} seeds)")
+        ax.set_xticks(range(3), ["~Q2", "Q2~Q3", "Q3~"])
+        ax.set_xlabel("SST-2 dev sentences by length (quartiles)")
+        ax.set_title("table 3: trained on sentences <= 23 tokens")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
