@@ -319,7 +319,9 @@ def main(args):
     onednn = {"auto": None, "on": True, "off": False}[args.onednn]
     pms = {p: PackedModel(model, onednn=onednn, precision=p) for p in precisions}
     recheck = (PackedModel(model, onednn=onednn, precision="bf16", recheck=args.recheck)
-               if args.recheck and "bf16" in precisions and prune.mode != "off" and prune.method == "threshold" else None)
+               if args.recheck and "bf16" in precisions else None)
+    if recheck is not None and not recheck.rechecking():
+        recheck = None
     if args.recheck and recheck is None:
         print(f"--recheck {args.recheck:g} ignored: it needs bf16 in --precision and pruning by thresholds", file=sys.stderr)
     print(f"precision: {', '.join(precisions)} (asked: {','.join(args.precision)})", file=sys.stderr)

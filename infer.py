@@ -87,7 +87,7 @@ def main(args):
         f"(model only, batch {args.batch_size}, {'length-sorted' if not args.no_sort else 'input order'}, "
         f"{torch.get_num_threads()} threads, {args.device}, {pm.precision}"
         + (f" from --precision auto" if args.precision == "auto" else "") + ")")
-    if args.recheck and pm.recheck and model.prune.mode != "off" and model.prune.method == "threshold":
+    if args.recheck and pm.rechecking():
         say(f"--recheck {args.recheck:g}: {pm.rechecked} of {len(texts)} examples ({pm.rechecked / len(texts):.1%}) had a "
             f"score near a threshold and ran again in fp32")
     elif args.recheck:

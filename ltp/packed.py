@@ -134,6 +134,11 @@ class PackedModel:
         self.fp32 = PackedModel(model, onednn=onednn, precision="fp32") if self.recheck else None  # its fp32 twin
         self.rechecked = 0
 
+    def rechecking(self):
+        """Whether a call rechecks (see recheck): bf16 with a margin, and the model pruning by thresholds now."""
+        prune = self.model.encoder.prune
+        return bool(self.recheck) and prune.mode != "off" and prune.method == "threshold"
+
     def weight(self, w, b):
         """(W, b, W reordered once into oneDNN's blocked layout or None), in self.dtype: no cast or reorder per call."""
         w, b = w.detach().to(self.dtype), b.detach().to(self.dtype)
@@ -183,8 +188,7 @@ class PackedModel:
         seq = torch.repeat_interleave(torch.arange(B, device=dev), lengths, output_size=T)  # (T,) its sequence
         pos = torch.arange(T, device=dev) - cu_seqlens[:-1][seq]           # (T,) index inside its sequence
         x = self.embed(ids, pos, type_ids)                                 # (T, C)
-        near = (torch.zeros(B, dtype=torch.bool, device=dev)               # (B,) a score came near its threshold
-                if self.recheck and prune and enc.prune.method == "threshold" else None)
+        near = torch.zeros(B, dtype=torch.bool, device=dev) if self.rechecking() else None  # (B,) a score came near
         kept = [lengths]
         for l, w in enumerate(self.layers):
             x, lengths = self.layer(x, lengths, w, l if prune else None, kept[0], near)
