@@ -257,3 +257,44 @@ def test_seeds_driver_skips_recorded_runs_and_remakes_a_missing_fine_tune(tmp_pa
     both = only[:1] + [f"sst2-s0-{m}-R{R}" for R in ("0.6", "0.45") for m in ("manual", "topk", "fixed", "learned")
                        if (m, R) != ("topk", "0.45")]
     assert drive([], lane="sst2") == [c for n in both for c in (n, rec)]  # sst2 alone: both targets
+
+
+def test_device_check_prepares_a_carryable_copy_and_runs_every_step(tmp_path):
+    """scripts/device_check.sh: prepare copies SST-2 and the checkpoint with fp16 weights (which load back into the
+    same model up to fp16 rounding); run goes through every step, reports a failed one and exits 1."""
+    import subprocess
+
+    import torch
+    from safetensors.torch import load_file
+
+    import ltp
+    script = os.path.join(ROOT, "scripts", "device_check.sh")
+    make_glue(tmp_path / "glue")
+    make_model(tmp_path / "m")
+    env = {**os.environ, "DEVICE_DIR": str(tmp_path / "dev")}
+    sh = lambda *a, **kw: subprocess.run(["bash", script, *a], env={**env, **kw}, capture_output=True, text=True)
+    r = sh("prepare", str(tmp_path / "m"), str(tmp_path / "nowhere"))
+    assert r.returncode == 2 and f"{tmp_path / 'nowhere'}/SST-2/train.tsv: not found" in r.stderr
+    r = sh("run")
+    assert r.returncode == 2 and "run 'prepare' first" in r.stderr
+    r = sh("prepare", str(tmp_path / "m"), str(tmp_path / "glue"))
+    assert r.returncode == 0, r.stderr
+    for split in ("train", "dev"):
+        assert (tmp_path / "dev/glue/SST-2" / f"{split}.tsv").read_text() == (tmp_path / "glue/SST-2" / f"{split}.tsv").read_text()
+    assert sorted(os.listdir(tmp_path / "dev/model")) == ["config.json", "model.safetensors", "tokenizer.json"]
+    half = load_file(str(tmp_path / "dev/model/model.safetensors"))
+    assert {v.dtype for v in half.values()} == {torch.float16}
+    a, b = ltp.load(str(tmp_path / "m")).state_dict(), ltp.load(str(tmp_path / "dev/model")).state_dict()
+    assert all(torch.equal(b[k], a[k] if k == "encoder.theta" else a[k].half().float()) for k in a)  # theta: not saved
+    # every step runs, in order, with a stand-in python that fails infer.py in fp32
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\n[[ $1 == -m ]] && set -- "$2"\necho "$1" >> "$CALLS"\n'
+                    '[[ "$*" == *"--precision fp32 "* && $1 == infer.py ]] && exit 3\nexit 0\n')
+    fake.chmod(0o755)
+    calls = tmp_path / "calls"
+    r = sh("run", PYTHON=str(fake), CALLS=str(calls), OUT=str(tmp_path / "out"))
+    assert r.returncode == 1
+    assert calls.read_text().split() == ["-c", "pytest", "infer.py", "infer.py", "train.py", "bench.py",
+                                         "scripts/random_model.py", "bench.py"]
+    log = (tmp_path / "out/log.txt").read_text()
+    assert "=== infer-fp32 FAILED (exit 3)" in log and log.count("FAILED") == 1 and "all steps passed: no" in log
