@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import random
-import shutil
 import sys
 import time
 
@@ -30,7 +29,7 @@ from ltp.flops import flops_summary, sequence_flops, unpruned_flops
 from ltp.model import atomic_write, resolve
 from ltp.packed import PackedModel, pack, resolve_precision
 from ltp.pruning import PruneConfig, calibrate_scale, dual_ascent, init_thresholds, mask_regularizer, ramped_target
-from ltp.text import Tokenizer, collate
+from ltp.text import Tokenizer, collate, copy_tokenizer_files
 
 # Table A.1 of the paper (GLUE, RoBERTa-base): soft pruning lr 2e-5, T in {1,2,5,10,20}e-4, hard pruning lr
 # {0.5,1,2}e-5 and 10 epochs; soft pruning 1-10 epochs "depending on the dataset size"; batch size 64.
@@ -60,10 +59,6 @@ def size_defaults(cfg):
     small = cfg.hidden_size < 768
     return dict(final_threshold=0.01 * cfg.num_hidden_layers / 12,
                 finetune_lr=5e-5 if small else 2e-5, batch_size=32 if small else 64)
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "vocab.txt",
-                   "special_tokens_map.json")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,9 +184,7 @@ def calibrate(model, enc, ids, target):
 
 def save_stage(model, path, src_dir):
     ltp.save(model, path)
-    for f in TOKENIZER_FILES:  # so that infer.py --model OUTPUT/<stage> works on its own
-        if os.path.isfile(os.path.join(src_dir, f)):
-            shutil.copyfile(os.path.join(src_dir, f), os.path.join(path, f))
+    copy_tokenizer_files(src_dir, path)  # so that infer.py --model OUTPUT/<stage> works on its own
 
 
 def rng_state():

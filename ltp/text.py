@@ -8,9 +8,22 @@ Too-long inputs are truncated to the model's maximum length the way `transformer
 """
 import json
 import os
+import shutil
 
 import torch
 from tokenizers import Tokenizer as HFTokenizer
+
+
+# the files a model directory's tokenizer comes from (Tokenizer.from_dir reads tokenizer.json or vocab.json + merges.txt)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "vocab.txt",
+                   "special_tokens_map.json")
+
+
+def copy_tokenizer_files(src, dst):
+    """Copy the TOKENIZER_FILES that model directory src has into dst, so that a checkpoint there loads on its own."""
+    for f in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(src, f)):
+            shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
 
 
 class Tokenizer:

@@ -24,16 +24,16 @@ prepare() {
     done
     rm -rf "$D" && mkdir -p "$D/model" "$D/glue/SST-2" || exit 2
     cp "$glue/SST-2/train.tsv" "$glue/SST-2/dev.tsv" "$D/glue/SST-2/"
-    for f in "$ckpt"/*; do
-        case $(basename "$f") in
-            config.json|ltp.json|tokenizer*|vocab*|merges*|special_tokens*) cp "$f" "$D/model/" ;;
-        esac
-    done
-    python3 - "$ckpt/model.safetensors" "$D/model/model.safetensors" <<'EOF' || exit 2
-import sys
+    for f in config.json ltp.json; do [ -f "$ckpt/$f" ] && cp "$ckpt/$f" "$D/model/"; done
+    PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} python3 - "$ckpt" "$D/model" <<'EOF' || exit 2
+import os, sys
 from safetensors.torch import load_file, save_file
-sd = load_file(sys.argv[1])
-save_file({k: v.half() if v.is_floating_point() else v for k, v in sd.items()}, sys.argv[2], metadata={"format": "pt"})
+from ltp.text import copy_tokenizer_files
+src, dst = sys.argv[1:]
+sd = load_file(os.path.join(src, "model.safetensors"))
+save_file({k: v.half() if v.is_floating_point() else v for k, v in sd.items()}, os.path.join(dst, "model.safetensors"),
+          metadata={"format": "pt"})
+copy_tokenizer_files(src, dst)
 EOF
     echo "built $D from $ckpt ($(du -sh "$D" | cut -f1)); next: the device tool's run with command" \
          "'bash scripts/device_check.sh run', carry [\".device\"], timeout_s 540"
@@ -74,7 +74,8 @@ run() {
             --json "$out/bench_cuda_roberta-base.json" --plot "$out/bench_cuda_roberta-base.png"
         echo "=== all steps passed: $([ "$(cat $status)" = 0 ] && echo yes || echo no)"
     } 2>&1 | tee "$out/log.txt"
-    return "$(cat $status)"
+    local rc; rc=$(cat "$status"); rm -f "$status"
+    return "$rc"
 }
 
 case ${1:-} in

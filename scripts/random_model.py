@@ -8,7 +8,6 @@ a benchmark depend on the shapes and the token counts, not on the weights' value
 """
 import argparse
 import os
-import shutil
 
 import torch
 
@@ -29,9 +28,7 @@ def main():
     src = ltp.model.resolve(args.tokenizer_from)
     vocab = ltp.Config.from_json(os.path.join(src, "config.json"))
     os.makedirs(args.out, exist_ok=True)
-    for name in os.listdir(src):
-        if name.startswith(("tokenizer", "vocab", "merges", "special_tokens")):
-            shutil.copy(os.path.join(src, name), args.out)
+    ltp.text.copy_tokenizer_files(src, args.out)
     torch.manual_seed(args.seed)
     cfg = ltp.Config(**SHAPES[args.shape], vocab_size=vocab.vocab_size, pad_token_id=vocab.pad_token_id)
     ltp.save(ltp.Model(cfg, args.labels).eval(), args.out)
