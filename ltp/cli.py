@@ -100,7 +100,7 @@ def read_lines(path):
                 text = f.read()
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    lines = text.split("\n")
+    lines = text.split("\n") if text else []  # an empty file holds no example (an empty line is one)
     if text.endswith("\n"):
         lines.pop()
     texts = []
@@ -145,6 +145,23 @@ def load_model(path, final_threshold=None, need_head=True):
     return model.eval()
 
 
+def check_task_head(model, task_name, path):
+    """
+    --task scores the model's predictions against the task's labels: refuse a head of another size (a 2-class
+    model on STS-B's scores), or one whose label names (config.json's id2label, as train.py writes them) are
+    another task's (an SST-2 model's "0" / "1" on QNLI's entailment / not_entailment).
+    """
+    from . import glue
+    task = glue.TASKS[task_name]
+    if model.num_labels != task.num_labels:
+        raise ValueError(f"{path}: the model's head has {model.num_labels} labels, {task_name} has {task.num_labels}"
+                         + (" (a regression score)" if task.num_labels == 1 else ""))
+    names = [str((model.cfg.id2label or {}).get(str(i), f"LABEL_{i}")) for i in range(model.num_labels)]
+    if task.labels and names != [f"LABEL_{i}" for i in range(len(names))] and names != list(task.labels):
+        raise ValueError(f"{path}: the model's labels {names} (config.json id2label) are not {task_name}'s "
+                         f"{list(task.labels)}")
+
+
 def output_path(path, flag):
     """Make an output file's folder now, before any work, or fail with one line naming the flag (- = stdout)."""
     if path and path != "-" and os.path.dirname(path):
@@ -165,7 +182,7 @@ def run_cli(main, args, name):
     try:
         return main(args)
     except KeyboardInterrupt:
-        sys.exit(f"{name}: interrupted (train.py: rerun the same command with --resume to continue)")
+        sys.exit(f"{name}: interrupted" + (" (rerun the same command with --resume to continue)" if name == "train.py" else ""))
     except SystemExit as e:
         if isinstance(e.code, str) and not os.environ.get("LTP_DEBUG"):
             msg = e.code.removeprefix("error: ")

@@ -269,6 +269,10 @@ def download(task_name, data_dir):
     """Fetch a task's train/dev files into data_dir/<Task>/ and check the official row counts."""
     task = get_task(task_name)
     out = os.path.join(data_dir, task.dir)
+    new, d = [], os.path.abspath(out)  # the folders this call creates, deepest first: removed again if it fails
+    while not os.path.isdir(d) and d != os.path.dirname(d):
+        new.append(d)
+        d = os.path.dirname(d)
     os.makedirs(out, exist_ok=True)
     try:
         if task_name == "mrpc":
@@ -287,6 +291,11 @@ def download(task_name, data_dir):
                             dst.write(src.read())
             os.remove(z)
     except OSError as e:
+        for d in new:  # a mistyped --data-dir leaves nothing behind (folders that now hold files stay)
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
         raise RuntimeError(f"could not download GLUE {task_name} ({e}); offline? pass --data-dir with the "
                            f"GLUE TSV files (e.g. ../shared/glue) and --model with a local model directory") from None
     for split, (name, rows) in task.splits.items():

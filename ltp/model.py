@@ -365,6 +365,10 @@ def load(path_or_id, num_labels=None, new_head_ok=False):
         sd = load_file(os.path.join(path, "model.safetensors"))
     except Exception as e:  # safetensors' own error types: a corrupt header, data cut short, ...
         raise ValueError(f"{os.path.join(path, 'model.safetensors')}: not a valid safetensors file ({e})") from None
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # a corrupt or diverged checkpoint: NaN logits would still give a label, and prune every token
+        raise ValueError(f"{os.path.join(path, 'model.safetensors')}: tensor {bad[0]!r} has non-finite values"
+                         + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""))
     has_head = any(k.startswith("classifier.") for k in sd)
     if has_head:
         head_w = sd.get("classifier.out_proj.weight", sd.get("classifier.weight"))
@@ -425,10 +429,24 @@ def read_json(path):
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
+def file_mode():
+    """The mode a new file gets under this process's umask (0o644 under umask 022), read without setting it."""
+    try:
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = 0o022
+    return 0o666 & ~umask
+
+
 def atomic_write(path, write):
-    """write(tmp_path) then rename: a crash never leaves a half-written file under the final name."""
+    """
+    write(tmp_path) then rename: a crash never leaves a half-written file under the final name. The file gets
+    the umask's mode (safetensors writes 0o600, which other users of a shared run folder could not read).
+    """
     tmp = path + ".tmp"
     write(tmp)
+    os.chmod(tmp, file_mode())
     os.replace(tmp, path)
 
 

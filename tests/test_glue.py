@@ -81,3 +81,13 @@ def test_correlations_match_scipy_with_ties():
         assert glue.spearman(xt, yt) == pytest.approx(stats.spearmanr(xt, yt)[0])
         np.testing.assert_allclose(glue.rankdata(yt), stats.rankdata(yt))
     assert glue.pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) == 0.0  # constant input: defined as 0, not NaN
+
+
+def test_a_failed_download_leaves_no_folders(tmp_path, monkeypatch):
+    def offline(url, dest):
+        raise OSError("no network")
+    monkeypatch.setattr(glue, "fetch", offline)
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError, match="could not download GLUE sst2 .*no network"):
+        glue.download("sst2", str(tmp_path / "kept" / "typo" / "glue"))
+    assert os.listdir(tmp_path / "kept") == []  # typo/glue/SST-2 created for the download, removed again
