@@ -35,6 +35,7 @@ from ltp import flops as fl
 from ltp.cli import (Parser, add_inference_args, int_list, load_model, nonneg_int, output_path, positive_int, read_inputs,
                      run_cli, tune_allocator)
 from ltp.packed import PackedModel, forward_batches, make_batches, onednn_available, resolve_precision, sync
+from ltp.pruning import describe
 from ltp.text import collate
 
 METHODS = ("hf-dataset-order", "hf-sorted", "packed", "ltp")
@@ -435,7 +436,7 @@ def main(args):
             "hf_attention": args.hf_attn if hf is not None else None,
             "hf_max_abs_diff": hf_diff,  # per precision: transformers vs the packed routine, pruning off, 4 examples
             "bf16_vs_fp32": agreement,  # the ltp rows' kept counts and labels, bf16 against fp32 (first batch size)
-            "pruning": (f"{prune.mode}, thresholds " + " ".join(f"{t:.4g}" for t in model.encoder.theta.tolist())
+            "pruning": (describe(prune, model.encoder.theta)
                         + (" (manual, linear-rising)" if args.final_threshold is not None and not
                            os.path.isfile(os.path.join(path, "ltp.json")) else " (ltp.json)"))
                        if prune.mode != "off" else "off",

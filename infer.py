@@ -19,10 +19,11 @@ import torch
 
 import ltp
 from ltp import glue
-from ltp.cli import (Parser, add_inference_args, load_model, nonneg_int, output_path, positive_int, read_inputs, run_cli,
-                     tune_allocator)
+from ltp.cli import (Parser, add_inference_args, check_task_head, load_model, nonneg_int, output_path, positive_int,
+                     read_inputs, run_cli, tune_allocator)
 from ltp.flops import flops_summary
 from ltp.packed import PackedModel, forward_batches, make_batches
+from ltp.pruning import describe
 
 
 def label_of(logits, cfg):
@@ -58,6 +59,8 @@ def main(args):
     output_path(args.output, "--output")
     texts, labels = read_inputs(args)
     model = load_model(args.model, args.final_threshold).to(args.device)
+    if args.task:
+        check_task_head(model, args.task, args.model)
     tok = ltp.Tokenizer.from_dir(ltp.model.resolve(args.model), model.cfg)
     encoded = tok.encode(texts)
     pm = PackedModel(model, onednn={"auto": None, "on": True, "off": False}[args.onednn], precision=args.precision,
@@ -96,8 +99,7 @@ def main(args):
     say("mean tokens kept per layer: " + " ".join(f"{v:.1f}" for v in kept.float().mean(0).tolist())
         + "  (entering layer 1, then after each layer)")
     say(f"relative FLOPs {rel:.3f}, {gflops:.4g} GFLOPs per example"
-        + (f" (pruning: {model.prune.mode}, thresholds " + " ".join(f"{t:.4g}" for t in model.encoder.theta.tolist()) + ")"
-           if pruned else " (no pruning)"))
+        + (f" (pruning: {describe(model.prune, model.encoder.theta)})" if pruned else " (no pruning)"))
     if labels is not None and args.task:
         metrics = glue.compute_metrics(args.task, glue.predictions(logits), labels)
         say(f"{args.task} {args.split}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))

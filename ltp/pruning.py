@@ -37,6 +37,20 @@ class PruneConfig:
             raise ValueError("temperature and score_length must be positive")
 
 
+def describe(prune, theta):
+    """
+    One line on what decides the pruning, for the scripts' summaries. Examples: "hard, thresholds 0.005 0.01";
+    "hard, top-k, retain ratio 0.5 at the last layer"; "hard, fixed lengths 28 21 14 7"; "off".
+    """
+    if prune.mode == "off":
+        return "off"
+    if prune.method == "topk":
+        return f"{prune.mode}, top-k, retain ratio {prune.keep_ratio:g} at the last layer"
+    if prune.method == "fixed":
+        return f"{prune.mode}, fixed lengths " + " ".join(str(n) for n in prune.lengths)
+    return f"{prune.mode}, thresholds " + " ".join(f"{t:.4g}" for t in theta.tolist())
+
+
 def init_thresholds(num_layers, final_threshold):
     """Section 4.4: theta_l = theta_L * l / L for l = 1..L, e.g. L=4, theta_L=0.01 -> [.0025, .005, .0075, .01]."""
     return torch.tensor([final_threshold * l / num_layers for l in range(1, num_layers + 1)])

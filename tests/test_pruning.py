@@ -458,3 +458,12 @@ def test_relative_flops_from_model_kept_counts():
     _, aux = run(model, ids, am, "hard", 0.9 / 128)
     r = relative_flops(aux["kept"].long().tolist(), 3, C, I)
     assert 0.0 < r < 1.0
+
+
+def test_describe_names_what_decides_the_pruning():
+    theta = torch.tensor([0.0025, 0.005])
+    assert pruning.describe(ltp.PruneConfig(), theta) == "off"
+    assert pruning.describe(ltp.PruneConfig(mode="hard"), theta) == "hard, thresholds 0.0025 0.005"
+    assert pruning.describe(ltp.PruneConfig(mode="hard", method="topk", keep_ratio=0.5), theta) == \
+        "hard, top-k, retain ratio 0.5 at the last layer"
+    assert pruning.describe(ltp.PruneConfig(mode="hard", method="fixed", lengths=[28, 7]), theta) == "hard, fixed lengths 28 7"
