@@ -401,6 +401,8 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
                          world, rank)
             if args.max_steps and step >= args.max_steps:  # for interruption tests and quick looks
                 save_state(model, optimizer, epoch, b + 1, state_path, rank, lam, under)
+                if rank == 0:
+                    print(f"[{stage}] stopped at step {step} (--max-steps); rerun with --resume to continue", file=sys.stderr)
                 return None
         start_batch = 0
         if stage == "hard" and budget is not None:  # eq. 15: the weights moved, the budget holds
@@ -520,9 +522,9 @@ def main(args):
         first_src = args.init or args.model
         src_dir = resolve(first_src)
         glue.ensure(args.task, args.data_dir, splits=("train", "dev"))
-    except (FileNotFoundError, RuntimeError) as e:
-        raise SystemExit(f"error: {e} (offline? pass --model with a local model directory and "
-                         f"--data-dir with the GLUE TSV files)")
+    except (FileNotFoundError, RuntimeError) as e:  # the download's own line already says what to pass
+        raise SystemExit(f"error: {e}" + ("" if "offline?" in str(e) else " (offline? pass --model with a local model "
+                                          "directory and --data-dir with the GLUE TSV files)"))
     cfg = ltp.Config.from_json(os.path.join(src_dir, "config.json"))
     for k, v in size_defaults(cfg).items():  # what the model's depth and width change (see size_defaults)
         if getattr(args, k) is None:
@@ -531,8 +533,7 @@ def main(args):
         os.makedirs(args.output_dir, exist_ok=True)
     except OSError as e:
         raise SystemExit(f"error: --output-dir {args.output_dir}: cannot create it ({e.strerror})")
-    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
+    check_resume(args)
     tok = Tokenizer.from_dir(src_dir, cfg)
     if args.max_length:
         tok = Tokenizer(tok.tok, min(args.max_length, tok.max_length), tok.single_type)
@@ -548,11 +549,14 @@ def main(args):
     dev_sets = {"": glue.encode_split(tok, glue.read_split(args.task, args.data_dir, "dev"))}
     if "dev_mismatched" in task.splits:
         dev_sets["_mm"] = glue.encode_split(tok, glue.read_split(args.task, args.data_dir, "dev_mismatched"))
-    if rank == 0:
+    if rank == 0:  # written once the data has been read: a run that fails on its input leaves no args.json
+        atomic_write(os.path.join(args.output_dir, "args.json"), lambda p: open(p, "w").write(json.dumps(vars(args), indent=2)))
         print(f"{args.task}: {len(train[0])} train, {len(dev_sets[''][0])} dev examples; stages {stages}")
         print(f"settings: batch {args.batch_size}, lr {args.finetune_lr} (fine-tune) / {args.lr}, epochs "
               f"{args.finetune_epochs}/{args.soft_epochs}/{args.hard_epochs}, "
-              + (f"lambda {args.lam}" if args.lam is not None else f"target FLOPs {args.target_flops} (eta {args.flops_lr}, reached over the first {args.flops_warmup:.0%} of soft steps)")
+              + (f"lambda {args.lam}" if args.lam is not None else
+                 f"target FLOPs {args.target_flops} (eta {args.flops_lr}, reached over the first {args.flops_warmup:.0%} of soft steps)"
+                 if args.method == "threshold" else baseline_knob(args))
               + f", soft mask {args.soft_mask}, theta_L init {args.final_threshold:.4g}, threshold lr {args.threshold_lr}, "
               f"T {args.temperature}, {args.precision} (all in {os.path.join(args.output_dir, 'args.json')})")
 
@@ -572,6 +576,46 @@ def main(args):
         src = out
     if world > 1:
         dist.destroy_process_group()
+
+
+# the flags that shape a run's result: --resume refuses to continue a run written with other values
+RESUME_KEYS = ("task", "model", "init", "seed", "batch_size", "lr", "finetune_lr", "threshold_lr", "finetune_epochs",
+               "soft_epochs", "hard_epochs", "target_flops", "lam", "flops_lr", "flops_warmup", "calibration_examples",
+               "soft_mask", "temperature", "final_threshold", "method", "keep_ratio", "lengths", "flops_budget",
+               "weight_decay", "warmup", "max_train_examples", "max_train_tokens", "max_length", "precision")
+
+
+def check_resume(args):
+    """
+    --resume continues the run of OUTPUT/args.json only with the same RESUME_KEYS (its state.pt counts steps and
+    batches of that run); without --resume, stages already in the folder (finished or interrupted) start over, and
+    we say so.
+    """
+    if not args.resume:
+        there = [s for s in args.stages.split(",") if s.strip() and any(
+            os.path.isfile(os.path.join(args.output_dir, s.strip(), f)) for f in ("DONE", "state.pt"))]
+        if there:
+            print(f"{args.output_dir}: stage(s) {', '.join(there)} already there (finished or interrupted): running "
+                  f"them again from the start (--resume continues instead)", file=sys.stderr)
+        return
+    path = os.path.join(args.output_dir, "args.json")
+    if not os.path.isfile(path):
+        return
+    old = ltp.model.read_json(path)
+    changed = [k for k in RESUME_KEYS if k in old and old[k] != getattr(args, k)]
+    if changed:
+        raise SystemExit(f"error: --resume: {path} was written with " + ", ".join(
+            f"--{k.replace('_', '-')} {old[k]} (now {getattr(args, k)})" for k in changed)
+            + "; resume with the same flags, or give another --output-dir")
+
+
+def baseline_knob(args):
+    """The settings line's words for a baseline's hard stage (--method topk / fixed), instead of the soft stage's budget."""
+    if args.target_given:
+        return f"{args.method}, calibrated to --target-flops {args.target_flops}"
+    if args.method == "topk":
+        return f"top-k, retain ratio {args.keep_ratio} at the last layer"
+    return f"fixed lengths {args.lengths}" if args.lengths else f"fixed lengths for --flops-budget {args.flops_budget}"
 
 
 fraction = number(float, 0, 1, low_open=True)  # a relative FLOPs budget, 0 < R <= 1
@@ -628,7 +672,7 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=nonneg_int, default=200, help="write the resumable state every N steps (0: epochs only)")
     p.add_argument("--eval-every", type=nonneg_int, default=0,
                    help="also evaluate on dev every N steps (rows in metrics.jsonl; 0: after each epoch only)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data order, init and dropout")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the data order, init and dropout")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
@@ -641,9 +685,25 @@ def parse_args(argv=None):
         args.output_dir = os.path.join("runs", args.task)
     if args.stages is None:
         args.stages = "soft,hard" if args.init else "finetune,soft,hard"
-    for s in args.stages.split(","):  # usage errors: exit status 2 before anything is read
-        if s.strip() not in ("finetune", "soft", "hard", ""):
-            p.error(f"--stages: unknown stage {s.strip()!r} (use finetune, soft, hard)")
+    order = ("finetune", "soft", "hard")
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    for s in stages:  # usage errors: exit status 2 before anything is read
+        if s not in order:
+            p.error(f"--stages: unknown stage {s!r} (use finetune, soft, hard)")
+    if [order.index(s) for s in stages] != sorted({order.index(s) for s in stages}):
+        p.error(f"--stages {args.stages}: each stage once, in the order finetune, soft, hard (each starts from the last)")
+    if args.lengths is not None:
+        try:
+            if min(int(k) for k in args.lengths.split(",")) < 1:
+                raise ValueError
+        except ValueError:
+            p.error(f"--lengths {args.lengths}: a comma list of positive integers, one per layer (e.g. 28,21,14,7,1,1)")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device}: not a device (cpu or cuda)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device available")
     if args.lam is not None and args.target_flops is not None:
         p.error("give --lam (the paper's fixed lambda) or --target-flops (a FLOPs budget), not both")
     return args

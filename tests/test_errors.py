@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def cli(script, *args, code):
     r = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True, text=True,
-                       timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdin=subprocess.DEVNULL)
+                       timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}, input="good film\n")
     assert r.returncode == code, (r.returncode, r.stderr[-1500:])
     assert "Traceback" not in r.stderr, r.stderr[-1500:]
     last = r.stderr.strip().splitlines()[-1]
@@ -52,6 +52,12 @@ def train_args(t, *extra):
     ("bench.py", ["--model", "m", "--precision", "fp32,fp16"], "--precision"),
     ("infer.py", ["--model", "m", "--precision", "fp16"], "--precision"),
     ("train.py", ["--flops-warmup", "1.5"], "--flops-warmup"),
+    ("train.py", ["--seed", "-1"], "--seed"),
+    ("train.py", ["--lengths", "20,16,x"], "--lengths"),
+    ("train.py", ["--lengths", "20,0"], "--lengths"),
+    ("train.py", ["--stages", "hard,soft"], "--stages"),
+    ("train.py", ["--stages", "finetune,finetune"], "--stages"),
+    ("train.py", ["--device", "gpu"], "--device"),
 ])
 def test_out_of_range_flags_are_usage_errors(script, args, flag):
     last = cli(script, *args, code=2)
@@ -114,3 +120,51 @@ def test_outputs_that_cannot_be_created(setup):
 def test_lam_with_target_flops_and_a_missing_model(setup):
     assert "--lam" in cli("train.py", *train_args(setup), "--lam", "0.5", "--target-flops", "0.6", code=2)
     assert "no-such-dir" in cli("infer.py", "--model", setup / "no-such-dir", "--input", "-", code=1)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is there")
+def test_train_on_cuda_without_one_is_a_usage_error():
+    assert "--device cuda: no CUDA device available" in cli("train.py", "--device", "cuda", code=2)
+
+
+def test_non_finite_weights_are_refused(setup):
+    from safetensors.torch import load_file, save_file
+    st = setup / "m" / "model.safetensors"
+    sd = load_file(st)
+    sd["embeddings.LayerNorm.weight"][3] = float("nan")
+    save_file(sd, st)
+    last = cli("infer.py", "--model", setup / "m", "--input", "-", code=1)
+    assert "model.safetensors: tensor 'embeddings.LayerNorm.weight' has non-finite values" in last
+
+
+def test_an_empty_input_file_holds_no_example(setup):
+    import ltp
+    ltp.save(ltp.Model(ltp.load(str(setup / "m")).cfg, num_labels=2), str(setup / "m"))
+    (setup / "empty.txt").write_text("")
+    assert "empty.txt: no input lines" in cli("infer.py", "--model", setup / "m", "--input", setup / "empty.txt", code=1)
+    assert "empty.txt: no input lines" in cli("bench.py", "--model", setup / "m", "--input", setup / "empty.txt", code=1)
+
+
+def test_infer_refuses_a_head_of_another_task(setup):
+    import ltp
+    m = ltp.Model(ltp.load(str(setup / "m")).cfg, num_labels=2)
+    m.cfg.id2label = {"0": "entailment", "1": "not_entailment"}  # a QNLI model, scored on SST-2
+    ltp.save(m, str(setup / "m"))
+    last = cli("infer.py", "--model", setup / "m", "--task", "sst2", "--data-dir", setup / "glue", code=1)
+    assert "the model's labels ['entailment', 'not_entailment'] (config.json id2label) are not sst2's ['0', '1']" in last
+
+
+def test_check_task_head():
+    import ltp
+    from ltp.cli import check_task_head
+    cfg = ltp.Config(model_type="bert", vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=8, max_position_embeddings=8)
+    m = ltp.Model(cfg, num_labels=2)
+    m.cfg.id2label = {"0": "0", "1": "1"}
+    check_task_head(m, "sst2", "m")
+    with pytest.raises(ValueError, match="head has 2 labels, stsb has 1"):
+        check_task_head(m, "stsb", "m")
+    with pytest.raises(ValueError, match="are not qnli's"):
+        check_task_head(m, "qnli", "m")
+    m.cfg.id2label = None  # a head of unnamed labels (LABEL_0, LABEL_1): any two-label task
+    check_task_head(m, "qnli", "m")

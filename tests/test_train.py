@@ -311,6 +311,27 @@ def test_collapsed_run_is_detected_and_stops(tmp_path):
     assert not (tmp_path / "out" / "soft" / "DONE").exists()
 
 
+def test_resume_refuses_other_flags_and_a_rerun_says_it_starts_over(tmp_path, capsys):
+    make_glue(tmp_path / "glue")
+    make_model(tmp_path / "m")
+    run(tmp_path, tmp_path / "out", "--stages", "finetune", "--max-steps", "2")
+    assert "[finetune] stopped at step 2 (--max-steps); rerun with --resume" in capsys.readouterr().err
+    state = (tmp_path / "out" / "finetune" / "state.pt").read_bytes()
+    with pytest.raises(SystemExit, match=r"--resume: .*args.json was written with --batch-size 8 \(now 4\), --lr 0.001 "
+                                         r"\(now 0.01\), --finetune-lr 0.001 \(now 0.01\); resume with the same flags"):
+        run(tmp_path, tmp_path / "out", "--stages", "finetune", "--resume", "--batch-size", "4", "--lr", "1e-2")
+    assert (tmp_path / "out" / "finetune" / "state.pt").read_bytes() == state  # refused before any step
+    # flags that do not shape the result may change (--eval-every, --save-every, --threads)
+    run(tmp_path, tmp_path / "out", "--stages", "finetune", "--resume", "--eval-every", "3")
+    capsys.readouterr()
+    run(tmp_path, tmp_path / "out", "--stages", "finetune")  # no --resume: the finished stage runs again, said aloud
+    assert "stage(s) finetune already there (finished or interrupted): running them again" in capsys.readouterr().err
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in ("model.safetensors", "config.json", "state.pt"):  # the umask's mode, not safetensors' 0o600
+        assert os.stat(tmp_path / "out" / "finetune" / name).st_mode & 0o777 == 0o666 & ~umask, name
+
+
 def test_resume_state_loads_without_pickle_and_a_tampered_one_is_refused(tmp_path):
     make_glue(tmp_path / "glue")
     make_model(tmp_path / "m")
