@@ -8,7 +8,7 @@ import math
 import os
 import sys
 
-from . import pruning
+from . import glue, pruning
 from .model import load
 from .pruning import PruneConfig
 
@@ -56,7 +56,7 @@ def add_inference_args(p):
     """The flags infer.py and bench.py share, defined once."""
     p.add_argument("--model", required=True, help="model directory (config.json, model.safetensors, tokenizer, ltp.json)")
     p.add_argument("--input", default=None, help="text/TSV file, one example per line (tab between a pair), or - for stdin")
-    p.add_argument("--task", default=None, help="read a GLUE split instead of --input (e.g. sst2)")
+    p.add_argument("--task", default=None, choices=list(glue.TASKS), help="read a GLUE split instead of --input (e.g. sst2)")
     p.add_argument("--split", default="dev", help="GLUE split for --task")
     p.add_argument("--data-dir", default="data/glue", help="GLUE data directory for --task")
     p.add_argument("--final-threshold", type=nonneg_float, default=None,
@@ -117,7 +117,6 @@ def read_lines(path):
 def read_inputs(args):
     """--task (a GLUE split) or --input (a text file): returns (texts, labels or None)."""
     if args.task:
-        from . import glue
         examples = glue.read_split(args.task, args.data_dir, args.split)
         texts = [e.text_a if e.text_b is None else (e.text_a, e.text_b) for e in examples]
         labels = [e.label for e in examples]
@@ -151,7 +150,6 @@ def check_task_head(model, task_name, path):
     model on STS-B's scores), or one whose label names (config.json's id2label, as train.py writes them) are
     another task's (an SST-2 model's "0" / "1" on QNLI's entailment / not_entailment).
     """
-    from . import glue
     task = glue.TASKS[task_name]
     if model.num_labels != task.num_labels:
         raise ValueError(f"{path}: the model's head has {model.num_labels} labels, {task_name} has {task.num_labels}"

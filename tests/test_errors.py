@@ -58,6 +58,8 @@ def train_args(t, *extra):
     ("train.py", ["--stages", "hard,soft"], "--stages"),
     ("train.py", ["--stages", "finetune,finetune"], "--stages"),
     ("train.py", ["--device", "gpu"], "--device"),
+    ("infer.py", ["--model", "m", "--task", "sst3"], "--task"),
+    ("bench.py", ["--model", "m", "--task", "sst3"], "--task"),
 ])
 def test_out_of_range_flags_are_usage_errors(script, args, flag):
     last = cli(script, *args, code=2)
