@@ -24,7 +24,7 @@ from tqdm import tqdm
 import ltp
 from ltp import glue
 from ltp.baselines import fixed_lengths
-from ltp.cli import Parser, nonneg_float, nonneg_int, number, positive_float, positive_int, run_cli
+from ltp.cli import Parser, int_list, nonneg_float, nonneg_int, number, positive_float, positive_int, run_cli
 from ltp.flops import flops_summary, sequence_flops, unpruned_flops
 from ltp.model import atomic_write, resolve
 from ltp.packed import PackedModel, pack, resolve_precision
@@ -233,7 +233,7 @@ def setup_baseline(args, model, enc, calib_ids):
     target = args.target_flops if args.target_given else None
     lengths = None
     if args.method == "fixed":
-        lengths = ([int(k) for k in args.lengths.split(",")] if args.lengths and target is None else
+        lengths = (args.lengths if args.lengths and target is None else
                    fixed_lengths([len(e[0]) for e in enc], L, model.cfg.hidden_size,
                                  model.cfg.intermediate_size, target or args.flops_budget))
         if len(lengths) != L:
@@ -533,7 +533,7 @@ def main(args):
         os.makedirs(args.output_dir, exist_ok=True)
     except OSError as e:
         raise SystemExit(f"error: --output-dir {args.output_dir}: cannot create it ({e.strerror})")
-    check_resume(args)
+    check_resume(args, stages)
     tok = Tokenizer.from_dir(src_dir, cfg)
     if args.max_length:
         tok = Tokenizer(tok.tok, min(args.max_length, tok.max_length), tok.single_type)
@@ -585,15 +585,14 @@ RESUME_KEYS = ("task", "model", "init", "seed", "batch_size", "lr", "finetune_lr
                "weight_decay", "warmup", "max_train_examples", "max_train_tokens", "max_length", "precision")
 
 
-def check_resume(args):
+def check_resume(args, stages):
     """
     --resume continues the run of OUTPUT/args.json only with the same RESUME_KEYS (its state.pt counts steps and
     batches of that run); without --resume, stages already in the folder (finished or interrupted) start over, and
     we say so.
     """
     if not args.resume:
-        there = [s for s in args.stages.split(",") if s.strip() and any(
-            os.path.isfile(os.path.join(args.output_dir, s.strip(), f)) for f in ("DONE", "state.pt"))]
+        there = [s for s in stages if any(os.path.isfile(os.path.join(args.output_dir, s, f)) for f in ("DONE", "state.pt"))]
         if there:
             print(f"{args.output_dir}: stage(s) {', '.join(there)} already there (finished or interrupted): running "
                   f"them again from the start (--resume continues instead)", file=sys.stderr)
@@ -615,7 +614,7 @@ def baseline_knob(args):
         return f"{args.method}, calibrated to --target-flops {args.target_flops}"
     if args.method == "topk":
         return f"top-k, retain ratio {args.keep_ratio} at the last layer"
-    return f"fixed lengths {args.lengths}" if args.lengths else f"fixed lengths for --flops-budget {args.flops_budget}"
+    return f"fixed lengths {','.join(map(str, args.lengths))}" if args.lengths else f"fixed lengths for --flops-budget {args.flops_budget}"
 
 
 fraction = number(float, 0, 1, low_open=True)  # a relative FLOPs budget, 0 < R <= 1
@@ -660,7 +659,7 @@ def parse_args(argv=None):
                    help="hard stage from a fine-tuned model (--init X --stages hard): manual thresholds "
                         "(--final-threshold), top-k (--keep-ratio) or fixed lengths (--lengths or --flops-budget)")
     p.add_argument("--keep-ratio", type=number(float, -1, 1), default=0.5, help="topk: retain ratio at the last layer")
-    p.add_argument("--lengths", default=None, help="fixed: comma list of tokens kept after each layer")
+    p.add_argument("--lengths", type=int_list, default=None, help="fixed: comma list of tokens kept after each layer")
     p.add_argument("--flops-budget", type=fraction, default=0.6, help="fixed: relative FLOPs the schedule is chosen for")
     p.add_argument("--weight-decay", type=nonneg_float, default=None, help="AdamW weight decay (0.1)")
     p.add_argument("--warmup", type=number(float, 0, 1), default=None, help="warm-up fraction of the steps (0.06)")
@@ -692,12 +691,6 @@ def parse_args(argv=None):
             p.error(f"--stages: unknown stage {s!r} (use finetune, soft, hard)")
     if [order.index(s) for s in stages] != sorted({order.index(s) for s in stages}):
         p.error(f"--stages {args.stages}: each stage once, in the order finetune, soft, hard (each starts from the last)")
-    if args.lengths is not None:
-        try:
-            if min(int(k) for k in args.lengths.split(",")) < 1:
-                raise ValueError
-        except ValueError:
-            p.error(f"--lengths {args.lengths}: a comma list of positive integers, one per layer (e.g. 28,21,14,7,1,1)")
     try:
         device = torch.device(args.device)
     except RuntimeError:

@@ -35,7 +35,8 @@ def describe(run):
         return "topk", f"R {a['target_flops']}" if calibrated else f"keep {a['keep_ratio']}"
     if method == "fixed":
         return "fixed", (f"R {a['target_flops']}" if calibrated else
-                         f"lengths {a['lengths']}" if a.get("lengths") else f"budget {a['flops_budget']}")
+                         "lengths " + (a["lengths"] if isinstance(a["lengths"], str) else ",".join(map(str, a["lengths"])))
+                         if a.get("lengths") else f"budget {a['flops_budget']}")
     if "soft" in a["stages"] or (a.get("init") or "").rstrip("/").endswith("/soft"):
         if "soft" not in a["stages"]:
             return "learned", f"from {a['init']}"
