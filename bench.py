@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 import ltp
 from ltp import flops as fl
+from ltp import quant
 from ltp.cli import (Parser, add_inference_args, int_list, load_model, nonneg_int, output_path, positive_int, read_inputs,
                      run_cli, tune_allocator)
 from ltp.packed import PackedModel, forward_batches, make_batches, onednn_available, resolve_precision, sync
@@ -193,6 +194,23 @@ def check_same_model(hf, pm, encoded, device):
     return diff
 
 
+def decisions_agree(ltp_out, precision, cfg):
+    """The ltp rows of `precision` against fp32's: kept counts (every layer, per layer), labels, relative FLOPs."""
+    if precision not in ltp_out:
+        return None
+    (o32, k32), (o, k) = ltp_out["fp32"], ltp_out[precision]
+    agree = {"kept_all_layers": (k32 == k).all(1).float().mean().item(),
+             "kept_per_layer": [round(v, 4) for v in (k32 == k).float().mean(0).tolist()],
+             "mean_abs_kept_diff": (k32 - k).abs().float().mean().item(),
+             "relative_flops": {p: fl.flops_summary(kk, cfg)[1] for p, (_, kk) in ltp_out.items()}}
+    if o32 is not None:
+        agree |= {"labels": (o32.argmax(1) == o.argmax(1)).float().mean().item(),
+                  "max_abs_logit_diff": (o32 - o).abs().max().item()}
+    print(f"{precision} vs fp32 (ltp): kept counts equal in every layer on {agree['kept_all_layers']:.1%} of the "
+          f"examples" + (f", labels on {agree['labels']:.2%}" if o32 is not None else ""), file=sys.stderr)
+    return agree
+
+
 # ---------------------------------------------------------------------------------------------
 # Appendix A.2: top-k selection vs the threshold test
 
@@ -318,7 +336,11 @@ def main(args):
     prune = model.prune
     precisions = list(dict.fromkeys(resolve_precision(p, dev) for p in args.precision))  # auto resolved, no repeats
     onednn = {"auto": None, "on": True, "off": False}[args.onednn]
-    pms = {p: PackedModel(model, onednn=onednn, precision=p) for p in precisions}
+    ranges = quant.load_ranges(path) if "int8" in precisions else None  # static int8 scales, if calibrated
+    pms = {p: PackedModel(model, onednn=onednn, precision=p, act_ranges=ranges if p == "int8" else None)
+           for p in precisions}
+    if "int8" in precisions:
+        print(f"int8: {quant.describe(ranges)}", file=sys.stderr)
     recheck = (PackedModel(model, onednn=onednn, precision="bf16", recheck=args.recheck)
                if args.recheck and "bf16" in precisions else None)
     if recheck is not None and not recheck.rechecking():
@@ -335,7 +357,7 @@ def main(args):
     hf_diff = {}
     if hf is not None:
         model.prune = ltp.PruneConfig(mode="off")
-        hf_diff = {p: check_same_model(hf, pms[p], encoded, dev) for p in precisions}
+        hf_diff = {p: check_same_model(hf, pms[p], encoded, dev) for p in precisions if p != "int8"}
         model.prune = prune
 
     unpruned_flops = sum(fl.unpruned_flops(n, L, C, I) for n in lengths)
@@ -359,7 +381,7 @@ def main(args):
     rows, ltp_out = [], {}
     for bs in args.batch_sizes:
         methods = [(m, p) for p in precisions for m in METHODS
-                   if not (m.startswith("hf") and hf is None or m == "ltp" and prune.mode == "off")]
+                   if not (m.startswith("hf") and (hf is None or p == "int8") or m == "ltp" and prune.mode == "off")]
         methods += [("ltp-recheck", "bf16")] if recheck is not None else []
         runs = {mp: runner(mp[0], bs, mp[1]) for mp in methods}
         for mp in methods:  # warm-up on a few batches (allocator, MKL / oneDNN kernel selection)
@@ -399,20 +421,12 @@ def main(args):
             r["speedup_vs_hf_sorted"] = r["examples_per_s"] / same["hf-sorted", r["precision"]]
         if ("hf-sorted", "fp32") in same and r["precision"] != "fp32":
             r["speedup_vs_hf_sorted_fp32"] = r["examples_per_s"] / same["hf-sorted", "fp32"]
-    agreement = None
-    if {"fp32", "bf16"} <= ltp_out.keys():  # what bf16 changes in the pruned model's decisions
-        (o32, k32), (o16, k16) = ltp_out["fp32"], ltp_out["bf16"]
-        agreement = {"kept_all_layers": (k32 == k16).all(1).float().mean().item(),
-                     "kept_per_layer": [round(v, 4) for v in (k32 == k16).float().mean(0).tolist()],
-                     "mean_abs_kept_diff": (k32 - k16).abs().float().mean().item(),
-                     "relative_flops": {p: fl.flops_summary(k, cfg)[1] for p, (_, k) in ltp_out.items()}}
-        if o32 is not None:
-            agreement |= {"labels": (o32.argmax(1) == o16.argmax(1)).float().mean().item(),
-                          "max_abs_logit_diff": (o32 - o16).abs().max().item()}
-        print(f"bf16 vs fp32 (ltp): kept counts equal in every layer on {agreement['kept_all_layers']:.1%} of the "
-              f"examples" + (f", labels on {agreement['labels']:.2%}" if o32 is not None else ""), file=sys.stderr)
-        if "ltp-recheck" in ltp_out:  # the same with --recheck
-            o16, k16 = ltp_out["ltp-recheck"]
+    agreement, int8_agreement = None, None
+    if "fp32" in ltp_out:  # what bf16 and int8 change in the pruned model's decisions
+        agreement = decisions_agree(ltp_out, "bf16", cfg)
+        int8_agreement = decisions_agree(ltp_out, "int8", cfg)
+        if "ltp-recheck" in ltp_out and agreement is not None:  # the same with --recheck
+            (o32, k32), (o16, k16) = ltp_out["fp32"], ltp_out["ltp-recheck"]
             agreement["recheck"] = {"margin": args.recheck, "rechecked": next(
                 r["rechecked"] for r in rows if r["method"] == "ltp-recheck"),
                 "kept_all_layers": (k32 == k16).all(1).float().mean().item()}
@@ -436,6 +450,8 @@ def main(args):
             "hf_attention": args.hf_attn if hf is not None else None,
             "hf_max_abs_diff": hf_diff,  # per precision: transformers vs the packed routine, pruning off, 4 examples
             "bf16_vs_fp32": agreement,  # the ltp rows' kept counts and labels, bf16 against fp32 (first batch size)
+            "int8_vs_fp32": int8_agreement,  # the same, int8 against fp32
+            "int8_activations": quant.describe(ranges) if "int8" in precisions else None,
             "pruning": (describe(prune, model.encoder.theta)
                         + (" (manual, linear-rising)" if args.final_threshold is not None and not
                            os.path.isfile(os.path.join(path, "ltp.json")) else " (ltp.json)"))
@@ -465,9 +481,9 @@ def main(args):
 def precision_list(s):
     """An argparse type: a comma list of fp32 / bf16 / auto, e.g. 'fp32,bf16'."""
     out = [x.strip() for x in s.split(",")]
-    bad = [x for x in out if x not in ("fp32", "bf16", "auto")]
+    bad = [x for x in out if x not in ("fp32", "bf16", "int8", "auto")]
     if bad:
-        raise argparse.ArgumentTypeError(f"{bad[0]!r} is not a precision (fp32, bf16 or auto)")
+        raise argparse.ArgumentTypeError(f"{bad[0]!r} is not a precision (fp32, bf16, int8 or auto)")
     return out
 
 
@@ -480,8 +496,8 @@ def get_parser():
     p.add_argument("--repeats", type=positive_int, default=3, help="timed passes over the data per method and batch size (median)")
     p.add_argument("--peak-repeats", type=positive_int, default=10, help="timed runs of each peak GEMM measurement (median)")
     p.add_argument("--precision", type=precision_list, default=["fp32"],
-                   help="comma list of fp32, bf16, auto (bf16 where the hardware multiplies bf16 natively, else fp32): "
-                        "every method runs in each")
+                   help="comma list of fp32, bf16, int8 (the four linears on int8 kernels, x86 CPUs; no hf rows), auto "
+                        "(bf16 where the hardware multiplies bf16 natively, else fp32): every method runs in each")
     p.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="transformers attention implementation")
     p.add_argument("--skip-hf", action="store_true", help="no transformers rows")
     p.add_argument("--skip-topk", action="store_true", help="skip the appendix A.2 top-k vs threshold latency")

@@ -7,7 +7,8 @@ with empty text); OUT gets one JSON object per input line, in order: "logits", "
 id2label name of the argmax, or the score of a 1-label regression model) and, for a pruned model,
 "kept" (tokens entering layer 1, then surviving each layer). Also: --task sst2 --split dev --data-dir DIR
 (GLUE, with metrics), --input - (stdin), --explain K (which tokens survive each layer), --precision bf16
-(the linears in bf16) with --recheck 0.005 (sequences with a score near a threshold run again in fp32).
+(the linears in bf16) or int8 (the linears on int8 kernels, x86 CPUs), with --recheck 0.005 (sequences with a
+score near a threshold run again in fp32).
 The batching and timing loop (ltp/packed.py: make_batches, forward_batches) is the one bench.py measures.
 """
 import contextlib
@@ -18,7 +19,7 @@ import sys
 import torch
 
 import ltp
-from ltp import glue
+from ltp import glue, quant
 from ltp.cli import (Parser, add_inference_args, check_task_head, load_model, nonneg_int, output_path, positive_int,
                      read_inputs, run_cli, tune_allocator)
 from ltp.flops import flops_summary
@@ -63,8 +64,9 @@ def main(args):
         check_task_head(model, args.task, args.model)
     tok = ltp.Tokenizer.from_dir(ltp.model.resolve(args.model), model.cfg)
     encoded = tok.encode(texts)
+    ranges = quant.load_ranges(ltp.model.resolve(args.model), model.cfg.num_hidden_layers) if args.precision == "int8" else None
     pm = PackedModel(model, onednn={"auto": None, "on": True, "off": False}[args.onednn], precision=args.precision,
-                     recheck=args.recheck)
+                     recheck=args.recheck, act_ranges=ranges)
     batches = make_batches(encoded, args.batch_size, sort=not args.no_sort, device=args.device)
     logits, kept, seconds = forward_batches(pm, batches, len(texts), progress=len(texts) >= 1000)
 
@@ -90,11 +92,13 @@ def main(args):
         f"(model only, batch {args.batch_size}, {'length-sorted' if not args.no_sort else 'input order'}, "
         f"{torch.get_num_threads()} threads, {args.device}, {pm.precision}"
         + (f" from --precision auto" if args.precision == "auto" else "") + ")")
+    if pm.precision == "int8":
+        say(f"int8: {quant.describe(ranges)}")
     if args.recheck and pm.rechecking():
         say(f"--recheck {args.recheck:g}: {pm.rechecked} of {len(texts)} examples ({pm.rechecked / len(texts):.1%}) had a "
             f"score near a threshold and ran again in fp32")
     elif args.recheck:
-        say(f"--recheck {args.recheck:g} ignored: it applies to bf16 with thresholds ({pm.precision}, pruning "
+        say(f"--recheck {args.recheck:g} ignored: it applies to bf16 or int8 with thresholds ({pm.precision}, pruning "
             f"{model.prune.mode if model.prune.mode == 'off' else model.prune.method})")
     say("mean tokens kept per layer: " + " ".join(f"{v:.1f}" for v in kept.float().mean(0).tolist())
         + "  (entering layer 1, then after each layer)")
@@ -114,8 +118,9 @@ def get_parser():
     add_inference_args(p)
     p.add_argument("--output", default="-", help="JSON lines output, one row per input line in order (- = stdout)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="examples per packed batch")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
-                   help="matmuls in fp32 or bf16 (weights converted once; softmax, scores, eq. 8 and LayerNorm stay fp32); "
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8", "auto"],
+                   help="the linears in fp32, bf16 or int8 (weights converted once; softmax, scores, eq. 8 and LayerNorm "
+                        "stay fp32; int8: x86 CPUs, activation scales from the model's quant.json or dynamic per call); "
                         "auto: bf16 where the hardware multiplies bf16 natively (AMX, AVX512-BF16, CUDA), else fp32")
     p.add_argument("--no-sort", action="store_true", help="batch in input order instead of length-sorted (output order is the same)")
     p.add_argument("--explain", type=nonneg_int, default=0, help="print, for the first K inputs, the tokens surviving each layer")

@@ -26,13 +26,20 @@ T = live tokens in the batch, L layers.
 import math
 import sys
 import time
+from collections import namedtuple
 
 import torch
 import torch.nn.functional as F
 
+from . import quant
 from .baselines import rank_mask
 from .model import activation
 from .pruning import hard_mask, importance_score
+
+# One linear layer's weights as the packed routine holds them: W and b (fp32 or bf16; None in int8), packed = the
+# kernel's own layout (oneDNN prepacked, fbgemm int8, or None for F.linear), key = (layer, its input's name), the
+# name under which its activation range is observed (calibration) and its static int8 scale looked up
+Linear = namedtuple("Linear", "w b packed key")
 
 
 def pack(encoded, device=None):
@@ -57,9 +64,13 @@ def native_bf16(device):
 
 
 def resolve_precision(precision, device):
-    """'fp32' or 'bf16' as given; 'auto': bf16 where native_bf16(device) (elsewhere bf16 is emulated, slower than fp32)."""
-    if precision not in ("fp32", "bf16", "auto"):
-        raise ValueError(f"precision {precision!r}: fp32, bf16 or auto")
+    """'fp32', 'bf16' or 'int8' as given; 'auto': bf16 where native_bf16(device) (elsewhere bf16 is emulated, slower
+    than fp32)."""
+    if precision not in ("fp32", "bf16", "int8", "auto"):
+        raise ValueError(f"precision {precision!r}: fp32, bf16, int8 or auto")
+    if precision == "int8" and not quant.int8_available(device):
+        raise RuntimeError(f"precision int8: no int8 kernels on {torch.device(device).type} (they are torch's x86 CPU "
+                           f"kernels, fbgemm): use fp32 or bf16 there")
     return ("bf16" if native_bf16(device) else "fp32") if precision == "auto" else precision
 
 
@@ -99,7 +110,7 @@ class PackedModel:
     attention is a few % of the FLOPs, and CPU bf16 batched matmuls go to oneDNN, which compiles a kernel
     for every new shape; see ROW_BUCKET). The residual stream, the embeddings, every LayerNorm and the head
     are fp32 (a linear's bf16 output plus the fp32 residual is fp32): only the linears' inputs are rounded.
-    recheck: in bf16 with thresholds (method "threshold"), a relative margin r > 0 runs again in fp32 every
+    recheck: in bf16 or int8 with thresholds (method "threshold"), a relative margin r > 0 runs again in fp32 every
     sequence that met, in some layer, a live token (not its first) whose eq. 7 score was within r |theta_l| of
     its threshold; their outputs and kept counts replace the bf16 ones. Why: eq. 8 is a step function, and
     bf16's rounding of the linears' inputs and weights moves the scores by about 0.5% (relative): at theta_L
@@ -108,42 +119,56 @@ class PackedModel:
     their outputs fp32; 96.6% with only the weights rounded; 95.4% in fp32 with a 2^-9 relative noise on each
     layer's input; scripts/bf16_agreement.py). With r = 0.005, 29% of those sentences are run again and 99.1%
     agree; r = 0.01, 49% and 100%. self.rechecked counts the sequences run again. 0 (default): off.
+    int8 (precision "int8", x86 CPUs): the four linears run on int8 kernels (ltp/quant.py): weights symmetric int8
+    per output channel, converted once here; inputs quantized per tensor, with the static ranges act_ranges
+    ({"layers": [{"qkv" | "out" | "fc1" | "fc2": [lo, hi]}]}, quant.Calibrator, quant.json) or, without them,
+    dynamically from each call's own min and max. Everything else is as in fp32 (q k^T, softmax, eqs. 7-8, A V,
+    LayerNorm, the residual stream and the head). observer: a function (key, x) shown every linear's input
+    (calibration; fp32 and bf16 only).
     """
-    def __init__(self, model, onednn=None, precision="fp32", recheck=0.0):
+    def __init__(self, model, onednn=None, precision="fp32", recheck=0.0, act_ranges=None):
         self.model, self.cfg = model, model.cfg
         dev = model.encoder.theta.device
         self.precision = resolve_precision(precision, dev)
-        self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-        if onednn and not onednn_available(dev, self.dtype):
+        self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32  # the linears' inputs
+        if self.precision == "int8":
+            self.reduce_range = quant.needs_reduce_range()
+            self.act_qparams = None if act_ranges is None else quant.static_qparams(act_ranges, self.reduce_range)
+        elif onednn and not onednn_available(dev, self.dtype):
             raise RuntimeError(f"oneDNN prepacked linear is not available on {dev} in {self.precision} "
                                f"(use --onednn off or auto)")
-        self.onednn = onednn_available(dev, self.dtype) if onednn is None else onednn
+        self.onednn = False if self.precision == "int8" else onednn_available(dev, self.dtype) if onednn is None else onednn
+        self.observer = None
         self.layers = []
-        for layer in model.encoder.layers:
+        for l, layer in enumerate(model.encoder.layers):
             wqkv = torch.cat([layer.query.weight, layer.key.weight, layer.value.weight]).detach()  # (3C, C)
             bqkv = torch.cat([layer.query.bias, layer.key.bias, layer.value.bias]).detach()        # (3C,)
-            self.layers.append({"qkv": self.weight(wqkv, bqkv),
-                                "v": self.weight(layer.value.weight, layer.value.bias),  # alone: one-token layers
-                                "out": self.weight(layer.attn_out.weight, layer.attn_out.bias),
-                                "fc1": self.weight(layer.fc1.weight, layer.fc1.bias),
-                                "fc2": self.weight(layer.fc2.weight, layer.fc2.bias),
+            self.layers.append({"qkv": self.weight(wqkv, bqkv, (l, "qkv")),
+                                "v": self.weight(layer.value.weight, layer.value.bias, (l, "qkv")),  # one-token layers
+                                "out": self.weight(layer.attn_out.weight, layer.attn_out.bias, (l, "out")),
+                                "fc1": self.weight(layer.fc1.weight, layer.fc1.bias, (l, "fc1")),
+                                "fc2": self.weight(layer.fc2.weight, layer.fc2.bias, (l, "fc2")),
                                 "ln1": layer.ln1, "ln2": layer.ln2})
         if recheck < 0:
             raise ValueError(f"recheck {recheck}: a relative margin >= 0")
-        self.recheck = recheck if self.precision == "bf16" else 0.0  # fp32 decides as fp32 already
+        self.recheck = recheck if self.precision != "fp32" else 0.0  # fp32 decides as fp32 already
         self.fp32 = PackedModel(model, onednn=onednn, precision="fp32") if self.recheck else None  # its fp32 twin
         self.rechecked = 0
 
     def rechecking(self):
-        """Whether a call rechecks (see recheck): bf16 with a margin, and the model pruning by thresholds now."""
+        """Whether a call rechecks (see recheck): bf16 or int8 with a margin, and the model pruning by thresholds now."""
         prune = self.model.encoder.prune
         return bool(self.recheck) and prune.mode != "off" and prune.method == "threshold"
 
-    def weight(self, w, b):
-        """(W, b, W reordered once into oneDNN's blocked layout or None), in self.dtype: no cast or reorder per call."""
+    def weight(self, w, b, key):
+        """
+        A Linear: in fp32 / bf16 (W, b) in self.dtype, packed W reordered once into oneDNN's blocked layout (or None);
+        in int8 W quantized once and packed for the int8 kernel. No cast, reorder or quantization per call.
+        """
+        if self.precision == "int8":
+            return Linear(None, None, quant.prepack(*quant.quantize_weight(w), b), key)
         w, b = w.detach().to(self.dtype), b.detach().to(self.dtype)
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, None) if self.onednn else None
-        return w, b, packed
+        return Linear(w, b, torch.ops.mkldnn._reorder_linear_weight(w, None) if self.onednn else None, key)
 
     # oneDNN compiles a kernel per input shape and keeps the last 1,024 (ONEDNN_PRIMITIVE_CACHE_CAPACITY). With
     # pruning, every layer of every batch has a row count of its own: more shapes than that, and each call
@@ -160,7 +185,12 @@ class PackedModel:
         x W^T + b on rows x (M, K), then the activation `act` (a model.activation name) when given.
         trim=False returns the bucket-padded rows as they are (rows past M are junk), for a next linear to take whole.
         """
-        w, b, packed = wb
+        w, b, packed, key = wb
+        if self.observer is not None:
+            self.observer(key, x)
+        if self.precision == "int8":  # fbgemm: no per-shape kernels, no bucket padding; GELU as its own op
+            y = quant.int8_linear(x, packed, self.reduce_range, self.act_qparams and self.act_qparams[key])
+            return y if act is None else activation(act, y)
         if packed is not None:
             M = x.shape[0]
             if M > 64 and M % self.ROW_BUCKET:
@@ -308,6 +338,18 @@ class PackedModel:
         # eq. 4; fc1's output goes to fc2 with its bucket padding: no second pad of the (T, 4C) activations
         h = self.linear(self.linear(x.to(self.dtype), w["fc1"], act=self.cfg.hidden_act, trim=False), w["fc2"])
         return F.layer_norm(h[:x.shape[0]] + x, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)  # eq. 5
+
+
+def calibrate(model, encoded, batch_size=32):
+    """
+    Static int8 activation ranges (quant.Calibrator) of `model` with its own pruning, observed on encoded examples
+    (text.Tokenizer.encode; a few hundred training sentences suffice) by the fp32 packed routine on F.linear (oneDNN
+    pads rows to its buckets, and those rows would count). Returns Calibrator.result(), what quant.json holds.
+    """
+    pm = PackedModel(model, onednn=False)
+    cal = quant.Calibrator(pm)
+    forward_batches(pm, make_batches(encoded, batch_size, device=model.encoder.theta.device), len(encoded))
+    return cal.result() | {"examples": len(encoded)}
 
 
 # ---------------------------------------------------------------------------------------------

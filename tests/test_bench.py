@@ -113,3 +113,25 @@ def test_bench_base_encoder_without_thresholds(tmp_path):
          "--skip-topk", "--skip-hf", "--json", out, "--threads", 1])
     rows = json.loads(out.read_text())["rows"]
     assert [r["method"] for r in rows] == ["packed"] and KEYS <= set(rows[0])
+
+
+@pytest.mark.skipif(not __import__("ltp.quant").quant.int8_available("cpu"), reason="no int8 kernels")
+def test_bench_int8_rows(tmp_path):
+    """--precision fp32,int8: packed and ltp rows in int8, no hf rows in int8, int8_vs_fp32 reported; with a
+    quant.json in the model directory the int8 activations are static and the setup says so."""
+    make_checkpoint(tmp_path / "m", num_labels=2)
+    inp = tmp_path / "in.txt"
+    inp.write_text("the movie was great\nnot fun\na plot\tthe plot\nbad bad bad bad bad movie\n" * 2)
+    out = tmp_path / "bench.json"
+    args = ["--model", tmp_path / "m", "--input", inp, "--final-threshold", 0.02, "--batch-sizes", "4", "--repeats", 1,
+            "--peak-repeats", 1, "--skip-topk", "--json", out, "--threads", 1, "--precision", "fp32,int8"]
+    result = run(args)
+    pairs = {(r["method"], r["precision"]) for r in result["rows"]}
+    assert {("packed", "int8"), ("ltp", "int8"), ("packed", "fp32"), ("ltp", "fp32")} <= pairs
+    assert not any(m.startswith("hf") and p == "int8" for m, p in pairs)
+    ag = result["setup"]["int8_vs_fp32"]
+    assert 0 <= ag["kept_all_layers"] <= 1 and ag["labels"] >= 0.5 and result["setup"]["bf16_vs_fp32"] is None
+    assert "dynamic per call" in result["setup"]["int8_activations"]
+    (tmp_path / "m" / "quant.json").write_text(json.dumps(
+        {"layers": [{"qkv": [-4, 4], "out": [-4, 4], "fc1": [-4, 4], "fc2": [-1, 4]}] * 2, "examples": 7}))
+    assert "static (quant.json, 7 examples)" in run(args)["setup"]["int8_activations"]

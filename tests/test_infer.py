@@ -240,3 +240,32 @@ def test_clear_errors(tmp_path):
     r = cli("--model", tmp_path / "base", "--input", inp, "--output", tmp_path / "o.jsonl")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("infer.py: error:") and "needs a classifier" in r.stderr
+
+
+@pytest.mark.skipif(not __import__("ltp.quant").quant.int8_available("cpu"), reason="no int8 kernels")
+def test_int8_static_scales_from_quant_json(tmp_path, capsys):
+    """--precision int8: dynamic scales without quant.json; with the one scripts/calibrate.py writes, static, and then
+    a sentence's row is the same whatever its batch; a broken quant.json is one line naming the file and the key."""
+    import json
+    from ltp import packed, quant
+    make_checkpoint(tmp_path / "m")
+    args = ["--model", tmp_path / "m", "--input", write_input(tmp_path), "--final-threshold", 0.02, "--precision", "int8"]
+    run(args + ["--output", tmp_path / "dyn.jsonl"])
+    assert "activations" in capsys.readouterr().err and read_rows(tmp_path / "dyn.jsonl")
+    model = ltp.load(str(tmp_path / "m"))
+    tok = ltp.Tokenizer.from_dir(str(tmp_path / "m"), model.cfg)
+    ranges = packed.calibrate(model, tok.encode(["the movie was great", "not fun at all", "boring plot"] * 4))
+    (tmp_path / "m" / "quant.json").write_text(json.dumps(ranges))
+    for bs in (1, 3):
+        run(args + ["--output", tmp_path / f"static{bs}.jsonl", "--batch-size", bs])
+        assert "static (quant.json, 12 examples)" in capsys.readouterr().err
+    alone, batched = read_rows(tmp_path / "static1.jsonl"), read_rows(tmp_path / "static3.jsonl")
+    assert [(r["label"], r["kept"]) for r in alone] == [(r["label"], r["kept"]) for r in batched]
+    assert max(abs(a - b) for r, q in zip(alone, batched) for a, b in zip(r["logits"], q["logits"])) < 1e-5
+    ranges["layers"][1]["fc2"] = [0, "x"]
+    (tmp_path / "m" / "quant.json").write_text(json.dumps(ranges))
+    with pytest.raises(SystemExit, match=r"quant.json: layers\[1\].fc2 must be \[lo, hi\]"):
+        from ltp.cli import run_cli
+        run_cli(infer.main, infer.get_parser().parse_args([str(a) for a in args + ["--output", tmp_path / "x.jsonl"]]),
+                "infer.py")
+    assert quant.QUANT_JSON == "quant.json"

@@ -1,0 +1,44 @@
+"""
+Static int8 activation ranges for a checkpoint: the range of every linear's input over EXAMPLES training examples
+(the fp32 packed routine with the checkpoint's own pruning, ltp.packed.calibrate), written to DIR/quant.json.
+With it, `infer.py --precision int8` and `bench.py --precision int8` quantize the linears' inputs with these fixed
+scales (the same output for a sentence whatever its batch); without it, from each call's own min and max.
+
+  python scripts/calibrate.py --model runs/sst2-quick/hard --task sst2 --data-dir ../shared/glue [--examples 1024]
+"""
+import argparse
+import json
+import os
+import random
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import ltp  # noqa: E402
+from ltp import glue, quant  # noqa: E402
+from ltp.cli import load_model, positive_int  # noqa: E402
+from ltp.packed import calibrate  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--model", required=True, help="checkpoint directory; quant.json is written into it")
+    p.add_argument("--task", required=True, choices=list(glue.TASKS))
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--split", default="train", help="the examples observed (a sample of them)")
+    p.add_argument("--examples", type=positive_int, default=1024)
+    p.add_argument("--final-threshold", type=float, default=None, help="manual thresholds for a model without ltp.json")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    model = load_model(args.model, args.final_threshold)
+    tok = ltp.Tokenizer.from_dir(args.model, model.cfg)
+    encoded, _ = glue.encode_split(tok, glue.read_split(args.task, args.data_dir, args.split))
+    sample = random.Random(args.seed).sample(encoded, min(args.examples, len(encoded)))
+    ranges = quant.check_ranges(calibrate(model, sample), "calibration", model.cfg.num_hidden_layers)
+    out = os.path.join(args.model, quant.QUANT_JSON)
+    ltp.model.atomic_write(out, lambda f: open(f, "w").write(json.dumps(ranges, indent=1) + "\n"))
+    print(f"wrote {out}: ranges of the linears' inputs over {len(sample)} {args.task} {args.split} examples")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""
+ltp/quant.py and the int8 packed routine: the quantizer's golden values, the straight-through gradient, the int8
+kernel against the dequantized product, and PackedModel(precision="int8") against the fake-quant mask forward.
+"""
+import copy
+import json
+import random
+
+import pytest
+import torch
+
+from ltp import quant
+from ltp.packed import PackedModel, calibrate, resolve_precision
+
+from test_packed import mask_forward, packed_forward, random_batch, set_pruning, tiny_model
+
+RR = quant.needs_reduce_range()  # 7-bit activations on this CPU (no VNNI) or 8-bit
+INT8 = pytest.mark.skipif(not quant.int8_available("cpu"), reason="no int8 kernels in this torch build")
+
+
+def test_golden_values():
+    w = torch.tensor([[0.5, -1.27], [0.2, 0.1], [0.0, 0.0]])
+    assert torch.allclose(quant.weight_scales(w), torch.tensor([0.01, 0.2 / 127, 1.0]))
+    q, s = quant.quantize_weight(w)
+    assert q.dtype == torch.int8 and q.tolist() == [[50, -127], [127, 64], [0, 0]]  # 0.1 / (0.2 / 127) = 63.5 -> 64
+    r = torch.tensor([0.5, -1.27, 3.0, -3.0, 0.005, 0.015])
+    assert quant.quantize(r, 0.01, 0, -127, 127).tolist() == [50, -127, 127, -127, 0, 2]  # clamped; halves to even
+    assert torch.allclose(quant.dequantize(torch.tensor([50., -127., 127.]), 0.01, 0), torch.tensor([0.5, -1.27, 1.27]))
+    # asymmetric activations: the range widened to hold 0, the zero point an integer
+    assert quant.qparams(-1, 3, False) == (pytest.approx(4 / 255), 64)
+    assert quant.qparams(-1, 3, True) == (pytest.approx(4 / 127), 32)    # 7 bits: 0..127
+    assert quant.qparams(0.5, 2.0, False) == (pytest.approx(2 / 255), 0)  # all positive: 0 is the bottom
+    assert quant.qparams(-2.0, -0.5, False) == (pytest.approx(2 / 255), 255)
+    assert quant.qparams(0, 0, False) == (pytest.approx(0.1), 0)         # an all-zero tensor
+    assert quant.activation_range(True) == (0, 127) and quant.activation_range(False) == (0, 255)
+
+
+def test_fake_quant_straight_through_gradient():
+    r = torch.tensor([0.504, 2.0, -1.3, -1.26, 0.0], requires_grad=True)
+    y = quant.fake_quant(r, 0.01, 0, -127, 127)
+    assert torch.allclose(y, torch.tensor([0.5, 1.27, -1.27, -1.26, 0.0]))
+    y.sum().backward()
+    assert r.grad.tolist() == [1.0, 0.0, 0.0, 1.0, 1.0]  # 1 inside [-1.27, 1.27], 0 where clipped
+    # with a zero point: the clipping range is [s (qmin - z), s (qmax - z)] = [-0.5, 2.05] for s 0.01, z 50, 0..255
+    r = torch.tensor([-0.6, -0.5, 2.0, 2.1], requires_grad=True)
+    quant.fake_quant(r, 0.01, 50, 0, 255).sum().backward()
+    assert r.grad.tolist() == [0.0, 1.0, 1.0, 0.0]
+
+
+def test_calibrated_ranges_are_checked(tmp_path):
+    good = {"layers": [{"qkv": [-1, 2], "out": [-1, 1], "fc1": [-3, 3], "fc2": [-0.2, 4]}], "examples": 8}
+    assert quant.check_ranges(good, "x", 1) is good
+    (tmp_path / "quant.json").write_text(json.dumps(good))
+    assert quant.load_ranges(str(tmp_path), 1)["examples"] == 8
+    assert quant.load_ranges(str(tmp_path / "nowhere")) is None
+    for bad, key in [({"layers": []}, "'layers'"), ({"layers": [{"qkv": [0, 1]}]}, r"layers\[0\] must have"),
+                     ({"layers": [dict(good["layers"][0], fc1=[1, float("nan")])]}, r"layers\[0\].fc1"),
+                     ({"layers": [dict(good["layers"][0], out=[2, 1])]}, r"layers\[0\].out"),
+                     ({"layers": [dict(good["layers"][0], qkv="wide")]}, r"layers\[0\].qkv")]:
+        (tmp_path / "quant.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=key):
+            quant.load_ranges(str(tmp_path), 1)
+    with pytest.raises(ValueError, match="2 layers"):
+        quant.check_ranges(good, "x", 2)
+    (tmp_path / "quant.json").write_text("{not json")
+    with pytest.raises(ValueError, match="quant.json: not valid JSON"):
+        quant.load_ranges(str(tmp_path))
+
+
+@INT8
+@pytest.mark.parametrize("static", [False, True])
+def test_int8_linear_is_the_dequantized_product(static):
+    """The int8 kernel computes x' W'^T + b for the fake-quantized x' and W', up to float rounding."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 64)
+    x = torch.randn(25, 96)
+    x[:, 3] *= 8  # an outlier channel
+    qp = quant.qparams(-3.0, 5.0, RR) if static else None  # static: some inputs fall outside and are clipped
+    q, s = quant.quantize_weight(lin.weight)
+    y = quant.int8_linear(x, quant.prepack(q, s, lin.bias), RR, qp)
+    with torch.no_grad():
+        ref = quant.FakeQuantLinear(lin, RR, qp)(x)
+        fp32 = lin(x)
+    assert (y - ref).abs().max() < 1e-5   # exact integer arithmetic, then one float scaling
+    assert (y - fp32).abs().max() > 1e-3  # and it is really quantized
+
+
+@INT8
+def test_int8_on_cuda_is_one_line():
+    with pytest.raises(RuntimeError, match="no int8 kernels on cuda"):
+        resolve_precision("int8", "cuda")
+    assert resolve_precision("int8", "cpu") == "int8"
+
+
+@INT8
+@torch.inference_mode()
+def test_packed_int8_static_equals_fake_quant_mask_forward():
+    """
+    Static scales: packed int8 == Model.forward with every layer's linears fake-quantized, with pruning. Equal kept
+    counts in every trial; outputs equal to float rounding except where a rounding tie (x / s within an ulp of .5)
+    goes the other way in the kernel, which moves a logit by about one step s_x |W|: allowed in a few trials.
+    """
+    exact, pruned = 0, 0
+    for trial in range(20):
+        rng = random.Random(trial)
+        model = tiny_model(("bert", "roberta")[trial % 2], 2, seed=trial, layers=3)
+        set_pruning(model, rng, "hard" if trial % 3 else "off")
+        encoded = random_batch(rng, model.cfg, 6)
+        ranges = calibrate(model, random_batch(random.Random(100 + trial), model.cfg, 40))
+        ref, ref_kept = mask_forward(quant.fake_quantize_model(copy.deepcopy(model), RR, ranges), encoded)
+        out, kept = packed_forward(PackedModel(model, precision="int8", act_ranges=ranges), encoded)
+        assert torch.equal(kept, ref_kept), f"trial {trial}: kept {kept.tolist()} != {ref_kept.tolist()}"
+        exact += int((out - ref).abs().max() < 1e-5)
+        pruned += int((kept[:, -1] < kept[:, 0]).any())
+    assert exact >= 15 and pruned >= 10
+
+
+@INT8
+@torch.inference_mode()
+def test_packed_int8_dynamic_equals_fake_quant_mask_forward():
+    """Dynamic scales (the kernel's own min / max per call) on one sequence: the same rows as the mask forward."""
+    for trial in range(8):
+        rng = random.Random(trial)
+        model = tiny_model(("bert", "roberta")[trial % 2], (0, 2, 1)[trial % 3], seed=trial, layers=3)
+        encoded = random_batch(rng, model.cfg, 1)
+        ref, ref_kept = mask_forward(quant.fake_quantize_model(copy.deepcopy(model), RR), encoded)
+        out, kept = packed_forward(PackedModel(model, precision="int8"), encoded)
+        assert torch.equal(kept, ref_kept)
+        assert (out - ref).abs().max() < 1e-5, trial
+
+
+@INT8
+@torch.inference_mode()
+def test_int8_static_does_not_depend_on_the_batch():
+    """With static scales a sequence's output is the same alone or in any batch (dynamic scales see the batch)."""
+    rng = random.Random(3)
+    model = tiny_model("bert", 2, seed=3)
+    set_pruning(model, rng, "hard")
+    encoded = random_batch(rng, model.cfg, 8)
+    pm = PackedModel(model, precision="int8", act_ranges=calibrate(model, random_batch(rng, model.cfg, 40)))
+    together, kept = packed_forward(pm, encoded)
+    for i, e in enumerate(encoded):
+        alone, kept1 = packed_forward(pm, [e])
+        assert torch.equal(kept1[0], kept[i]) and (alone[0] - together[i]).abs().max() < 1e-5
+
+
+@INT8
+@torch.inference_mode()
+def test_int8_recheck_runs_near_sequences_in_fp32():
+    rng = random.Random(5)
+    model = tiny_model("roberta", 2, seed=5)
+    set_pruning(model, rng, "hard")
+    encoded = [e for e in random_batch(rng, model.cfg, 13) if len(e[0]) > 1]
+    fp32, fp32_kept = packed_forward(PackedModel(model), encoded)
+    pm = PackedModel(model, precision="int8", recheck=1e9)  # every sequence with a second token is near
+    out, kept = packed_forward(pm, encoded)
+    assert pm.rechecked == len(encoded)
+    assert torch.equal(kept, fp32_kept) and (out - fp32).abs().max() < 1e-4
