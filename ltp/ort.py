@@ -36,7 +36,7 @@ def export(model_dir, out_path, has_head):
     import transformers
     transformers.logging.set_verbosity_error()
     cls = transformers.AutoModelForSequenceClassification if has_head else transformers.AutoModel
-    # eager attention: the MatMul-Softmax-MatMul graph that the optimizer's Attention fusion matches
+    # eager attention: the explicit MatMul-Softmax-MatMul graph that the optimizer's Attention fusion was written for
     hf = cls.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.float32).eval()
     names = INPUTS if hf.config.type_vocab_size > 1 else INPUTS[:2]
     key = "logits" if has_head else "last_hidden_state"
@@ -57,7 +57,7 @@ def export(model_dir, out_path, has_head):
     # dynamo=False: the TorchScript exporter, whose graph the optimizer fuses fully, and no onnxscript needed;
     # opset 17 has LayerNormalization, which the SkipLayerNormalization fusion takes
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer's notes on transformers' Python-side mask checks
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice, the tracer's notes on Python ifs
         torch.onnx.export(Out(), example, out_path, dynamo=False, input_names=list(names), output_names=["out"],
                           dynamic_axes=axes, opset_version=17)
     return names
