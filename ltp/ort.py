@@ -57,7 +57,7 @@ def export(model_dir, out_path, has_head):
     # dynamo=False: the TorchScript exporter, whose graph the optimizer fuses fully, and no onnxscript needed;
     # opset 17 has LayerNormalization, which the SkipLayerNormalization fusion takes
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice, the tracer's notes on Python ifs
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice, tracer notes on Python ifs
         torch.onnx.export(Out(), example, out_path, dynamo=False, input_names=list(names), output_names=["out"],
                           dynamic_axes=axes, opset_version=17)
     return names
