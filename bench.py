@@ -14,9 +14,14 @@ Methods (one row per method, batch size and precision, --precision fp32,bf16):
                     (packed and ltp in bf16: PackedModel(precision="bf16"), weights converted once)
   ltp-recheck       with --recheck MARGIN, bf16 only: ltp whose sequences with a score within MARGIN of its threshold
                     run again in fp32 (PackedModel(recheck=MARGIN)): fp32's kept tokens at part of bf16's speed
+  ort               ONNX Runtime on hf-sorted's batches, CPU, fp32: the same transformers model exported to ONNX and
+                    fused by onnxruntime.transformers.optimizer (ltp/ort.py); once per batch size, whatever --precision
+  ort-int8          the same graph quantized to int8 (quantize_dynamic, QInt8 weights per channel)
+                    (ort rows need the bench extra, pip install -e '.[bench]'; --skip-ort leaves them out)
 Throughput is the median of --repeats full passes after a warm-up (the passes go round the methods, so a
 change of the machine's load hits all alike), model time only (inputs tokenized, padded or packed beforehand).
-Useful GFLOP/s counts real tokens only (pruning.sequence_flops).
+Useful GFLOP/s counts real tokens only (pruning.sequence_flops). speedup_vs_ort: against the best ORT row of the
+same batch size in the same or a lower precision (int8 < bf16 < fp32; the ort row against ort-int8).
 """
 import argparse
 import contextlib
@@ -25,12 +30,14 @@ import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 
 import ltp
+import ltp.ort
 from ltp import flops as fl
 from ltp import quant
 from ltp.cli import (Parser, add_inference_args, int_list, load_model, nonneg_int, output_path, positive_int, read_inputs,
@@ -40,6 +47,8 @@ from ltp.pruning import describe
 from ltp.text import collate
 
 METHODS = ("hf-dataset-order", "hf-sorted", "packed", "ltp")
+ORT_METHODS = {"ort": "fp32", "ort-int8": "int8"}  # ONNX Runtime rows and their fixed precisions
+RANK = {"int8": 0, "bf16": 1, "fp32": 2}  # lower precision first: speedup_vs_ort compares with ORT rows at or below
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +220,54 @@ def decisions_agree(ltp_out, precision, cfg):
     return agree
 
 
+def load_ort(path, pm, encoded, device):
+    """
+    ONNX Runtime sessions {"ort": fp32 fused, "ort-int8": dynamic int8} of transformers' model from the same directory
+    (ltp/ort.py, built in a temporary folder), checked against the packed routine pm (fp32, pruning off) on a few
+    examples as check_same_model does; and the setup keys. No sessions without onnxruntime / onnx or off the CPU.
+    """
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+        import transformers  # noqa: F401
+    except ImportError:
+        print("onnxruntime/onnx not installed: no ort rows (pip install -e '.[bench]')", file=sys.stderr)
+        return {}, {}
+    if torch.device(device).type != "cpu":
+        print(f"ort rows run on the CPU only: none on {device}", file=sys.stderr)
+        return {}, {}
+    head, info = pm.model.head is not None, {"onnxruntime": onnxruntime.__version__, "ort_max_abs_diff": {}}
+    with tempfile.TemporaryDirectory() as d:  # a session holds its model in memory: the files can go
+        paths, info["ort_fused_ops"] = ltp.ort.build(path, pm.cfg, head, d)
+        sessions = {m: ltp.ort.session(p, torch.get_num_threads()) for m, p in paths.items()}
+    sample = encoded[:4]
+    b = hf_batches(sample, 4, False, pm.cfg, device)[0]
+    ids, types, cu = make_batches(sample, 4, sort=False, device=device)[0][1:]
+    with torch.inference_mode():
+        out, kept = pm(ids, cu, types)
+    first = kept[:, -1].cumsum(0) - kept[:, -1]  # without a head: first tokens of the packed last hidden states
+    for m, sess in sessions.items():
+        ref = ltp.ort.run(sess, b)
+        info["ort_max_abs_diff"][m] = ((ref - out) if head else (ref[:, 0] - out[first])).abs().max().item()
+    print("onnxruntime vs packed (no pruning, fp32), 4 examples: max abs difference "
+          + ", ".join(f"{m} {v:.2e}" for m, v in info["ort_max_abs_diff"].items()), file=sys.stderr)
+    return sessions, info
+
+
+def ort_pass(sess, batches):
+    for b in batches:
+        ltp.ort.run(sess, b)
+
+
+def ort_speedups(rows):
+    """Every row's speedup_vs_ort: its examples/s over the best ORT row of the same batch size whose precision is the
+    same or lower (RANK), the row itself left out (so ort fp32 against ort-int8, ort-int8 None); None without one."""
+    for r in rows:
+        ref = [x["examples_per_s"] for x in rows if x["method"] in ORT_METHODS and x is not r
+               and x["batch_size"] == r["batch_size"] and RANK[x["precision"]] <= RANK.get(r["precision"], -1)]
+        r["speedup_vs_ort"] = r["examples_per_s"] / max(ref) if ref else None
+
+
 # ---------------------------------------------------------------------------------------------
 # Appendix A.2: top-k selection vs the threshold test
 
@@ -255,7 +312,12 @@ def markdown(result):
              "Peak GEMM (2048x768x3072, better of before/after the runs; fp32 unless named bf16): "
              + ", ".join(f"{k} {v:.0f}" for k, v in pk.items()) + " GFLOP/s.",
              "% of peak: of the best fp32 rate (fp32 rows) or of the bf16 rate (bf16 rows); vs packed, vs hf-sorted: "
-             "against the same batch size and precision; vs hf fp32: against hf-sorted fp32."]
+             "against the same batch size and precision; vs hf fp32: against hf-sorted fp32; vs ort: against the best "
+             "ONNX Runtime row of the same batch size and the same or a lower precision (int8 < bf16 < fp32)."]
+    if s.get("onnxruntime"):
+        lines.append(f"ONNX Runtime {s['onnxruntime']}, fused: "
+                     + ", ".join(f"{v} {k}" for k, v in s["ort_fused_ops"].items())
+                     + "; vs packed (no pruning, fp32), max abs difference: " + ", ".join(f"{m} {v:.2e}" for m, v in s["ort_max_abs_diff"].items()) + ".")
     ag = result["setup"].get("bf16_vs_fp32")
     if ag:
         lines.append(f"bf16 vs fp32 (ltp rows): kept counts equal in every layer on {ag['kept_all_layers']:.1%} of the "
@@ -270,15 +332,16 @@ def markdown(result):
                          + (f", labels on {rc['labels']:.2%}" if "labels" in rc else "") + ".")
     lines += ["",
               "| method | precision | batch | examples/s | tokens/s | useful GFLOP/s | % of peak | rel. FLOPs | vs packed | "
-              "vs hf-sorted | vs hf fp32 | peak MB |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "vs hf-sorted | vs hf fp32 | vs ort | peak MB |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         f = lambda v, fmt: "" if v is None else format(v, fmt)  # noqa: E731
         ref = pk.get("bf16", pk["best"]) if r["precision"] == "bf16" else pk["best"]
         lines.append(f"| {r['method']} | {r['precision']} | {r['batch_size']} | {r['examples_per_s']:.1f} | "
                      f"{r['tokens_per_s']:.0f} | {r['gflops_per_s']:.1f} | {100 * r['gflops_per_s'] / ref:.0f}% | "
                      f"{r['relative_flops']:.3f} | {f(r['speedup_vs_packed'], '.2f')} | {f(r['speedup_vs_hf_sorted'], '.2f')} | "
-                     f"{f(r.get('speedup_vs_hf_sorted_fp32'), '.2f')} | {r['peak_memory_mb']:.0f} |")
+                     f"{f(r.get('speedup_vs_hf_sorted_fp32'), '.2f')} | {f(r.get('speedup_vs_ort'), '.2f')} | "
+                     f"{r['peak_memory_mb']:.0f} |")
     if result.get("topk"):
         lines += ["", "Appendix A.2, batch 32: mean latency (us) of torch.topk vs the threshold test (s > theta)",
                   "", "| length | retain | top-k us | threshold us | top-k / threshold |", "|---:|---:|---:|---:|---:|"]
@@ -302,6 +365,11 @@ def plot(result, path):
             if rows:
                 ax.plot([r["batch_size"] for r in rows], [r["examples_per_s"] for r in rows], marker="o",
                         linestyle="-" if p == "fp32" else "--", label=f"{m} {p}")
+    for m, p in ORT_METHODS.items():  # ONNX Runtime, dotted
+        rows = [r for r in result["rows"] if r["method"] == m]
+        if rows:
+            ax.plot([r["batch_size"] for r in rows], [r["examples_per_s"] for r in rows], marker="s", linestyle=":",
+                    label=f"{m} {p}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
     ax.set_ylabel("examples / s")
@@ -359,6 +427,11 @@ def main(args):
         model.prune = ltp.PruneConfig(mode="off")
         hf_diff = {p: check_same_model(hf, pms[p], encoded, dev) for p in precisions if p != "int8"}
         model.prune = prune
+    sessions, ort_info = {}, {}
+    if not args.skip_ort:  # checked against the fp32 packed routine, pruning off
+        model.prune = ltp.PruneConfig(mode="off")
+        sessions, ort_info = load_ort(path, pms.get("fp32") or PackedModel(model, onednn=onednn), encoded, dev)
+        model.prune = prune
 
     unpruned_flops = sum(fl.unpruned_flops(n, L, C, I) for n in lengths)
     no_prune = ltp.PruneConfig(mode="off")
@@ -368,6 +441,9 @@ def main(args):
         if method.startswith("hf"):
             batches = hf_batches(encoded, bs, method == "hf-sorted", cfg, dev)
             return lambda part=None: hf_pass(hf, batches[:part], precision)
+        if method in ORT_METHODS:  # hf-sorted's batches
+            batches = hf_batches(encoded, bs, True, cfg, dev)
+            return lambda part=None: ort_pass(sessions[method], batches[:part])
         batches = make_batches(encoded, bs, sort=True, device=dev)
         mode = prune if method.startswith("ltp") else no_prune
 
@@ -383,6 +459,7 @@ def main(args):
         methods = [(m, p) for p in precisions for m in METHODS
                    if not (m.startswith("hf") and (hf is None or p == "int8") or m == "ltp" and prune.mode == "off")]
         methods += [("ltp-recheck", "bf16")] if recheck is not None else []
+        methods += [(m, p) for m, p in ORT_METHODS.items() if m in sessions]
         runs = {mp: runner(mp[0], bs, mp[1]) for mp in methods}
         for mp in methods:  # warm-up on a few batches (allocator, MKL / oneDNN kernel selection)
             runs[mp](8)
@@ -421,6 +498,7 @@ def main(args):
             r["speedup_vs_hf_sorted"] = r["examples_per_s"] / same["hf-sorted", r["precision"]]
         if ("hf-sorted", "fp32") in same and r["precision"] != "fp32":
             r["speedup_vs_hf_sorted_fp32"] = r["examples_per_s"] / same["hf-sorted", "fp32"]
+    ort_speedups(rows)
     agreement, int8_agreement = None, None
     if "fp32" in ltp_out:  # what bf16 and int8 change in the pruned model's decisions
         agreement = decisions_agree(ltp_out, "bf16", cfg)
@@ -449,6 +527,8 @@ def main(args):
             "repeats": args.repeats,
             "hf_attention": args.hf_attn if hf is not None else None,
             "hf_max_abs_diff": hf_diff,  # per precision: transformers vs the packed routine, pruning off, 4 examples
+            # ort_max_abs_diff: per ort method, ONNX Runtime vs the fp32 packed routine, pruning off, 4 examples
+            **({"onnxruntime": None, "ort_fused_ops": {}, "ort_max_abs_diff": {}} | ort_info),
             "bf16_vs_fp32": agreement,  # the ltp rows' kept counts and labels, bf16 against fp32 (first batch size)
             "int8_vs_fp32": int8_agreement,  # the same, int8 against fp32
             "int8_activations": quant.describe(ranges) if "int8" in precisions else None,
@@ -500,6 +580,7 @@ def get_parser():
                         "(bf16 where the hardware multiplies bf16 natively, else fp32): every method runs in each")
     p.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="transformers attention implementation")
     p.add_argument("--skip-hf", action="store_true", help="no transformers rows")
+    p.add_argument("--skip-ort", action="store_true", help="no ONNX Runtime rows (ort, ort-int8)")
     p.add_argument("--skip-topk", action="store_true", help="skip the appendix A.2 top-k vs threshold latency")
     p.add_argument("--topk-runs", type=positive_int, default=1000, help="runs averaged per top-k / threshold measurement")
     p.add_argument("--json", default=None, help="write {'setup', 'peak_gflops', 'rows', 'topk'} here")

@@ -16,7 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import bench  # noqa: E402
 
-KEYS = {"method", "precision", "batch_size", "examples_per_s", "tokens_per_s", "gflops_per_s", "relative_flops", "peak_memory_mb"}
+KEYS = {"method", "precision", "batch_size", "examples_per_s", "tokens_per_s", "gflops_per_s", "relative_flops", "peak_memory_mb",
+        "speedup_vs_ort"}
 
 
 def make_checkpoint(path, num_labels):
@@ -46,7 +47,7 @@ def test_bench_writes_all_rows_and_keys(tmp_path):
     out = tmp_path / "bench.json"
     run(["--model", tmp_path / "m", "--input", inp, "--final-threshold", 0.02, "--batch-sizes", "1,4",
          "--repeats", 1, "--peak-repeats", 1, "--topk-runs", 2, "--json", out, "--markdown", tmp_path / "bench.md", "--threads", 1,
-         "--precision", "fp32,bf16"])
+         "--precision", "fp32,bf16", "--skip-ort"])
     result = json.loads(out.read_text())
     assert set(result["peak_gflops"]) >= {"F.linear", "best", "bf16"}
     assert result["setup"]["precisions"] == ["fp32", "bf16"]
@@ -91,8 +92,8 @@ def test_bench_recheck_rows(tmp_path):
     inp.write_text("the movie was great\nnot fun\na plot\tthe plot\nbad bad bad bad bad movie\n" * 2)
     out = tmp_path / "bench.json"
     run(["--model", tmp_path / "m", "--input", inp, "--final-threshold", 0.02, "--batch-sizes", "4", "--repeats", 1,
-         "--peak-repeats", 1, "--skip-topk", "--skip-hf", "--json", out, "--threads", 1, "--precision", "fp32,bf16",
-         "--recheck", 1e6])
+         "--peak-repeats", 1, "--skip-topk", "--skip-hf", "--skip-ort", "--json", out, "--threads", 1,
+         "--precision", "fp32,bf16", "--recheck", 1e6])
     result = json.loads(out.read_text())
     rows = {(r["method"], r["precision"]): r for r in result["rows"]}
     assert set(rows) == {("packed", "fp32"), ("ltp", "fp32"), ("packed", "bf16"), ("ltp", "bf16"), ("ltp-recheck", "bf16")}
@@ -112,7 +113,63 @@ def test_bench_base_encoder_without_thresholds(tmp_path):
     run(["--model", tmp_path / "m", "--input", inp, "--batch-sizes", "2", "--repeats", 1, "--peak-repeats", 1,
          "--skip-topk", "--skip-hf", "--json", out, "--threads", 1])
     rows = json.loads(out.read_text())["rows"]
-    assert [r["method"] for r in rows] == ["packed"] and KEYS <= set(rows[0])
+    try:  # ONNX Runtime rows of a base encoder too (the first token's last hidden state is checked)
+        import onnxruntime  # noqa: F401
+        ort = ["ort", "ort-int8"]
+    except ImportError:
+        ort = []
+    assert [r["method"] for r in rows] == ["packed"] + ort and all(KEYS <= set(r) for r in rows)
+
+
+def test_bench_ort_rows(tmp_path):
+    """ort (fp32) and ort-int8 rows at every batch size, whatever --precision, checked against the packed routine;
+    speedup_vs_ort recomputed from the rows: the best ORT row of the same batch size at the same or a lower precision."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    make_checkpoint(tmp_path / "m", num_labels=2)
+    inp = tmp_path / "in.txt"
+    inp.write_text("the movie was great\nnot fun\na plot\tthe plot\nbad bad bad bad bad movie\n" * 2)
+    out = tmp_path / "bench.json"
+    run(["--model", tmp_path / "m", "--input", inp, "--final-threshold", 0.02, "--batch-sizes", "1,4", "--repeats", 1,
+         "--peak-repeats", 1, "--skip-topk", "--json", out, "--markdown", tmp_path / "bench.md", "--threads", 1,
+         "--precision", "fp32,bf16"])
+    result = json.loads(out.read_text())
+    rows, s = result["rows"], result["setup"]
+    assert {(r["method"], r["precision"], r["batch_size"]) for r in rows if r["method"].startswith("ort")} == {
+        (m, p, b) for m, p in (("ort", "fp32"), ("ort-int8", "int8")) for b in (1, 4)}
+    assert s["ort_max_abs_diff"]["ort"] < 1e-4 and s["ort_max_abs_diff"]["ort-int8"] < 2.0  # int8: reported, loose
+    assert s["ort_fused_ops"]["Attention"] == 2 and s["onnxruntime"]
+    for r in rows:
+        assert KEYS <= set(r)
+        ort = {x["method"]: x["examples_per_s"] for x in rows if x["batch_size"] == r["batch_size"]
+               and x["method"] in ("ort", "ort-int8")}
+        if r["method"] == "ort-int8":  # nothing below int8
+            want = None
+        elif r["precision"] == "fp32" and r["method"] != "ort":
+            want = r["examples_per_s"] / max(ort.values())
+        else:  # bf16 rows, and the ort row itself: against ort-int8
+            want = r["examples_per_s"] / ort["ort-int8"]
+        assert r["speedup_vs_ort"] == (None if want is None else pytest.approx(want)), r
+    md = (tmp_path / "bench.md").read_text()
+    assert "| vs ort |" in md and "| ort | fp32 | 4 |" in md and "| ort-int8 | int8 | 1 |" in md
+    assert "ONNX Runtime" in md and "Attention" in md
+
+
+def test_bench_without_onnxruntime(tmp_path, monkeypatch, capsys):
+    """Without onnxruntime: one line says the ORT rows are skipped, the other rows are written as before."""
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+    make_checkpoint(tmp_path / "m", num_labels=2)
+    inp = tmp_path / "in.txt"
+    inp.write_text("the movie\na plot was fun\n")
+    out = tmp_path / "bench.json"
+    run(["--model", tmp_path / "m", "--input", inp, "--final-threshold", 0.02, "--batch-sizes", "2", "--repeats", 1,
+         "--peak-repeats", 1, "--skip-topk", "--skip-hf", "--json", out, "--threads", 1])
+    err = capsys.readouterr().err
+    assert err.count("onnxruntime/onnx not installed: no ort rows (pip install -e '.[bench]')\n") == 1
+    result = json.loads(out.read_text())
+    assert [r["method"] for r in result["rows"]] == ["packed", "ltp"]
+    assert all(KEYS <= set(r) and r["speedup_vs_ort"] is None for r in result["rows"])
+    assert result["setup"]["onnxruntime"] is None and result["setup"]["ort_max_abs_diff"] == {}
 
 
 @pytest.mark.skipif(not __import__("ltp.quant").quant.int8_available("cpu"), reason="no int8 kernels")
@@ -124,7 +181,7 @@ def test_bench_int8_rows(tmp_path):
     inp.write_text("the movie was great\nnot fun\na plot\tthe plot\nbad bad bad bad bad movie\n" * 2)
     out = tmp_path / "bench.json"
     args = ["--model", tmp_path / "m", "--input", inp, "--final-threshold", 0.02, "--batch-sizes", "4", "--repeats", 1,
-            "--peak-repeats", 1, "--skip-topk", "--json", out, "--threads", 1, "--precision", "fp32,int8"]
+            "--peak-repeats", 1, "--skip-topk", "--skip-ort", "--json", out, "--threads", 1, "--precision", "fp32,int8"]
     result = run(args)
     pairs = {(r["method"], r["precision"]) for r in result["rows"]}
     assert {("packed", "int8"), ("ltp", "int8"), ("packed", "fp32"), ("ltp", "fp32")} <= pairs
