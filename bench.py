@@ -404,11 +404,11 @@ def main(args):
     prune = model.prune
     precisions = list(dict.fromkeys(resolve_precision(p, dev) for p in args.precision))  # auto resolved, no repeats
     onednn = {"auto": None, "on": True, "off": False}[args.onednn]
-    ranges = quant.load_ranges(path) if "int8" in precisions else None  # static int8 scales, if calibrated
-    pms = {p: PackedModel(model, onednn=onednn, precision=p, act_ranges=ranges if p == "int8" else None)
-           for p in precisions}
+    calibration = quant.load_calibration(path, cfg) if "int8" in precisions else None  # quant.json, if calibrated
+    pms = {p: PackedModel(model, onednn=onednn, precision=p, calibration=calibration if p == "int8" else None,
+                          static=p == "int8" and args.int8_scales == "static") for p in precisions}
     if "int8" in precisions:
-        print(f"int8: {quant.describe(ranges)}", file=sys.stderr)
+        print(f"int8: {quant.describe(calibration, pms['int8'].static)}", file=sys.stderr)
     recheck = (PackedModel(model, onednn=onednn, precision="bf16", recheck=args.recheck)
                if args.recheck and "bf16" in precisions else None)
     if recheck is not None and not recheck.rechecking():
@@ -531,7 +531,7 @@ def main(args):
             **({"onnxruntime": None, "ort_fused_ops": {}, "ort_max_abs_diff": {}} | ort_info),
             "bf16_vs_fp32": agreement,  # the ltp rows' kept counts and labels, bf16 against fp32 (first batch size)
             "int8_vs_fp32": int8_agreement,  # the same, int8 against fp32
-            "int8_activations": quant.describe(ranges) if "int8" in precisions else None,
+            "int8_activations": quant.describe(calibration, pms["int8"].static) if "int8" in precisions else None,
             "pruning": (describe(prune, model.encoder.theta)
                         + (" (manual, linear-rising)" if args.final_threshold is not None and not
                            os.path.isfile(os.path.join(path, "ltp.json")) else " (ltp.json)"))
@@ -578,6 +578,8 @@ def get_parser():
     p.add_argument("--precision", type=precision_list, default=["fp32"],
                    help="comma list of fp32, bf16, int8 (the four linears on int8 kernels, x86 CPUs; no hf rows), auto "
                         "(bf16 where the hardware multiplies bf16 natively, else fp32): every method runs in each")
+    p.add_argument("--int8-scales", default="dynamic", choices=["dynamic", "static"],
+                   help="int8 activation scales: per batch, or the model's calibrated quant.json ranges")
     p.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="transformers attention implementation")
     p.add_argument("--skip-hf", action="store_true", help="no transformers rows")
     p.add_argument("--skip-ort", action="store_true", help="no ONNX Runtime rows (ort, ort-int8)")

@@ -64,9 +64,10 @@ def main(args):
         check_task_head(model, args.task, args.model)
     tok = ltp.Tokenizer.from_dir(ltp.model.resolve(args.model), model.cfg)
     encoded = tok.encode(texts)
-    ranges = quant.load_ranges(ltp.model.resolve(args.model), model.cfg.num_hidden_layers) if args.precision == "int8" else None
+    calibration = quant.load_calibration(ltp.model.resolve(args.model), model.cfg) if args.precision == "int8" else None
     pm = PackedModel(model, onednn={"auto": None, "on": True, "off": False}[args.onednn], precision=args.precision,
-                     recheck=args.recheck, act_ranges=ranges)
+                     recheck=args.recheck, calibration=calibration,
+                     static=args.int8_scales == "static")
     batches = make_batches(encoded, args.batch_size, sort=not args.no_sort, device=args.device)
     logits, kept, seconds = forward_batches(pm, batches, len(texts), progress=len(texts) >= 1000)
 
@@ -93,7 +94,7 @@ def main(args):
         f"{torch.get_num_threads()} threads, {args.device}, {pm.precision}"
         + (f" from --precision auto" if args.precision == "auto" else "") + ")")
     if pm.precision == "int8":
-        say(f"int8: {quant.describe(ranges)}")
+        say(f"int8: {quant.describe(calibration, pm.static)}")
     if args.recheck and pm.rechecking():
         say(f"--recheck {args.recheck:g}: {pm.rechecked} of {len(texts)} examples ({pm.rechecked / len(texts):.1%}) had a "
             f"score near a threshold and ran again in fp32")
@@ -122,6 +123,9 @@ def get_parser():
                    help="the linears in fp32, bf16 or int8 (weights converted once; softmax, scores, eq. 8 and LayerNorm "
                         "stay fp32; int8: x86 CPUs, activation scales from the model's quant.json or dynamic per call); "
                         "auto: bf16 where the hardware multiplies bf16 natively (AMX, AVX512-BF16, CUDA), else fp32")
+    p.add_argument("--int8-scales", default="dynamic", choices=["dynamic", "static"],
+                   help="int8 activation scales: from each batch's own min and max, or the model's calibrated quant.json ranges "
+                        "(the same output for a sentence in any batch)")
     p.add_argument("--no-sort", action="store_true", help="batch in input order instead of length-sorted (output order is the same)")
     p.add_argument("--explain", type=nonneg_int, default=0, help="print, for the first K inputs, the tokens surviving each layer")
     return p

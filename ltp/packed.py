@@ -36,9 +36,10 @@ from .baselines import rank_mask
 from .model import activation
 from .pruning import hard_mask, importance_score
 
-# One linear layer's weights as the packed routine holds them: W and b (fp32 or bf16; None in int8), packed = the
-# kernel's own layout (oneDNN prepacked, fbgemm int8, or None for F.linear), key = (layer, its input's name), the
-# name under which its activation range is observed (calibration) and its static int8 scale looked up
+# One linear layer's weights as the packed routine holds them: W and b (fp32 or bf16; in int8 W is None and b holds
+# (static activation qparams or None, 1 / smoothing factors or None)), packed = the kernel's own layout (oneDNN
+# prepacked, fbgemm int8, or None for F.linear), key = (layer, its input's name), the name under which its input is
+# observed (calibration) and its int8 parameters are looked up
 Linear = namedtuple("Linear", "w b packed key")
 
 
@@ -120,23 +121,27 @@ class PackedModel:
     layer's input; scripts/bf16_agreement.py). With r = 0.005, 29% of those sentences are run again and 99.1%
     agree; r = 0.01, 49% and 100%. self.rechecked counts the sequences run again. 0 (default): off.
     int8 (precision "int8", x86 CPUs): the four linears run on int8 kernels (ltp/quant.py): weights symmetric int8
-    per output channel, converted once here; inputs quantized per tensor, with the static ranges act_ranges
-    ({"layers": [{"qkv" | "out" | "fc1" | "fc2": [lo, hi]}]}, quant.Calibrator, quant.json) or, without them,
-    dynamically from each call's own min and max. Everything else is as in fp32 (q k^T, softmax, eqs. 7-8, A V,
-    LayerNorm, the residual stream and the head). observer: a function (key, x) shown every linear's input
-    (calibration; fp32 and bf16 only).
+    per output channel, converted once here; inputs quantized per tensor, dynamically from each call's own min and
+    max, or (static=True) with the calibrated ranges. calibration: a checkpoint's quant.json (calibrate(),
+    scripts/calibrate.py): its smoothing factors s (quant.smooth_factors) go into the weights (W s, once) and divide
+    each linear's input (x / s, per call), and its ranges give the static scales. Everything else is as in fp32
+    (q k^T, softmax, eqs. 7-8, A V, LayerNorm, the residual stream and the head). observer: a function (key, x)
+    shown every linear's input (calibration; fp32 and bf16).
     """
-    def __init__(self, model, onednn=None, precision="fp32", recheck=0.0, act_ranges=None):
+    def __init__(self, model, onednn=None, precision="fp32", recheck=0.0, calibration=None, static=False):
         self.model, self.cfg = model, model.cfg
         dev = model.encoder.theta.device
         self.precision = resolve_precision(precision, dev)
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32  # the linears' inputs
         if self.precision == "int8":
+            if static and calibration is None:
+                raise ValueError("int8 static scales need a calibration (quant.json: scripts/calibrate.py)")
             self.reduce_range = quant.needs_reduce_range()
-            self.act_qparams = None if act_ranges is None else quant.static_qparams(act_ranges, self.reduce_range)
+            self.calibration = calibration
         elif onednn and not onednn_available(dev, self.dtype):
             raise RuntimeError(f"oneDNN prepacked linear is not available on {dev} in {self.precision} "
                                f"(use --onednn off or auto)")
+        self.static = self.precision == "int8" and static
         self.onednn = False if self.precision == "int8" else onednn_available(dev, self.dtype) if onednn is None else onednn
         self.observer = None
         self.layers = []
@@ -165,8 +170,10 @@ class PackedModel:
         A Linear: in fp32 / bf16 (W, b) in self.dtype, packed W reordered once into oneDNN's blocked layout (or None);
         in int8 W quantized once and packed for the int8 kernel. No cast, reorder or quantization per call.
         """
-        if self.precision == "int8":
-            return Linear(None, None, quant.prepack(*quant.quantize_weight(w), b), key)
+        if self.precision == "int8":  # w: W s (smoothed), b: (static (scale, zero point) or None, 1 / s or None)
+            qp, smooth = quant.layer_params(self.calibration, *key, self.reduce_range, self.static)
+            w = w.detach().float() if smooth is None else w.detach().float() * smooth
+            return Linear(None, (qp, None if smooth is None else 1 / smooth), quant.prepack(*quant.quantize_weight(w), b), key)
         w, b = w.detach().to(self.dtype), b.detach().to(self.dtype)
         return Linear(w, b, torch.ops.mkldnn._reorder_linear_weight(w, None) if self.onednn else None, key)
 
@@ -189,7 +196,8 @@ class PackedModel:
         if self.observer is not None:
             self.observer(key, x)
         if self.precision == "int8":  # fbgemm: no per-shape kernels, no bucket padding; GELU as its own op
-            y = quant.int8_linear(x, packed, self.reduce_range, self.act_qparams and self.act_qparams[key])
+            qp, inv_smooth = b
+            y = quant.int8_linear(x if inv_smooth is None else x * inv_smooth, packed, self.reduce_range, qp)
             return y if act is None else activation(act, y)
         if packed is not None:
             M = x.shape[0]
@@ -340,16 +348,19 @@ class PackedModel:
         return F.layer_norm(h[:x.shape[0]] + x, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)  # eq. 5
 
 
-def calibrate(model, encoded, batch_size=32):
+def calibrate(model, encoded, batch_size=32, alpha=0.8):
     """
-    Static int8 activation ranges (quant.Calibrator) of `model` with its own pruning, observed on encoded examples
-    (text.Tokenizer.encode; a few hundred training sentences suffice) by the fp32 packed routine on F.linear (oneDNN
-    pads rows to its buckets, and those rows would count). Returns Calibrator.result(), what quant.json holds.
+    The int8 calibration of `model` (what quant.json holds, quant.Calibrator.result): its linears' inputs observed,
+    with its own pruning, on encoded examples (text.Tokenizer.encode; a thousand training sentences are plenty) by the
+    fp32 packed routine on F.linear (oneDNN pads rows to its buckets, and those rows would count); smoothing
+    factors with `alpha` (None: no smoothing).
     """
     pm = PackedModel(model, onednn=False)
     cal = quant.Calibrator(pm)
     forward_batches(pm, make_batches(encoded, batch_size, device=model.encoder.theta.device), len(encoded))
-    return cal.result() | {"examples": len(encoded)}
+    weights = {(l, "qkv"): w["qkv"].w for l, w in enumerate(pm.layers)}
+    weights |= {(l, n): w[n].w for l, w in enumerate(pm.layers) for n in ("out", "fc1", "fc2")}
+    return cal.result(weights, alpha) | {"examples": len(encoded)}
 
 
 # ---------------------------------------------------------------------------------------------

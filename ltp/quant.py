@@ -158,42 +158,47 @@ def int8_available(device):
 
 
 # ---------------------------------------------------------------------------------------------
+# Smoothing: moving the activations' outlier channels into the weights, exactly
+
+def smooth_factors(amax_x, amax_w, alpha):
+    """
+    Per input channel k of a linear y = x W^T: s[k] = max|x_k|^alpha / max_n |W[n, k]|^(1 - alpha). Then
+    y = (x / s) (W s)^T exactly, and x / s has its outlier channels shrunk (by s) while W s grows by as much:
+    one per-tensor scale then fits the input far better. (Smoothing of activations, Xiao et al. 2023,
+    "SmoothQuant"; the paper quantizes with QAT instead, section 4.6.) BERT-family models carry a few channels
+    ~15x the median (MiniLM's channel 99 after every LayerNorm): without this, per-tensor 7-bit activations leave
+    them almost all the levels. Example: amax_x = [16, 1], amax_w = [1, 1], alpha 0.5 -> s = [4, 1].
+    """
+    return (amax_x.clamp_min(1e-5) ** alpha / amax_w.clamp_min(1e-5) ** (1 - alpha)).float()
+
+
+# ---------------------------------------------------------------------------------------------
 # The reference (and the training-time form): an nn.Linear computing in fake-quantized floating point
 
 class FakeQuantLinear(nn.Module):
     """
-    Wraps an nn.Linear: weight fake-quantized per output channel (symmetric), input fake-quantized per tensor,
-    dynamic (act_qparams None) or static. What an int8 linear computes, in float, with straight-through gradients.
+    Wraps an nn.Linear: input divided by the smoothing factors (when given) and fake-quantized per tensor, dynamic
+    (act_qparams None) or static; weight times the factors, fake-quantized per output channel (symmetric). What an
+    int8 linear computes, in float, with straight-through gradients.
     """
 
-    def __init__(self, linear, reduce_range, act_qparams=None):
+    def __init__(self, linear, reduce_range, act_qparams=None, smooth=None):
         super().__init__()
-        self.linear, self.reduce_range, self.act_qparams = linear, reduce_range, act_qparams
+        self.linear, self.reduce_range, self.act_qparams, self.smooth = linear, reduce_range, act_qparams, smooth
 
     def forward(self, x):
         qmin, qmax = activation_range(self.reduce_range)
-        scale, zero_point = self.act_qparams or dynamic_qparams(x, self.reduce_range)
         w = self.linear.weight
+        if self.smooth is not None:
+            x, w = x / self.smooth, w * self.smooth
+        scale, zero_point = self.act_qparams or dynamic_qparams(x, self.reduce_range)
         sw = weight_scales(w)[:, None]
         return F.linear(fake_quant(x, scale, zero_point, qmin, qmax),
                         fake_quant(w, sw, 0, -WEIGHT_QMAX, WEIGHT_QMAX), self.linear.bias)
 
 
 LINEARS = ("query", "key", "value", "attn_out", "fc1", "fc2")  # the four linears of a layer (Q, K, V count as one)
-
-
-def fake_quantize_model(model, reduce_range, ranges=None):
-    """
-    model (ltp.Model) with every layer's linears wrapped in FakeQuantLinear, in place; ranges: None (dynamic) or
-    the static activation ranges of Calibrator.result(). The embeddings and the head stay float.
-    """
-    qp = None if ranges is None else static_qparams(ranges, reduce_range)
-    for l, layer in enumerate(model.encoder.layers):
-        for name in LINEARS:
-            lin = getattr(layer, name)
-            lin = lin.linear if isinstance(lin, FakeQuantLinear) else lin
-            setattr(layer, name, FakeQuantLinear(lin, reduce_range, None if qp is None else qp[l, input_name(name)]))
-    return model
+INPUTS = ("qkv", "out", "fc1", "fc2")                          # their inputs, as the packed routine names them
 
 
 def input_name(linear):
@@ -204,64 +209,109 @@ def input_name(linear):
     return {"query": "qkv", "key": "qkv", "value": "qkv", "attn_out": "out"}.get(linear, linear)
 
 
+def fake_quantize_model(model, reduce_range, calibration=None, static=False):
+    """
+    model (ltp.Model) with every layer's linears wrapped in FakeQuantLinear, in place: plain dynamic scales without a
+    calibration (quant.json's content); with one, its smoothing factors, and its ranges when static. The embeddings
+    and the head stay float.
+    """
+    for l, layer in enumerate(model.encoder.layers):
+        for name in LINEARS:
+            lin = getattr(layer, name)
+            lin = lin.linear if isinstance(lin, FakeQuantLinear) else lin
+            qp, smooth = layer_params(calibration, l, input_name(name), reduce_range, static)
+            setattr(layer, name, FakeQuantLinear(lin, reduce_range, qp, smooth))
+    return model
+
+
+def layer_params(calibration, l, name, reduce_range, static):
+    """(static (scale, zero_point) or None, smoothing factors or None) of layer l's input `name` in a calibration."""
+    if calibration is None:
+        return None, None
+    c = calibration["layers"][l][name]
+    smooth = None if c.get("smooth") is None else torch.tensor(c["smooth"], dtype=torch.float32)
+    return (qparams(*c["range"], reduce_range) if static else None), smooth
+
+
 # ---------------------------------------------------------------------------------------------
-# Static activation ranges: observed once on training data, stored in quant.json beside the weights
+# Calibration: observed once on training data, stored in quant.json beside the weights
 
 class Calibrator:
     """
-    The range [lo, hi] of every linear's input over some batches of the float packed routine (PackedModel.observer),
-    with the checkpoint's own pruning: the rows an int8 model will see. Usage:
-        cal = Calibrator(pm); forward_batches(pm, batches, n); ranges = cal.result()
-    result(): {"layers": [{"qkv": [lo, hi], "out": ..., "fc1": ..., "fc2": ...}, ...], "rows": rows seen per layer}.
-    The ranges do not depend on the CPU: qparams turns them into 7- or 8-bit scales where the model runs.
+    Per channel, the min and max of every linear's input over some batches of the float packed routine
+    (PackedModel.observer), with the checkpoint's own pruning: the rows an int8 model will see. Usage:
+        cal = Calibrator(pm); forward_batches(pm, batches, n); calibration = cal.result(weights, alpha)
     """
 
     def __init__(self, pm):
-        self.ranges, self.rows = {}, {}
+        self.lo, self.hi, self.rows = {}, {}, {}
         pm.observer = self.observe
 
     def observe(self, key, x):
-        lo, hi = torch.aminmax(x.detach().float())
-        old = self.ranges.get(key)
-        self.ranges[key] = (lo.item(), hi.item()) if old is None else (min(old[0], lo.item()), max(old[1], hi.item()))
+        lo, hi = x.detach().float().aminmax(dim=0)
+        self.lo[key] = torch.minimum(self.lo[key], lo) if key in self.lo else lo
+        self.hi[key] = torch.maximum(self.hi[key], hi) if key in self.hi else hi
         if key[1] == "qkv":
             self.rows[key[0]] = self.rows.get(key[0], 0) + x.shape[0]
 
-    def result(self):
-        L = 1 + max(l for l, _ in self.ranges)
-        return {"layers": [{n: list(self.ranges[l, n]) for n in ("qkv", "out", "fc1", "fc2") if (l, n) in self.ranges}
-                           for l in range(L)], "rows": [self.rows.get(l, 0) for l in range(L)]}
-
-
-def static_qparams(ranges, reduce_range):
-    """{(layer, input name): (scale, zero_point)} from Calibrator.result()'s ranges, for this CPU's activation bits."""
-    return {(l, n): qparams(lo, hi, reduce_range) for l, layer in enumerate(ranges["layers"]) for n, (lo, hi) in layer.items()}
+    def result(self, weights, alpha):
+        """
+        What quant.json holds: {"alpha", "rows": rows seen per layer, "layers": [{input name: {"smooth": factors
+        (smooth_factors, with weights[(l, name)]'s column maxima; null when alpha is None), "range": [lo, hi] of the
+        smoothed input}}]}. The ranges do not depend on the CPU: qparams makes 7- or 8-bit scales where it runs.
+        """
+        L = 1 + max(l for l, _ in self.lo)
+        layers = []
+        for l in range(L):
+            layer = {}
+            for name in INPUTS:
+                lo, hi = self.lo[l, name], self.hi[l, name]
+                s = (None if alpha is None else
+                     smooth_factors(torch.maximum(lo.abs(), hi.abs()), weights[l, name].abs().amax(0), alpha))
+                d = 1 if s is None else s
+                layer[name] = {"range": [(lo / d).min().item(), (hi / d).max().item()],
+                               "smooth": None if s is None else [round(v, 6) for v in s.tolist()]}
+            layers.append(layer)
+        return {"alpha": alpha, "rows": [self.rows.get(l, 0) for l in range(L)], "layers": layers}
 
 
 # ---------------------------------------------------------------------------------------------
-# quant.json: the static ranges of a checkpoint (written by scripts/calibrate.py), checked when read
+# quant.json: a checkpoint's calibration (written by scripts/calibrate.py), checked when read
 
 QUANT_JSON = "quant.json"
 
 
-def check_ranges(d, where, num_layers=None):
-    """Refuse, in one line naming the file and the key, ranges that are not what Calibrator.result() writes."""
+def _finite(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_calibration(d, where, cfg=None):
+    """Refuse, in one line naming the file and the key, a calibration that is not what Calibrator.result() writes."""
     if not isinstance(d, dict) or not isinstance(d.get("layers"), list) or not d["layers"]:
         raise ValueError(f"{where}: 'layers' must be a non-empty list (one entry per layer)")
-    if num_layers is not None and len(d["layers"]) != num_layers:
-        raise ValueError(f"{where}: 'layers' has {len(d['layers'])} entries, the model has {num_layers} layers")
+    if not (d.get("alpha") is None or _finite(d["alpha"]) and 0 <= d["alpha"] <= 1):
+        raise ValueError(f"{where}: 'alpha' must be null or a number in [0, 1]")
+    if cfg is not None and len(d["layers"]) != cfg.num_hidden_layers:
+        raise ValueError(f"{where}: 'layers' has {len(d['layers'])} entries, the model has {cfg.num_hidden_layers} layers")
     for l, layer in enumerate(d["layers"]):
-        if not isinstance(layer, dict) or set(layer) != {"qkv", "out", "fc1", "fc2"}:
-            raise ValueError(f"{where}: layers[{l}] must have the keys qkv, out, fc1, fc2")
-        for name, r in layer.items():
-            if not (isinstance(r, list) and len(r) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                               and math.isfinite(v) for v in r) and r[0] <= r[1]):
-                raise ValueError(f"{where}: layers[{l}].{name} must be [lo, hi], two finite numbers with lo <= hi")
+        if not isinstance(layer, dict) or set(layer) != set(INPUTS):
+            raise ValueError(f"{where}: layers[{l}] must have the keys {', '.join(INPUTS)}")
+        for name, c in layer.items():
+            key = f"layers[{l}].{name}"
+            if not isinstance(c, dict) or set(c) != {"range", "smooth"}:
+                raise ValueError(f"{where}: {key} must have the keys range, smooth")
+            r, sm = c["range"], c["smooth"]
+            if not (isinstance(r, list) and len(r) == 2 and all(map(_finite, r)) and r[0] <= r[1]):
+                raise ValueError(f"{where}: {key}.range must be [lo, hi], two finite numbers with lo <= hi")
+            width = None if cfg is None else cfg.intermediate_size if name == "fc2" else cfg.hidden_size
+            if sm is not None and not (isinstance(sm, list) and (width is None or len(sm) == width)
+                                       and all(_finite(v) and v > 0 for v in sm)):
+                raise ValueError(f"{where}: {key}.smooth must be null or {width or 'the input width'} positive numbers")
     return d
 
 
-def load_ranges(model_dir, num_layers=None):
-    """The checkpoint's static int8 ranges (model_dir/quant.json), checked, or None when it has none (dynamic scales)."""
+def load_calibration(model_dir, cfg=None):
+    """The checkpoint's calibration (model_dir/quant.json), checked, or None when it has none."""
     path = os.path.join(model_dir, QUANT_JSON)
     if not os.path.isfile(path):
         return None
@@ -270,11 +320,14 @@ def load_ranges(model_dir, num_layers=None):
             d = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    return check_ranges(d, path, num_layers)
+    return check_calibration(d, path, cfg)
 
 
-def describe(ranges):
+def describe(calibration, static=False):
     """One line on how the int8 activations are scaled, for the scripts' summaries."""
     bits = 7 if needs_reduce_range() else 8
-    how = "dynamic per call" if ranges is None else f"static ({QUANT_JSON}, {ranges.get('examples', '?')} examples)"
-    return f"weights int8 per channel, activations {bits}-bit per tensor, {how}"
+    if calibration is None:
+        return f"weights int8 per channel, activations {bits}-bit per tensor, dynamic per call, no smoothing (no {QUANT_JSON})"
+    smooth = "no smoothing" if calibration.get("alpha") is None else f"smoothing alpha {calibration['alpha']:g}"
+    return (f"weights int8 per channel, activations {bits}-bit per tensor, "
+            f"{'static' if static else 'dynamic per call'}, {smooth} ({QUANT_JSON}, {calibration.get('examples', '?')} examples)")

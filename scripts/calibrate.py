@@ -1,8 +1,10 @@
 """
-Static int8 activation ranges for a checkpoint: the range of every linear's input over EXAMPLES training examples
-(the fp32 packed routine with the checkpoint's own pruning, ltp.packed.calibrate), written to DIR/quant.json.
-With it, `infer.py --precision int8` and `bench.py --precision int8` quantize the linears' inputs with these fixed
-scales (the same output for a sentence whatever its batch); without it, from each call's own min and max.
+The int8 calibration of a checkpoint, written to DIR/quant.json: every linear's input observed per channel over
+EXAMPLES training examples (the fp32 packed routine with the checkpoint's own pruning, ltp.packed.calibrate), the
+smoothing factors that move its outlier channels into the weights (quant.smooth_factors, --alpha), and the range
+of the smoothed input. With it, `infer.py --precision int8` and `bench.py --precision int8` smooth the linears
+(their default, dynamic scales per batch) and can use static scales (--int8-scales static: a sentence's output
+then does not depend on its batch); without it, int8 runs unsmoothed with dynamic scales.
 
   python scripts/calibrate.py --model runs/sst2-quick/hard --task sst2 --data-dir ../shared/glue [--examples 1024]
 """
@@ -28,16 +30,18 @@ def main():
     p.add_argument("--split", default="train", help="the examples observed (a sample of them)")
     p.add_argument("--examples", type=positive_int, default=1024)
     p.add_argument("--final-threshold", type=float, default=None, help="manual thresholds for a model without ltp.json")
+    p.add_argument("--alpha", default="0.8", help="smoothing strength in [0, 1] (quant.smooth_factors), or none")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     model = load_model(args.model, args.final_threshold)
     tok = ltp.Tokenizer.from_dir(args.model, model.cfg)
     encoded, _ = glue.encode_split(tok, glue.read_split(args.task, args.data_dir, args.split))
     sample = random.Random(args.seed).sample(encoded, min(args.examples, len(encoded)))
-    ranges = quant.check_ranges(calibrate(model, sample), "calibration", model.cfg.num_hidden_layers)
+    alpha = None if args.alpha == "none" else float(args.alpha)
+    ranges = quant.check_calibration(calibrate(model, sample, alpha=alpha), "calibration", model.cfg)
     out = os.path.join(args.model, quant.QUANT_JSON)
     ltp.model.atomic_write(out, lambda f: open(f, "w").write(json.dumps(ranges, indent=1) + "\n"))
-    print(f"wrote {out}: ranges of the linears' inputs over {len(sample)} {args.task} {args.split} examples")
+    print(f"wrote {out}: the linears' inputs over {len(sample)} {args.task} {args.split} examples, smoothing alpha {alpha}")
 
 
 if __name__ == "__main__":

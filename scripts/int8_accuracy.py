@@ -1,8 +1,9 @@
 """
 int8 without retraining: what quantizing the four linears of every layer does to a checkpoint's metric and to the
-tokens LTP keeps. Runs the packed routine on a GLUE dev set in fp32 and in int8 with dynamic activation scales
-(per call), with static ones calibrated on CALIB training examples (quant.Calibrator), and each of those with
---recheck MARGIN (sequences with an eq. 7 score within MARGIN of its threshold run again in fp32), and reports
+tokens LTP keeps. Runs the packed routine on a GLUE dev set in fp32 and in int8: plain (dynamic activation scales
+per call), smoothed with a calibration on CALIB training examples (ltp.packed.calibrate, --alpha) with dynamic or
+static scales, and those with --recheck MARGIN (sequences with an eq. 7 score within MARGIN of its threshold run
+again in fp32), and reports
 against fp32: the metric, labels equal, kept counts equal in every layer, relative FLOPs, and the share rerun.
 
   python scripts/int8_accuracy.py --model runs/sst2-quick/hard --task sst2 --data-dir ../shared/glue \\
@@ -32,6 +33,7 @@ def main():
     p.add_argument("--data-dir", required=True)
     p.add_argument("--final-threshold", type=float, default=None, help="manual thresholds for a model without ltp.json")
     p.add_argument("--calib", type=int, default=1024, help="training examples the static ranges are observed on")
+    p.add_argument("--alpha", type=float, default=0.8, help="smoothing strength of the calibration")
     p.add_argument("--margins", default="0.005,0.01", help="--recheck margins tried on each int8 variant")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=0)
@@ -44,7 +46,7 @@ def main():
     encoded, labels = glue.encode_split(tok, glue.read_split(args.task, args.data_dir, "dev"))
     train, _ = glue.encode_split(tok, glue.read_split(args.task, args.data_dir, "train"))
     calib = random.Random(0).sample(train, min(args.calib, len(train)))
-    ranges = calibrate(model, calib, args.batch_size)
+    cal = calibrate(model, calib, args.batch_size, alpha=args.alpha)
     batches = make_batches(encoded, args.batch_size)
     pruned = model.prune.mode != "off" and model.prune.method == "threshold"
 
@@ -54,7 +56,8 @@ def main():
 
     ref_out, ref_kept = run(PackedModel(model))
     variants = [("fp32", {})]
-    for name, extra in (("int8 dynamic", {}), ("int8 static", {"act_ranges": ranges})):
+    for name, extra in (("int8 plain", {}), (f"int8 smoothed {args.alpha:g}", {"calibration": cal}),
+                        (f"int8 smoothed {args.alpha:g}, static", {"calibration": cal, "static": True})):
         variants.append((name, extra))
         if pruned:
             variants += [(f"{name}, --recheck {m}", extra | {"recheck": float(m)}) for m in args.margins.split(",")]
@@ -74,7 +77,7 @@ def main():
                                            if isinstance(v, float) and k != "gflops"), file=sys.stderr)
     metric = next(iter(glue.compute_metrics(args.task, glue.predictions(ref_out), labels)))
     md = [f"{args.task} dev ({len(encoded)} examples), {args.model}, pruning: "
-          f"{ltp.pruning.describe(model.prune, model.encoder.theta)}; static ranges from {len(calib)} training examples; "
+          f"{ltp.pruning.describe(model.prune, model.encoder.theta)}; calibration on {len(calib)} training examples; "
           f"activations {'7' if quant.needs_reduce_range() else '8'} bits on this CPU.", "",
           f"| variant | {metric} | labels equal | kept equal (all layers) | rel. FLOPs | rerun in fp32 | max abs diff |",
           "|---|---:|---:|---:|---:|---:|---:|"]
@@ -86,7 +89,7 @@ def main():
     print(text)
     if args.out:
         with open(args.out + ".json", "w") as f:
-            json.dump({"model": args.model, "task": args.task, "calib": len(calib), "ranges": ranges,
+            json.dump({"model": args.model, "task": args.task, "calib": len(calib), "alpha": args.alpha,
                        "reduce_range": quant.needs_reduce_range(), "rows": rows}, f, indent=1)
         with open(args.out + ".md", "w") as f:
             f.write(text)

@@ -188,7 +188,8 @@ def test_bench_int8_rows(tmp_path):
     assert not any(m.startswith("hf") and p == "int8" for m, p in pairs)
     ag = result["setup"]["int8_vs_fp32"]
     assert 0 <= ag["kept_all_layers"] <= 1 and ag["labels"] >= 0.5 and result["setup"]["bf16_vs_fp32"] is None
-    assert "dynamic per call" in result["setup"]["int8_activations"]
+    assert "dynamic per call, no smoothing" in result["setup"]["int8_activations"]
+    entry = {"range": [-4, 4], "smooth": None}
     (tmp_path / "m" / "quant.json").write_text(json.dumps(
-        {"layers": [{"qkv": [-4, 4], "out": [-4, 4], "fc1": [-4, 4], "fc2": [-1, 4]}] * 2, "examples": 7}))
-    assert "static (quant.json, 7 examples)" in run(args)["setup"]["int8_activations"]
+        {"alpha": None, "layers": [{"qkv": entry, "out": entry, "fc1": entry, "fc2": entry}] * 2, "examples": 7}))
+    assert "static, no smoothing (quant.json, 7 examples)" in run(args + ["--int8-scales", "static"])["setup"]["int8_activations"]

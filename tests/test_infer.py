@@ -251,20 +251,20 @@ def test_int8_static_scales_from_quant_json(tmp_path, capsys):
     make_checkpoint(tmp_path / "m")
     args = ["--model", tmp_path / "m", "--input", write_input(tmp_path), "--final-threshold", 0.02, "--precision", "int8"]
     run(args + ["--output", tmp_path / "dyn.jsonl"])
-    assert "activations" in capsys.readouterr().err and read_rows(tmp_path / "dyn.jsonl")
+    assert "dynamic per call, no smoothing (no quant.json)" in capsys.readouterr().err and read_rows(tmp_path / "dyn.jsonl")
     model = ltp.load(str(tmp_path / "m"))
     tok = ltp.Tokenizer.from_dir(str(tmp_path / "m"), model.cfg)
     ranges = packed.calibrate(model, tok.encode(["the movie was great", "not fun at all", "boring plot"] * 4))
     (tmp_path / "m" / "quant.json").write_text(json.dumps(ranges))
     for bs in (1, 3):
-        run(args + ["--output", tmp_path / f"static{bs}.jsonl", "--batch-size", bs])
-        assert "static (quant.json, 12 examples)" in capsys.readouterr().err
+        run(args + ["--output", tmp_path / f"static{bs}.jsonl", "--batch-size", bs, "--int8-scales", "static"])
+        assert "static, smoothing alpha 0.8 (quant.json, 12 examples)" in capsys.readouterr().err
     alone, batched = read_rows(tmp_path / "static1.jsonl"), read_rows(tmp_path / "static3.jsonl")
     assert [(r["label"], r["kept"]) for r in alone] == [(r["label"], r["kept"]) for r in batched]
     assert max(abs(a - b) for r, q in zip(alone, batched) for a, b in zip(r["logits"], q["logits"])) < 1e-5
-    ranges["layers"][1]["fc2"] = [0, "x"]
+    ranges["layers"][1]["fc2"]["range"] = [0, "x"]
     (tmp_path / "m" / "quant.json").write_text(json.dumps(ranges))
-    with pytest.raises(SystemExit, match=r"quant.json: layers\[1\].fc2 must be \[lo, hi\]"):
+    with pytest.raises(SystemExit, match=r"quant.json: layers\[1\].fc2.range must be \[lo, hi\]"):
         from ltp.cli import run_cli
         run_cli(infer.main, infer.get_parser().parse_args([str(a) for a in args + ["--output", tmp_path / "x.jsonl"]]),
                 "infer.py")

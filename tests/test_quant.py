@@ -47,24 +47,69 @@ def test_fake_quant_straight_through_gradient():
     assert r.grad.tolist() == [0.0, 1.0, 1.0, 0.0]
 
 
-def test_calibrated_ranges_are_checked(tmp_path):
-    good = {"layers": [{"qkv": [-1, 2], "out": [-1, 1], "fc1": [-3, 3], "fc2": [-0.2, 4]}], "examples": 8}
-    assert quant.check_ranges(good, "x", 1) is good
+def test_smooth_factors_golden_and_exact():
+    s = quant.smooth_factors(torch.tensor([16.0, 1.0, 0.0]), torch.tensor([1.0, 1.0, 4.0]), 0.5)
+    assert torch.allclose(s, torch.tensor([4.0, 1.0, (1e-5) ** 0.5 / 2]))
+    torch.manual_seed(0)
+    x, w = torch.randn(5, 3), torch.randn(4, 3)
+    assert torch.allclose((x / s) @ (w * s).t(), x @ w.t(), atol=1e-5)  # smoothing changes nothing in float
+
+
+def tiny_cfg(layers=1, C=32, I=48):
+    import ltp
+    return ltp.Config(model_type="bert", vocab_size=10, hidden_size=C, num_hidden_layers=layers, num_attention_heads=4,
+                      intermediate_size=I, max_position_embeddings=16)
+
+
+def test_calibration_is_checked(tmp_path):
+    entry = lambda width: {"range": [-1, 2], "smooth": [1.0] * width}  # noqa: E731
+    good = {"alpha": 0.8, "examples": 8, "layers": [{"qkv": entry(32), "out": entry(32), "fc1": entry(32),
+                                                     "fc2": {"range": [-0.2, 4], "smooth": None}}]}
+    cfg = tiny_cfg()
+    assert quant.check_calibration(good, "x", cfg) is good
     (tmp_path / "quant.json").write_text(json.dumps(good))
-    assert quant.load_ranges(str(tmp_path), 1)["examples"] == 8
-    assert quant.load_ranges(str(tmp_path / "nowhere")) is None
-    for bad, key in [({"layers": []}, "'layers'"), ({"layers": [{"qkv": [0, 1]}]}, r"layers\[0\] must have"),
-                     ({"layers": [dict(good["layers"][0], fc1=[1, float("nan")])]}, r"layers\[0\].fc1"),
-                     ({"layers": [dict(good["layers"][0], out=[2, 1])]}, r"layers\[0\].out"),
-                     ({"layers": [dict(good["layers"][0], qkv="wide")]}, r"layers\[0\].qkv")]:
+    assert quant.load_calibration(str(tmp_path), cfg)["examples"] == 8
+    assert quant.load_calibration(str(tmp_path / "nowhere")) is None
+    layer = good["layers"][0]
+    for bad, key in [({"layers": []}, "'layers'"), (dict(good, alpha=2), "'alpha'"),
+                     ({"layers": [{"qkv": entry(32)}]}, r"layers\[0\] must have"),
+                     ({"layers": [dict(layer, fc1={"range": [1, float("nan")], "smooth": None})]}, r"layers\[0\].fc1.range"),
+                     ({"layers": [dict(layer, out={"range": [2, 1], "smooth": None})]}, r"layers\[0\].out.range"),
+                     ({"layers": [dict(layer, qkv="wide")]}, r"layers\[0\].qkv must have"),
+                     ({"layers": [dict(layer, qkv=entry(31))]}, r"layers\[0\].qkv.smooth must be null or 32"),
+                     ({"layers": [dict(layer, fc2={"range": [0, 1], "smooth": [0.0] * 48})]}, r"layers\[0\].fc2.smooth")]:
         (tmp_path / "quant.json").write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=key):
-            quant.load_ranges(str(tmp_path), 1)
+            quant.load_calibration(str(tmp_path), cfg)
     with pytest.raises(ValueError, match="2 layers"):
-        quant.check_ranges(good, "x", 2)
+        quant.check_calibration(good, "x", tiny_cfg(layers=2))
     (tmp_path / "quant.json").write_text("{not json")
     with pytest.raises(ValueError, match="quant.json: not valid JSON"):
-        quant.load_ranges(str(tmp_path))
+        quant.load_calibration(str(tmp_path))
+
+
+@INT8
+def test_calibration_observes_the_rows_the_int8_model_sees():
+    """Calibrator's ranges are those of the (smoothed) inputs over exactly the live rows, layer by layer."""
+    rng = random.Random(1)
+    model = tiny_model("bert", 2, seed=1)
+    set_pruning(model, rng, "hard")
+    encoded = random_batch(rng, model.cfg, 9)
+    cal = calibrate(model, encoded, batch_size=4, alpha=None)
+    _, kept = packed_forward(PackedModel(model), encoded)
+    assert cal["rows"] == kept[:, :-1].sum(0).tolist() and cal["examples"] == 9  # rows entering each layer
+    seen = {}
+    pm = PackedModel(model, onednn=False)
+    pm.observer = lambda key, x: seen.setdefault(key, []).append(x.clone())
+    packed_forward(pm, encoded)  # one batch: the same rows as the calibration's three
+    for l, layer in enumerate(cal["layers"]):
+        x = torch.cat(seen[l, "fc1"])
+        assert layer["fc1"]["range"] == pytest.approx([x.min().item(), x.max().item()]) and layer["fc1"]["smooth"] is None
+    smoothed = calibrate(model, encoded, alpha=0.5)["layers"][0]["qkv"]
+    x, w = torch.cat(seen[0, "qkv"]), PackedModel(model).layers[0]["qkv"].w
+    s = quant.smooth_factors(x.abs().amax(0), w.abs().amax(0), 0.5)
+    assert smoothed["smooth"] == pytest.approx(s.tolist(), rel=1e-5)
+    assert smoothed["range"] == pytest.approx([(x / s).min().item(), (x / s).max().item()], rel=1e-5)
 
 
 @INT8
@@ -96,7 +141,7 @@ def test_int8_on_cuda_is_one_line():
 @torch.inference_mode()
 def test_packed_int8_static_equals_fake_quant_mask_forward():
     """
-    Static scales: packed int8 == Model.forward with every layer's linears fake-quantized, with pruning. Equal kept
+    Static scales, smoothed or not: packed int8 == Model.forward with every layer's linears fake-quantized, with pruning. Equal kept
     counts in every trial; outputs equal to float rounding except where a rounding tie (x / s within an ulp of .5)
     goes the other way in the kernel, which moves a logit by about one step s_x |W|: allowed in a few trials.
     """
@@ -106,9 +151,9 @@ def test_packed_int8_static_equals_fake_quant_mask_forward():
         model = tiny_model(("bert", "roberta")[trial % 2], 2, seed=trial, layers=3)
         set_pruning(model, rng, "hard" if trial % 3 else "off")
         encoded = random_batch(rng, model.cfg, 6)
-        ranges = calibrate(model, random_batch(random.Random(100 + trial), model.cfg, 40))
-        ref, ref_kept = mask_forward(quant.fake_quantize_model(copy.deepcopy(model), RR, ranges), encoded)
-        out, kept = packed_forward(PackedModel(model, precision="int8", act_ranges=ranges), encoded)
+        cal = calibrate(model, random_batch(random.Random(100 + trial), model.cfg, 40), alpha=(None, 0.8)[trial % 2])
+        ref, ref_kept = mask_forward(quant.fake_quantize_model(copy.deepcopy(model), RR, cal, static=True), encoded)
+        out, kept = packed_forward(PackedModel(model, precision="int8", calibration=cal, static=True), encoded)
         assert torch.equal(kept, ref_kept), f"trial {trial}: kept {kept.tolist()} != {ref_kept.tolist()}"
         exact += int((out - ref).abs().max() < 1e-5)
         pruned += int((kept[:, -1] < kept[:, 0]).any())
@@ -118,15 +163,17 @@ def test_packed_int8_static_equals_fake_quant_mask_forward():
 @INT8
 @torch.inference_mode()
 def test_packed_int8_dynamic_equals_fake_quant_mask_forward():
-    """Dynamic scales (the kernel's own min / max per call) on one sequence: the same rows as the mask forward."""
+    """Dynamic scales (the kernel's own min / max per call), smoothed or not, on one sequence: the same rows as the
+    mask forward, so the same result."""
     for trial in range(8):
         rng = random.Random(trial)
         model = tiny_model(("bert", "roberta")[trial % 2], (0, 2, 1)[trial % 3], seed=trial, layers=3)
         encoded = random_batch(rng, model.cfg, 1)
-        ref, ref_kept = mask_forward(quant.fake_quantize_model(copy.deepcopy(model), RR), encoded)
-        out, kept = packed_forward(PackedModel(model, precision="int8"), encoded)
+        cal = calibrate(model, random_batch(rng, model.cfg, 20)) if trial % 2 else None
+        ref, ref_kept = mask_forward(quant.fake_quantize_model(copy.deepcopy(model), RR, cal), encoded)
+        out, kept = packed_forward(PackedModel(model, precision="int8", calibration=cal), encoded)
         assert torch.equal(kept, ref_kept)
-        assert (out - ref).abs().max() < 1e-5, trial
+        assert (out - ref).abs().max() < 1e-4, trial  # smoothed: x (1/s) here, x / s there, an ulp apart
 
 
 @INT8
@@ -137,7 +184,7 @@ def test_int8_static_does_not_depend_on_the_batch():
     model = tiny_model("bert", 2, seed=3)
     set_pruning(model, rng, "hard")
     encoded = random_batch(rng, model.cfg, 8)
-    pm = PackedModel(model, precision="int8", act_ranges=calibrate(model, random_batch(rng, model.cfg, 40)))
+    pm = PackedModel(model, precision="int8", calibration=calibrate(model, random_batch(rng, model.cfg, 40)), static=True)
     together, kept = packed_forward(pm, encoded)
     for i, e in enumerate(encoded):
         alone, kept1 = packed_forward(pm, [e])
