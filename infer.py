@@ -8,7 +8,11 @@ id2label name of the argmax, or the score of a 1-label regression model) and, fo
 "kept" (tokens entering layer 1, then surviving each layer). Also: --task sst2 --split dev --data-dir DIR
 (GLUE, with metrics), --input - (stdin), --explain K (which tokens survive each layer), --precision bf16
 (the linears in bf16) with --recheck 0.005 (sequences with a score near a threshold run again in fp32).
-The batching and timing loop (ltp/packed.py: make_batches, forward_batches) is the one bench.py measures.
+The input is read, length-sorted and written in windows of --window lines (4096; 0 = the whole input at once),
+so memory does not grow with the input; rows go to OUT.partial (flushed per window), renamed to OUT when
+complete, and --resume continues an interrupted run after its last complete window (ltp/stream.py), giving the
+same bytes as an uninterrupted run. The batching and timing loop (ltp/packed.py: make_batches, forward_batches,
+per window forward_windows) is the one bench.py measures.
 """
 import contextlib
 import json

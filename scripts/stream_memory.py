@@ -5,7 +5,9 @@ Each run is its own process, started from a small parent whose only child it is,
 RUSAGE_CHILDREN ru_maxrss is that run's peak resident memory (the VmHWM of /proc/PID/status at its exit).
 
   python scripts/stream_memory.py --model DIR --final-threshold 0.01 --sizes 10000,100000 --modes whole,stream
-Prints one markdown row per run: lines, mode, peak RSS (MB), model-only examples/s, end-to-end examples/s.
+Prints one markdown row per run: lines, mode, peak RSS (MB), model-only examples/s, end-to-end examples/s
+(wall clock, start-up included) and examples per CPU second of the whole process (what a busy machine's
+other work disturbs least; the runs use one thread).
 """
 import argparse
 import os
@@ -18,9 +20,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from ltp.cli import int_list  # noqa: E402
 
-# the parent of one run: prints the peak RSS (kB) of its only child on its last stderr line
-PEAK = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
-        "print('peak_kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(r.returncode)")
+# the parent of one run: prints the peak RSS (kB) and CPU seconds of its only child on its last stderr line
+PEAK = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); u = resource.getrusage(resource.RUSAGE_CHILDREN); "
+        "print('peak_kb', u.ru_maxrss, 'cpu_s', u.ru_utime + u.ru_stime, file=sys.stderr); sys.exit(r.returncode)")
 
 
 def make_input(source, n, path):
@@ -44,16 +46,17 @@ def measure(args, n, mode):
            "--window", "0" if mode == "whole" else str(args.window)]
     if args.final_threshold is not None:
         cmd += ["--final-threshold", str(args.final_threshold)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "RAYON_NUM_THREADS": str(args.threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "RAYON_NUM_THREADS": str(args.threads),
+           "RAYON_RS_NUM_CPUS": str(args.threads)}
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if r.returncode:
         sys.exit(f"stream_memory.py: error: infer.py failed: {r.stderr.strip().splitlines()[-1]}")
-    peak = int(re.search(r"peak_kb (\d+)", r.stderr).group(1)) / 1024
+    peak, cpu = re.search(r"peak_kb (\d+) cpu_s ([\d.]+)", r.stderr).groups()
     model_rate = float(re.search(r"([\d.]+) examples/s \(model only", r.stderr).group(1))
     os.remove(out)
-    return peak, model_rate, n / wall
+    return int(peak) / 1024, model_rate, n / wall, n / float(cpu)
 
 
 def main():
@@ -65,16 +68,18 @@ def main():
     p.add_argument("--window", type=int, default=4096, help="infer.py --window of the streamed runs")
     p.add_argument("--threads", type=int, default=1, help="torch and tokenizer threads")
     p.add_argument("--source", default="/work/shared/glue/SST-2/train.tsv", help="TSV whose sentences are repeated")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each mode per size, alternating")
     p.add_argument("--workdir", default="runs/stream_memory", help="where the inputs are made (not committed)")
     args = p.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
-    print("| lines | mode | peak RSS (MB) | model-only examples/s | end-to-end examples/s |")
-    print("|---:|---|---:|---:|---:|")
+    print("| lines | mode | peak RSS (MB) | model-only examples/s | end-to-end examples/s | examples per CPU second |")
+    print("|---:|---|---:|---:|---:|---:|")
     for n in args.sizes:
-        for mode in args.modes.split(","):
-            peak, model_rate, wall_rate = measure(args, n, mode)
-            label = "whole file" if mode == "whole" else f"streamed, window {args.window}"
-            print(f"| {n:,} | {label} | {peak:.0f} | {model_rate:.1f} | {wall_rate:.1f} |", flush=True)
+        for _ in range(args.repeats):  # whole and streamed in turn, so that both meet the same load
+            for mode in args.modes.split(","):
+                peak, model_rate, wall_rate, cpu_rate = measure(args, n, mode)
+                label = "whole file" if mode == "whole" else f"streamed, window {args.window}"
+                print(f"| {n:,} | {label} | {peak:.0f} | {model_rate:.1f} | {wall_rate:.1f} | {cpu_rate:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
