@@ -113,3 +113,4 @@ def check_tokenizer(tok, cfg, tok_file, model_dir):
     if not e.ids or not e.special_tokens_mask[0]:
         raise ValueError(f"{tok_file}: adds no special token before the text ([CLS] / <s>), which the classifier "
                          f"of {config} reads")
+
