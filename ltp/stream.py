@@ -94,8 +94,9 @@ def identity(input_path, model_dir, model_files, flags):
     {"input": {"path": "/d/in.txt", "size": 12, "sha256": "ab..."}, "model": {"config.json": "cd...", ...},
      "flags": {"window": 4096, "batch_size": 32, ...}}.
     """
-    return {"input": {"path": os.path.abspath(input_path), "size": os.path.getsize(input_path),
-                      "sha256": file_digest(input_path)},
+    src = {"path": "-"} if input_path == "-" else {  # stdin: written once, never resumed
+        "path": os.path.abspath(input_path), "size": os.path.getsize(input_path), "sha256": file_digest(input_path)}
+    return {"input": src,
             "model": {name: file_digest(os.path.join(model_dir, name)) for name in model_files},
             "flags": flags}
 

@@ -136,3 +136,25 @@ def test_sigkill_then_resume_gives_the_same_bytes(tmp_path, capsys):
     assert f"rows of {out}.partial kept, continuing at input line" in capsys.readouterr().err
     assert out.read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
     assert not partial.exists() and not os.path.exists(f"{partial}.json")
+
+
+def test_task_resume_keeps_metrics_and_stdin_to_a_file(tmp_path, monkeypatch, capsys):
+    """--task with --resume: the metrics cover the rows of both runs (read back from OUT.partial) and equal an
+    uninterrupted run's; --input - with --output FILE also goes through OUT.partial."""
+    import io
+    make_checkpoint(tmp_path / "m")
+    (tmp_path / "glue" / "SST-2").mkdir(parents=True)
+    (tmp_path / "glue" / "SST-2" / "dev.tsv").write_text(
+        "sentence\tlabel\n" + "".join(f"{s} \t{i % 2}\n" for i, s in enumerate(LINES) if "\t" not in s), encoding="utf-8")
+    args = ["--model", tmp_path / "m", "--task", "sst2", "--data-dir", tmp_path / "glue", "--window", 2]
+    run(args + ["--output", tmp_path / "ref.jsonl"])
+    metrics = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sst2 dev:")]
+    assert len(metrics) == 1
+    interrupted(tmp_path, monkeypatch, args + ["--output", tmp_path / "out.jsonl"])
+    run(args + ["--output", tmp_path / "out.jsonl", "--resume"])
+    err = capsys.readouterr().err
+    assert "--resume: 2 rows of" in err and metrics[0] in err.splitlines()
+    assert (tmp_path / "out.jsonl").read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
+    monkeypatch.setattr(sys, "stdin", type("Stdin", (), {"buffer": io.BytesIO(b"good film\nbad\tplot\n")})())
+    run(["--model", tmp_path / "m", "--input", "-", "--output", tmp_path / "stdin.jsonl"])
+    assert len(read_rows(tmp_path / "stdin.jsonl")) == 2 and not (tmp_path / "stdin.jsonl.partial").exists()
