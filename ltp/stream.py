@@ -45,8 +45,8 @@ def _lines(path):
 
 def windows(items, size, start=0):
     """
-    Cut an iterable into consecutive windows [(first index, list)], reading one window ahead at most (the
-    iterable is consumed lazily); size 0 = one window of everything. start (a multiple of size) skips the
+    Cut an iterable into consecutive windows [(first index, list)], consumed lazily: no item beyond the window
+    handed out has been read, so one window is held at a time; size 0 = one window of everything. start (a multiple of size) skips the
     items before it, for a resumed run. Example: windows("abcde", 2, start=2) -> (2, [c, d]), (4, [e]).
     """
     if size and start % size:
