@@ -9,22 +9,31 @@ id2label name of the argmax, or the score of a 1-label regression model) and, fo
 (GLUE, with metrics), --input - (stdin), --explain K (which tokens survive each layer), --precision bf16
 (the linears in bf16) or int8 (the linears on int8 kernels, x86 CPUs), with --recheck 0.005 (sequences with a
 score near a threshold run again in fp32).
-The batching and timing loop (ltp/packed.py: make_batches, forward_batches) is the one bench.py measures.
+The input is read, length-sorted and written in windows of --window lines (4096; 0 = the whole input at once),
+so memory does not grow with the input; rows go to OUT.partial (flushed per window), renamed to OUT when
+complete, and --resume continues an interrupted run after its last complete window (ltp/stream.py), giving the
+same bytes as an uninterrupted run. The batching and timing loop (ltp/packed.py: make_batches, forward_batches,
+per window forward_windows) is the one bench.py measures.
 """
 import contextlib
 import json
-import os
+import math
 import sys
 
 import torch
+from tqdm import tqdm
 
 import ltp
-from ltp import glue, quant
+from ltp import glue, quant, stream
 from ltp.cli import (Parser, add_inference_args, check_task_head, load_model, nonneg_int, output_path, positive_int,
                      read_inputs, run_cli, tune_allocator)
-from ltp.flops import flops_summary
-from ltp.packed import PackedModel, forward_batches, make_batches
+from ltp.flops import flops_totals
+from ltp.packed import PackedModel, forward_windows
 from ltp.pruning import describe
+from ltp.stream import count_lines, iter_lines
+
+# the model directory's files a row depends on (--resume checks their sha256 against the run it continues)
+MODEL_FILES = ("config.json", "model.safetensors", "ltp.json", "quant.json") + ltp.text.TOKENIZER_FILES
 
 
 def label_of(logits, cfg):
@@ -58,60 +67,118 @@ def main(args):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device available")
     output_path(args.output, "--output")
-    texts, labels = read_inputs(args)
+    if args.resume and args.output == "-":
+        raise ValueError("--resume needs --output FILE (stdout keeps no partial output to continue)")
+    if args.resume and not args.task and args.input == "-":
+        raise ValueError("--resume needs --input FILE (stdin cannot be read again from the start)")
+    # the input: a GLUE split (small: read whole, with its labels) or a text file, read lazily in windows
+    if args.task:
+        texts, labels = read_inputs(args)
+        source, src_path, total = texts, glue.task_path(args.task, args.data_dir, args.split), len(texts)
+    elif not args.input:
+        raise ValueError("give --input FILE (or - for stdin), or --task with --data-dir")
+    else:
+        source, src_path, labels, total = iter_lines(args.input), args.input, None, count_lines(args.input)
+        if total == 0:
+            raise ValueError(f"{args.input}: no input lines")
     model = load_model(args.model, args.final_threshold).to(args.device)
     if args.task:
         check_task_head(model, args.task, args.model)
     tok = ltp.Tokenizer.from_dir(ltp.model.resolve(args.model), model.cfg)
-    encoded = tok.encode(texts)
     calibration = quant.load_calibration(ltp.model.resolve(args.model), model.cfg) if args.precision == "int8" else None
     pm = PackedModel(model, onednn={"auto": None, "on": True, "off": False}[args.onednn], precision=args.precision,
-                     recheck=args.recheck, calibration=calibration,
-                     static=args.int8_scales == "static")
-    batches = make_batches(encoded, args.batch_size, sort=not args.no_sort, device=args.device)
-    logits, kept, seconds = forward_batches(pm, batches, len(texts), progress=len(texts) >= 1000)
+                     recheck=args.recheck, calibration=calibration, static=args.int8_scales == "static")
+
+    def say(*a):  # summaries go to stderr, so that --output - stays pure JSON lines
+        print(*a, file=sys.stderr)
+    # rows go to OUT.partial (beside it, what they depend on), renamed to OUT once complete; stdout gets them directly
+    partial, done = None, 0
+    if args.output != "-":
+        flags = {k: getattr(args, k) for k in ("window", "batch_size", "no_sort", "final_threshold", "recheck", "device",
+                                               "int8_scales")}
+        flags.update(precision=pm.precision, onednn=pm.onednn, threads=torch.get_num_threads())
+        ident = stream.identity(src_path, ltp.model.resolve(args.model), MODEL_FILES, flags)
+        partial, done = stream.open_partial(args.output, ident, args.resume, args.window, say)
+        if args.resume:
+            say(f"--resume: {done} rows of {args.output}.partial kept, continuing at input line {done + 1}")
 
     pruned = model.prune.mode != "off"
-    rows = []
-    for i in range(len(texts)):
-        row = {"logits": logits[i].tolist()}
-        row["label"] = label_of(row["logits"], model.cfg)
-        if pruned:
-            row["kept"] = kept[i].tolist()
-        rows.append(row)
-    lines = "".join(json.dumps(r) + "\n" for r in rows)
-    if args.output == "-":
-        sys.stdout.write(lines)
-    else:
-        ltp.model.atomic_write(args.output, lambda p: open(p, "w").write(lines))
+    n, seconds, kept_sum, flops, preds, shown = 0, 0.0, 0, [0, 0], [], []
+    if labels is not None and done:  # the earlier run's predictions, for the metrics
+        preds = [glue.predictions(torch.tensor([r["logits"]]))[0] for r in read_rows(args.output + ".partial", done)]
+    bar = tqdm(total=total, initial=done, unit=" examples", file=sys.stderr, smoothing=0.1,
+               disable=total is not None and total < 1000)
+    try:
+        for first, texts, encoded, logits, kept, sec in forward_windows(
+                pm, stream.windows(source, args.window, start=done), tok.encode, args.batch_size,
+                sort=not args.no_sort, device=args.device):
+            rows = []
+            for i in range(len(texts)):
+                row = {"logits": logits[i].tolist()}
+                row["label"] = label_of(row["logits"], model.cfg)
+                if pruned:
+                    row["kept"] = kept[i].tolist()
+                rows.append(json.dumps(row) + "\n")
+            if partial is None:
+                sys.stdout.write("".join(rows))
+                sys.stdout.flush()
+            else:
+                stream.write_rows(partial, "".join(rows))
+            done = first + len(texts)
+            # what the summary needs, added up per window: counts, FLOPs, predictions (not the rows)
+            n, seconds, kept_sum = n + len(texts), seconds + sec, kept_sum + kept.double().sum(0)
+            flops = [a + b for a, b in zip(flops, flops_totals(kept, model.cfg))]
+            if labels is not None:
+                preds += glue.predictions(logits)
+            if len(shown) < args.explain:
+                shown += list(zip(texts, encoded))[:args.explain - len(shown)]
+            bar.update(len(texts))
+    except KeyboardInterrupt:
+        bar.close()
+        if partial is None:
+            raise
+        raise KeyboardInterrupt(f"{done} rows are safe in {args.output}.partial; rerun the same command with "
+                                f"--resume to continue") from None
+    bar.close()
+    if not done:  # stdin gave no line (a file was refused above)
+        raise ValueError(f"{src_path}: no input lines")
+    if partial is not None:
+        stream.finish_partial(partial, args.output)
+    if not n:
+        say(f"all {done} rows were written before --resume: nothing left to run")
+        return done
 
-    # Summary (stderr, so that --output - stays pure JSON lines)
-    def say(*a):
-        print(*a, file=sys.stderr)
-    gflops, rel = flops_summary(kept, model.cfg)
-    say(f"{len(texts)} examples in {seconds:.2f} s: {len(texts) / seconds:.1f} examples/s "
-        f"(model only, batch {args.batch_size}, {'length-sorted' if not args.no_sort else 'input order'}, "
+    say(f"{n} examples in {seconds:.2f} s: {n / seconds:.1f} examples/s "
+        f"(model only, batch {args.batch_size}, {'length-sorted' if not args.no_sort else 'input order'}"
+        f"{' in windows of ' + str(args.window) + ' lines' if args.window and not args.no_sort else ''}, "
         f"{torch.get_num_threads()} threads, {args.device}, {pm.precision}"
         + (f" from --precision auto" if args.precision == "auto" else "") + ")")
     if pm.precision == "int8":
         say(f"int8: {quant.describe(calibration, pm.static)}")
     if args.recheck and pm.rechecking():
-        say(f"--recheck {args.recheck:g}: {pm.rechecked} of {len(texts)} examples ({pm.rechecked / len(texts):.1%}) had a "
+        say(f"--recheck {args.recheck:g}: {pm.rechecked} of {n} examples ({pm.rechecked / n:.1%}) had a "
             f"score near a threshold and ran again in fp32")
     elif args.recheck:
         say(f"--recheck {args.recheck:g} ignored: it applies to bf16 or int8 with thresholds ({pm.precision}, pruning "
             f"{model.prune.mode if model.prune.mode == 'off' else model.prune.method})")
-    say("mean tokens kept per layer: " + " ".join(f"{v:.1f}" for v in kept.float().mean(0).tolist())
+    say("mean tokens kept per layer: " + " ".join(f"{v:.1f}" for v in (kept_sum / n).tolist())
         + "  (entering layer 1, then after each layer)")
-    say(f"relative FLOPs {rel:.3f}, {gflops:.4g} GFLOPs per example"
+    say(f"relative FLOPs {flops[0] / flops[1] if flops[1] else math.nan:.3f}, {flops[0] / n / 1e9:.4g} GFLOPs per example"
         + (f" (pruning: {describe(model.prune, model.encoder.theta)})" if pruned else " (no pruning)"))
     if labels is not None and args.task:
-        metrics = glue.compute_metrics(args.task, glue.predictions(logits), labels)
+        metrics = glue.compute_metrics(args.task, preds, labels)
         say(f"{args.task} {args.split}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if args.explain:
         with contextlib.redirect_stdout(sys.stderr):
-            explain(model, tok, texts, encoded, args.explain, args.device)
-    return rows
+            explain(model, tok, [t for t, _ in shown], [e for _, e in shown], args.explain, args.device)
+    return done
+
+
+def read_rows(path, n):
+    """The first n rows of a JSON lines file, one at a time."""
+    with open(path, encoding="utf-8") as f:
+        for _, line in zip(range(n), f):
+            yield json.loads(line)
 
 
 def get_parser():
@@ -128,6 +195,12 @@ def get_parser():
                         "(the same output for a sentence in any batch)")
     p.add_argument("--no-sort", action="store_true", help="batch in input order instead of length-sorted (output order is the same)")
     p.add_argument("--explain", type=nonneg_int, default=0, help="print, for the first K inputs, the tokens surviving each layer")
+    p.add_argument("--window", type=nonneg_int, default=4096,
+                   help="read, sort and write the input in windows of this many lines, so memory does not grow with "
+                        "the input (0 = the whole input at once)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run after the last complete window of OUT.partial (same input, "
+                        "model and flags; checked)")
     return p
 
 

@@ -601,6 +601,8 @@ def check_resume(args, stages):
     if not os.path.isfile(path):
         return
     old = ltp.model.read_json(path)
+    if not isinstance(old, dict):
+        raise SystemExit(f"error: {path}: must be a JSON object (the flags of the run), not {type(old).__name__}")
     changed = [k for k in RESUME_KEYS if k in old and old[k] != getattr(args, k)]
     if changed:
         raise SystemExit(f"error: --resume: {path} was written with " + ", ".join(

@@ -11,6 +11,7 @@ import sys
 from . import glue, pruning
 from .model import load
 from .pruning import PruneConfig
+from .stream import iter_lines
 
 
 class Parser(argparse.ArgumentParser):
@@ -89,26 +90,8 @@ def tune_allocator():
 
 
 def read_lines(path):
-    """One example per line; a tab separates a pair. A trailing newline does not start an extra (empty) example."""
-    if path == "-":
-        text = sys.stdin.read()
-    else:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: input file not found")
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    lines = text.split("\n") if text else []  # an empty file holds no example (an empty line is one)
-    if text.endswith("\n"):
-        lines.pop()
-    texts = []
-    for i, line in enumerate(lines, start=1):
-        parts = line.rstrip("\r").split("\t")
-        if len(parts) > 2:
-            raise ValueError(f"{path}:{i}: {len(parts)} tab-separated fields; a line holds one text or a pair")
-        texts.append(parts[0] if len(parts) == 1 else (parts[0], parts[1]))
+    """Every example of a file (- = stdin) as a list: stream.iter_lines, all at once; an empty file is refused."""
+    texts = list(iter_lines(path))
     if not texts:
         raise ValueError(f"{path}: no input lines")
     return texts
@@ -179,8 +162,9 @@ def run_cli(main, args, name):
     """
     try:
         return main(args)
-    except KeyboardInterrupt:
-        sys.exit(f"{name}: interrupted" + (" (rerun the same command with --resume to continue)" if name == "train.py" else ""))
+    except KeyboardInterrupt as e:  # a script may say what is safe and how to continue: KeyboardInterrupt("...")
+        sys.exit(f"{name}: interrupted" + (f": {e.args[0]}" if e.args else
+                                           " (rerun the same command with --resume to continue)" if name == "train.py" else ""))
     except SystemExit as e:
         if isinstance(e.code, str) and not os.environ.get("LTP_DEBUG"):
             msg = e.code.removeprefix("error: ")

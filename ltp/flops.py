@@ -37,13 +37,22 @@ def relative_flops(kept_lists, num_layers, hidden, intermediate):
     return pruned / full if full else math.nan
 
 
+def flops_totals(kept, cfg):
+    """
+    kept: (B, L+1) counts (a tensor or lists) of B sequences; returns (pruned, unpruned) FLOPs summed over them:
+    what flops_summary divides, so that windows of a stream can be added up. Example: C = 1, I = 4, L = 1,
+    kept [[1, 1], [2, 1]] -> (28 + 42, 28 + 64).
+    """
+    kl = kept.tolist() if hasattr(kept, "tolist") else [list(k) for k in kept]
+    L, C, I = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
+    return (sum(sequence_flops(k, C, I) for k in kl), sum(unpruned_flops(k[0], L, C, I) for k in kl))
+
+
 def flops_summary(kept, cfg):
     """
     kept: (B, L+1) counts (a tensor or lists) of B sequences; cfg the model Config.
     Returns (GFLOPs per example, relative FLOPs against no pruning).
     Example: one sequence of 1 token, C = 1, I = 4, L = 1, kept [[1, 1]] -> (2.8e-08, 1.0).
     """
-    kl = kept.tolist() if hasattr(kept, "tolist") else [list(k) for k in kept]
-    L, C, I = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
-    gflops = sum(sequence_flops(k, C, I) for k in kl) / max(len(kl), 1) / 1e9
-    return gflops, relative_flops(kl, L, C, I)
+    pruned, full = flops_totals(kept, cfg)
+    return pruned / max(len(kept), 1) / 1e9, (pruned / full if full else math.nan)

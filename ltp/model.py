@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .baselines import rank_mask
+from .checks import check_config_json, check_ltp_json
 from .pruning import PruneConfig, hard_mask, importance_score, init_thresholds, soft_mask
 
 
@@ -69,6 +70,7 @@ class Config:
     @classmethod
     def from_json(cls, path):
         d = read_json(path)
+        check_config_json(d, path)  # types and ranges of the keys we use (checks.py)
         known = {f.name for f in fields(cls)} - {"extra"}
         try:
             return cls(**{k: v for k, v in d.items() if k in known},
@@ -404,15 +406,9 @@ def load(path_or_id, num_labels=None, new_head_ok=False):
     model.load_state_dict(filled, strict=False)
     ltp_json = os.path.join(path, "ltp.json")
     if os.path.isfile(ltp_json):
-        d = read_json(ltp_json)
-        try:
-            theta = torch.tensor(d.pop("thresholds"), dtype=torch.float32)
-            model.prune = PruneConfig(**d)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{ltp_json}: not valid pruning settings ({type(e).__name__}: {e})") from None
-        if theta.shape != model.encoder.theta.shape:
-            raise ValueError(f"{ltp_json}: 'thresholds' has {theta.numel()} values, the model has {cfg.num_hidden_layers} layers")
-        model.encoder.theta.data.copy_(theta)
+        # every key known, typed, finite, one threshold per layer (checks.py): a NaN threshold would prune every token
+        model.prune, theta = check_ltp_json(read_json(ltp_json), ltp_json, cfg.num_hidden_layers)
+        model.encoder.theta.data.copy_(torch.tensor(theta, dtype=torch.float32))
     new = [k for k in own if k not in filled and k != "encoder.theta"]
     print(f"loaded {path}: {cfg.model_type}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
           f"{len(used)} tensors" + (f", new head ({num_labels} labels)" if new else "")

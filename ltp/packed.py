@@ -415,3 +415,16 @@ def forward_batches(pm, batches, n, progress=False):
         out = outs.new_zeros(n, outs.shape[1])
         out[order] = outs
     return out, kept, seconds
+
+
+def forward_windows(pm, windows, encode, batch_size, sort=True, device=None):
+    """
+    make_batches + forward_batches over a stream: for each window (first index, texts) of stream.windows, encode
+    it, batch it (length-sorted within the window) and run it; yields (first, texts, encoded, out, kept, seconds),
+    rows in input order. Only one window's texts, encodings and outputs are alive at a time, so memory does not
+    grow with the input. Example: 5 texts in windows of 2 -> three yields, first = 0, 2, 4.
+    """
+    for first, texts in windows:
+        encoded = encode(texts)
+        out, kept, seconds = forward_batches(pm, make_batches(encoded, batch_size, sort, device), len(texts))
+        yield first, texts, encoded, out, kept, seconds

@@ -6,12 +6,14 @@ BERT:    [CLS] A [SEP]         and  [CLS] A [SEP] B [SEP]      (token types 0 ..
 Too-long inputs are truncated to the model's maximum length the way `transformers` does it
 (the Rust "longest_first" strategy: the longer text loses tokens first), never rejected.
 """
-import json
 import os
 import shutil
 
 import torch
 from tokenizers import Tokenizer as HFTokenizer
+
+from .checks import check_tokenizer
+from .model import read_json
 
 
 # the files a model directory's tokenizer comes from (Tokenizer.from_dir reads tokenizer.json or vocab.json + merges.txt)
@@ -40,18 +42,25 @@ class Tokenizer:
         max_length = cfg.max_tokens
         tc = os.path.join(path, "tokenizer_config.json")
         if os.path.isfile(tc):
-            with open(tc) as f:
-                m = json.load(f).get("model_max_length")
+            d = read_json(tc)
+            if not isinstance(d, dict):
+                raise ValueError(f"{tc}: must be a JSON object, not {type(d).__name__}")
+            m = d.get("model_max_length")
             if isinstance(m, int) and 0 < m < max_length:
                 max_length = m
         tj = os.path.join(path, "tokenizer.json")
         vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
         if os.path.isfile(tj):
-            tok = HFTokenizer.from_file(tj)
+            src = tj
+            try:
+                tok = HFTokenizer.from_file(tj)
+            except Exception as e:  # the Rust library's own error type
+                raise ValueError(f"{tj}: not a tokenizer file the tokenizers library reads ({e})") from None
         elif os.path.isfile(vocab) and os.path.isfile(merges):
-            tok = roberta_bpe(vocab, merges)
+            src, tok = vocab, roberta_bpe(vocab, merges)
         else:
             raise FileNotFoundError(f"{path}: no tokenizer.json (nor vocab.json + merges.txt) found")
+        check_tokenizer(tok, cfg, src, path)  # ids below vocab_size, [CLS] / <s> added (checks.py)
         return cls(tok, max_length, cfg.type_vocab_size == 1)
 
     def encode(self, texts):
@@ -69,11 +78,15 @@ class Tokenizer:
 def roberta_bpe(vocab, merges):
     """RoBERTa's byte-level BPE from its original vocab.json + merges.txt files."""
     from tokenizers import decoders, models, pre_tokenizers, processors
-    tok = HFTokenizer(models.BPE.from_file(vocab, merges))
+    v = read_json(vocab)
+    if not isinstance(v, dict):
+        raise ValueError(f"{vocab}: must be a JSON object (token -> id), not {type(v).__name__}")
+    try:
+        tok = HFTokenizer(models.BPE.from_file(vocab, merges))
+    except Exception as e:  # the Rust library's own error type: a bad merges.txt line, ...
+        raise ValueError(f"{merges}: not BPE merges for {vocab} ({e})") from None
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    with open(vocab, encoding="utf-8") as f:
-        v = json.load(f)
     for name in ("<s>", "</s>", "<pad>"):
         if name not in v:
             raise KeyError(f"{vocab}: special token {name!r} missing")

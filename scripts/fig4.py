@@ -8,10 +8,10 @@ run's hard stage) and writes a Markdown table, plus a PNG when matplotlib is ins
       runs/sst2-manual-* runs/sst2-topk-* runs/sst2-fixed-*
 """
 import argparse
-import json
 import os
 import sys
 
+from files import read_jsonl, read_object
 from plotting import pyplot
 
 METRICS = ("accuracy", "f1", "pearson", "spearman", "mcc")
@@ -21,14 +21,14 @@ STYLE = {"learned": ("tab:red", "o"), "manual": ("tab:blue", "s"), "topk": ("tab
 
 def last_eval(run, stage):
     path = os.path.join(run, "metrics.jsonl")
-    rows = [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
+    rows = read_jsonl(path) if os.path.isfile(path) else []
     rows = [r for r in rows if r.get("stage") == stage and "event" not in r]
     return rows[-1] if rows else None
 
 
 def describe(run):
     """(method, setting label) of a run from its args.json."""
-    a = json.load(open(os.path.join(run, "args.json")))
+    a = read_object(os.path.join(run, "args.json"))
     method = a.get("method", "threshold")
     calibrated = a.get("target_given") and "soft" not in a["stages"]  # a baseline calibrated to --target-flops
     if method == "topk":
@@ -51,7 +51,7 @@ def throughput(run):
     path = os.path.join(run, "bench.json")
     if not os.path.isfile(path):
         return {}
-    rows = json.load(open(path))["rows"]
+    rows = read_object(path).get("rows", [])
     return {r["batch_size"]: (r["examples_per_s"], r["speedup_vs_packed"]) for r in rows if r["method"] == "ltp"}
 
 

@@ -23,6 +23,7 @@ import re
 import statistics
 import sys
 
+from files import read_jsonl
 from plotting import pyplot
 
 METRICS = ("accuracy", "f1", "pearson", "spearman", "mcc")
@@ -33,7 +34,7 @@ def last_row(run, stage):
     path = os.path.join(run, "metrics.jsonl")
     if not os.path.isfile(path):
         return None
-    rows = [json.loads(line) for line in open(path) if line.strip()]
+    rows = read_jsonl(path)
     rows = [r for r in rows if r.get("stage") == stage and "event" not in r]
     return rows[-1] if rows and os.path.isfile(os.path.join(run, stage, "DONE")) else None
 

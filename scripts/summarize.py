@@ -4,19 +4,19 @@ Summarize train.py runs into a Markdown table: the last evaluation of each stage
   python scripts/summarize.py runs/sst2-minilm runs/sst2-minilm-lam* > docs/sst2.md
   python scripts/summarize.py --steps runs/sst2-minilm-lam0.5-soft3    # every evaluation (--eval-every)
 """
-import json
 import os
 import sys
+
+from files import read_jsonl, read_object
 
 
 def rows(run):
     path = os.path.join(run, "metrics.jsonl")
     if not os.path.isfile(path):
         return []
-    args = json.load(open(os.path.join(run, "args.json"))) if os.path.isfile(os.path.join(run, "args.json")) else {}
+    args = read_object(os.path.join(run, "args.json")) if os.path.isfile(os.path.join(run, "args.json")) else {}
     evals, secs = {}, {}
-    for line in open(path):
-        r = json.loads(line)
+    for r in read_jsonl(path):
         if r.get("event") == "done":
             secs[r["stage"]] = secs.get(r["stage"], 0) + r["seconds"]
         elif "stage" in r:
@@ -41,8 +41,7 @@ def rows(run):
 def steps(run):
     """Every evaluation of a run, in order: accuracy / FLOPs as training goes (see train.py --eval-every)."""
     out = []
-    for line in open(os.path.join(run, "metrics.jsonl")):
-        r = json.loads(line)
+    for r in read_jsonl(os.path.join(run, "metrics.jsonl")):
         if "event" not in r and "stage" in r:
             metric = next(k for k in ("accuracy", "f1", "pearson", "mcc") if k in r)
             out.append(f"| {os.path.basename(run.rstrip('/'))} | {r['stage']} | {r['step']} | {r['epoch']:.2f} | "

@@ -70,8 +70,9 @@ def test_bench_writes_all_rows_and_keys(tmp_path):
     # the ltp rows really prune, and by exactly what infer.py's packed run of the same model keeps
     import infer
     from ltp.flops import flops_summary
-    rows = infer.main(infer.get_parser().parse_args(["--model", str(tmp_path / "m"), "--input", str(inp),
-                                                     "--final-threshold", "0.02", "--output", str(tmp_path / "p.jsonl")]))
+    infer.main(infer.get_parser().parse_args(["--model", str(tmp_path / "m"), "--input", str(inp),
+                                              "--final-threshold", "0.02", "--output", str(tmp_path / "p.jsonl")]))
+    rows = [json.loads(line) for line in open(tmp_path / "p.jsonl")]
     rel = flops_summary(torch.tensor([r["kept"] for r in rows]), ltp.load(str(tmp_path / "m")).cfg)[1]
     assert rel < 0.9
     assert all(r["relative_flops"] == pytest.approx(rel, abs=1e-9) for r in ltp_rows if r["precision"] == "fp32")

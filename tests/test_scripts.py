@@ -298,3 +298,22 @@ def test_device_check_prepares_a_carryable_copy_and_runs_every_step(tmp_path):
                                          "scripts/random_model.py", "bench.py"]
     log = (tmp_path / "out/log.txt").read_text()
     assert "=== infer-fp32 FAILED (exit 3)" in log and log.count("FAILED") == 1 and "all steps passed: no" in log
+
+
+def test_run_files_are_checked_and_a_torn_last_row_is_skipped(tmp_path, capsys):
+    """scripts/files.py: metrics.jsonl cut short by a kill loses its torn last row (with a note); a bad row
+    elsewhere, or an args.json that is not an object, ends in one line naming the file (and line)."""
+    from files import read_jsonl, read_object
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"stage": "soft", "step": 1}\n{"stage": "soft", "st')
+    assert read_jsonl(str(p)) == [{"stage": "soft", "step": 1}]
+    assert "metrics.jsonl: line 2 cut short (an interrupted write), skipped" in capsys.readouterr().err
+    p.write_text('{"stage": "soft"}\nnot json\n{"stage": "hard"}\n')
+    with pytest.raises(SystemExit, match=r"metrics.jsonl:2: not valid JSON"):
+        read_jsonl(str(p))
+    p.write_text('[1, 2]\n')
+    with pytest.raises(SystemExit, match=r"metrics.jsonl:1: must be a JSON object, not list"):
+        read_jsonl(str(p))
+    (tmp_path / "args.json").write_text("[]")
+    with pytest.raises(SystemExit, match=r"args.json: must be a JSON object, not list"):
+        read_object(str(tmp_path / "args.json"))

@@ -248,9 +248,10 @@ def test_binarize_row_equals_infer_on_the_soft_checkpoint(tmp_path):
     run(tmp_path, tmp_path / "out", "--stages", "finetune,soft", "--epochs", "2")
     row = [r for r in evals_of(tmp_path / "out") if r["stage"] == "binarize"][0]
     assert row["relative_flops"] < 1.0  # it prunes
-    rows = infer.main(infer.get_parser().parse_args(
+    infer.main(infer.get_parser().parse_args(
         ["--model", str(tmp_path / "out" / "soft"), "--task", "sst2", "--data-dir", str(tmp_path / "glue"),
          "--output", str(tmp_path / "preds.jsonl")]))
+    rows = [json.loads(line) for line in open(tmp_path / "preds.jsonl")]
     labels = [int(l.rsplit("\t", 1)[1]) for l in open(tmp_path / "glue" / "SST-2" / "dev.tsv").read().splitlines()[1:]]
     acc = sum(int(r["label"]) == y for r, y in zip(rows, labels)) / len(labels)
     assert row["accuracy"] == pytest.approx(acc, abs=1e-6)
