@@ -21,10 +21,9 @@ activations keep 7 bits there (q in [0, 127], "reduce_range", as PyTorch's x86 d
 with VNNI (AVX512-VNNI, AVX-VNNI, AMX) the sum is 32-bit and activations use all 8 bits.
 
 The kernel (fbgemm's, shipped in torch's x86 builds) is chosen in one place: prepack() and int8_linear().
-Measured, 2 threads, the 24 linears of MiniLM one after another, on a 2-core AMD EPYC Zen 3 (AVX2, no VNNI):
-at 1 / 25 / 800 rows, fbgemm dynamic int8 0.17 / 0.62 / 32 ms, oneDNN fp32 prepacked 0.32 / 1.33 / 51 ms;
-oneDNN's int8 linear (onednn::qlinear_pointwise) took 0.48 / 1.1 / 23 ms for the product alone but
-0.69 / 2.2 / 37 ms once the input is quantized by torch ops, and torch._int_mm is not vectorized on CPU.
+It quantizes its input inside the kernel; oneDNN's int8 product is faster alone but needs a uint8 input that
+eager torch ops make in several passes, and torch._int_mm is not vectorized on CPU (scripts/int8_kernels.py
+measures the four; docs/results.md has the figures).
 """
 import json
 import math
