@@ -15,6 +15,14 @@ from ltp.packed import PackedModel, calibrate, resolve_precision
 from test_packed import mask_forward, packed_forward, random_batch, set_pruning, tiny_model
 
 RR = quant.needs_reduce_range()  # 7-bit activations on this CPU (no VNNI) or 8-bit
+def pruned_batch(family, seed, size):
+    """A tiny 2-label model pruning by random thresholds, its random.Random, and a random batch of `size`."""
+    rng = random.Random(seed)
+    model = tiny_model(family, 2, seed=seed)
+    set_pruning(model, rng, "hard")
+    return model, rng, random_batch(rng, model.cfg, size)
+
+
 INT8 = pytest.mark.skipif(not quant.int8_available("cpu"), reason="no int8 kernels in this torch build")
 
 
@@ -180,10 +188,7 @@ def test_packed_int8_dynamic_equals_fake_quant_mask_forward():
 @torch.inference_mode()
 def test_int8_static_does_not_depend_on_the_batch():
     """With static scales a sequence's output is the same alone or in any batch (dynamic scales see the batch)."""
-    rng = random.Random(3)
-    model = tiny_model("bert", 2, seed=3)
-    set_pruning(model, rng, "hard")
-    encoded = random_batch(rng, model.cfg, 8)
+    model, rng, encoded = pruned_batch("bert", 3, 8)
     pm = PackedModel(model, precision="int8", calibration=calibrate(model, random_batch(rng, model.cfg, 40)), static=True)
     together, kept = packed_forward(pm, encoded)
     for i, e in enumerate(encoded):
@@ -194,10 +199,8 @@ def test_int8_static_does_not_depend_on_the_batch():
 @INT8
 @torch.inference_mode()
 def test_int8_recheck_runs_near_sequences_in_fp32():
-    rng = random.Random(5)
-    model = tiny_model("roberta", 2, seed=5)
-    set_pruning(model, rng, "hard")
-    encoded = [e for e in random_batch(rng, model.cfg, 13) if len(e[0]) > 1]
+    model, _, encoded = pruned_batch("roberta", 5, 13)
+    encoded = [e for e in encoded if len(e[0]) > 1]
     fp32, fp32_kept = packed_forward(PackedModel(model), encoded)
     pm = PackedModel(model, precision="int8", recheck=1e9)  # every sequence with a second token is near
     out, kept = packed_forward(pm, encoded)
