@@ -3,7 +3,7 @@ Benchmark: FLOPs, throughput, achieved GFLOP/s and memory of packed LTP inferenc
 against the same packed routine without pruning and against transformers on padded batches,
 plus the top-k vs threshold latency of appendix A.2.
 
-  python bench.py --model DIR --task sst2 --data-dir /work/shared/glue --final-threshold 0.01 --json runs/bench.json
+  python bench.py --model DIR --task sst2 --data-dir ../shared/glue --final-threshold 0.01 --json runs/bench.json
 
 Methods (one row per method, batch size and precision, --precision fp32,bf16):
   hf-dataset-order  transformers (AutoModel / ...ForSequenceClassification from DIR), padded batches in dataset order

@@ -91,7 +91,7 @@ def identity(input_path, model_dir, model_files, flags):
     """
     What OUT.partial's rows depend on, as a JSON-able dict: the input file (path, size, sha256), each model file
     (sha256; None = absent) and the flags that can change a row's bytes. Example:
-    {"input": {"path": "/d/in.txt", "size": 12, "sha256": "ab..."}, "model": {"config.json": "cd...", ...},
+    {"input": {"path": "<in.txt, made absolute>", "size": 12, "sha256": "ab..."}, "model": {"config.json": "cd...", ...},
      "flags": {"window": 4096, "batch_size": 32, ...}}.
     """
     src = {"path": "-"} if input_path == "-" else {  # stdin: written once, never resumed

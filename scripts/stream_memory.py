@@ -67,7 +67,7 @@ def main():
     p.add_argument("--modes", default="whole,stream", help="whole (--window 0) and/or stream, a comma list")
     p.add_argument("--window", type=int, default=4096, help="infer.py --window of the streamed runs")
     p.add_argument("--threads", type=int, default=1, help="torch and tokenizer threads")
-    p.add_argument("--source", default="/work/shared/glue/SST-2/train.tsv", help="TSV whose sentences are repeated")
+    p.add_argument("--source", default="../shared/glue/SST-2/train.tsv", help="TSV whose sentences are repeated")
     p.add_argument("--repeats", type=int, default=1, help="runs of each mode per size, alternating")
     p.add_argument("--workdir", default="runs/stream_memory", help="where the inputs are made (not committed)")
     args = p.parse_args()
