@@ -97,6 +97,43 @@ def check_config_json(d, path):
         raise ValueError(f"{path}: key 'pad_token_id' {d['pad_token_id']} is not below vocab_size {d['vocab_size']}")
 
 
+def check_quant_json(d, path, cfg=None):
+    """
+    quant.json (scripts/calibrate.py writes it: quant.Calibrator.result) as json.load read it: per layer, for each
+    linear's input (qkv, out, fc1, fc2), "range" [lo, hi] and "smooth" (null, or one positive factor per input
+    channel: hidden_size, intermediate_size for fc2); "alpha" null or in [0, 1]. Example: a layer whose fc1 range
+    is [1, NaN] -> ValueError "DIR/quant.json: layers[0].fc1.range must be [lo, hi], two finite numbers with lo <= hi".
+    """
+    layers = lambda v: None if isinstance(v, list) and v else "must be a non-empty list (one entry per layer)"  # noqa: E731
+    check_keys(d, path, {"alpha": lambda v: None if v is None else number(0, 1)(v), "layers": layers,
+                         "rows": lambda v: None if isinstance(v, list) else "must be a list", "examples": integer(0)},
+               required=("layers",))
+    if cfg is not None and len(d["layers"]) != cfg.num_hidden_layers:
+        raise ValueError(f"{path}: 'layers' has {len(d['layers'])} entries, the model has {cfg.num_hidden_layers} layers")
+
+    def span(r):
+        ok = isinstance(r, list) and len(r) == 2 and not any(map(number(), r)) and r[0] <= r[1]
+        return None if ok else "must be [lo, hi], two finite numbers with lo <= hi"
+
+    def factors(width):
+        def rule(v):
+            ok = v is None or isinstance(v, list) and (width is None or len(v) == width) and not any(
+                map(number(0, low_open=True), v))
+            return None if ok else f"must be null or {width or 'the input width'} positive numbers"
+        return rule
+    for l, layer in enumerate(d["layers"]):
+        if not isinstance(layer, dict) or set(layer) != {"qkv", "out", "fc1", "fc2"}:
+            raise ValueError(f"{path}: layers[{l}] must have the keys qkv, out, fc1, fc2")
+        for name, entry in layer.items():
+            if not isinstance(entry, dict) or set(entry) != {"range", "smooth"}:
+                raise ValueError(f"{path}: layers[{l}].{name} must have the keys range, smooth")
+            width = None if cfg is None else cfg.intermediate_size if name == "fc2" else cfg.hidden_size
+            for key, rule in (("range", span), ("smooth", factors(width))):
+                if (why := rule(entry[key])) is not None:
+                    raise ValueError(f"{path}: layers[{l}].{name}.{key} {why}")
+    return d
+
+
 def check_tokenizer(tok, cfg, tok_file, model_dir):
     """
     The tokenizer (a tokenizers.Tokenizer) against the model it feeds: every id it can produce is below the

@@ -36,11 +36,11 @@ from .baselines import rank_mask
 from .model import activation
 from .pruning import hard_mask, importance_score
 
-# One linear layer's weights as the packed routine holds them: W and b (fp32 or bf16; in int8 W is None and b holds
-# (static activation qparams or None, 1 / smoothing factors or None)), packed = the kernel's own layout (oneDNN
-# prepacked, fbgemm int8, or None for F.linear), key = (layer, its input's name), the name under which its input is
-# observed (calibration) and its int8 parameters are looked up
-Linear = namedtuple("Linear", "w b packed key")
+# One linear layer's weights as the packed routine holds them: W and b (fp32 or bf16; None in int8), packed = the
+# kernel's own layout (oneDNN prepacked, fbgemm int8, or None for F.linear), key = (layer, its input's name), the
+# name under which its input is observed (calibration) and its int8 parameters are looked up, int8 = (static input
+# (scale, zero point) or None, 1 / smoothing factors or None) in int8, else None
+Linear = namedtuple("Linear", "w b packed key int8")
 
 
 def pack(encoded, device=None):
@@ -170,12 +170,13 @@ class PackedModel:
         A Linear: in fp32 / bf16 (W, b) in self.dtype, packed W reordered once into oneDNN's blocked layout (or None);
         in int8 W quantized once and packed for the int8 kernel. No cast, reorder or quantization per call.
         """
-        if self.precision == "int8":  # w: W s (smoothed), b: (static (scale, zero point) or None, 1 / s or None)
+        if self.precision == "int8":  # W s (smoothed) quantized
             qp, smooth = quant.layer_params(self.calibration, *key, self.reduce_range, self.static)
             w = w.detach().float() if smooth is None else w.detach().float() * smooth
-            return Linear(None, (qp, None if smooth is None else 1 / smooth), quant.prepack(*quant.quantize_weight(w), b), key)
+            return Linear(None, None, quant.prepack(*quant.quantize_weight(w), b), key,
+                          (qp, None if smooth is None else 1 / smooth))
         w, b = w.detach().to(self.dtype), b.detach().to(self.dtype)
-        return Linear(w, b, torch.ops.mkldnn._reorder_linear_weight(w, None) if self.onednn else None, key)
+        return Linear(w, b, torch.ops.mkldnn._reorder_linear_weight(w, None) if self.onednn else None, key, None)
 
     # oneDNN compiles a kernel per input shape and keeps the last 1,024 (ONEDNN_PRIMITIVE_CACHE_CAPACITY). With
     # pruning, every layer of every batch has a row count of its own: more shapes than that, and each call
@@ -192,11 +193,11 @@ class PackedModel:
         x W^T + b on rows x (M, K), then the activation `act` (a model.activation name) when given.
         trim=False returns the bucket-padded rows as they are (rows past M are junk), for a next linear to take whole.
         """
-        w, b, packed, key = wb
+        w, b, packed, key, int8 = wb
         if self.observer is not None:
             self.observer(key, x)
         if self.precision == "int8":  # fbgemm: no per-shape kernels, no bucket padding; GELU as its own op
-            qp, inv_smooth = b
+            qp, inv_smooth = int8
             y = quant.int8_linear(x if inv_smooth is None else x * inv_smooth, packed, self.reduce_range, qp)
             return y if act is None else activation(act, y)
         if packed is not None:

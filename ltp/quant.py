@@ -26,13 +26,14 @@ eager torch ops make in several passes, and torch._int_mm is not vectorized on C
 measures the four; docs/results.md has the figures).
 """
 import json
-import math
 import os
 import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .checks import check_quant_json
 
 WEIGHT_QMAX = 127  # symmetric int8 weights: -127..127 (-128 unused, so that -q is always representable)
 
@@ -280,35 +281,6 @@ class Calibrator:
 QUANT_JSON = "quant.json"
 
 
-def _finite(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def check_calibration(d, where, cfg=None):
-    """Refuse, in one line naming the file and the key, a calibration that is not what Calibrator.result() writes."""
-    if not isinstance(d, dict) or not isinstance(d.get("layers"), list) or not d["layers"]:
-        raise ValueError(f"{where}: 'layers' must be a non-empty list (one entry per layer)")
-    if not (d.get("alpha") is None or _finite(d["alpha"]) and 0 <= d["alpha"] <= 1):
-        raise ValueError(f"{where}: 'alpha' must be null or a number in [0, 1]")
-    if cfg is not None and len(d["layers"]) != cfg.num_hidden_layers:
-        raise ValueError(f"{where}: 'layers' has {len(d['layers'])} entries, the model has {cfg.num_hidden_layers} layers")
-    for l, layer in enumerate(d["layers"]):
-        if not isinstance(layer, dict) or set(layer) != set(INPUTS):
-            raise ValueError(f"{where}: layers[{l}] must have the keys {', '.join(INPUTS)}")
-        for name, c in layer.items():
-            key = f"layers[{l}].{name}"
-            if not isinstance(c, dict) or set(c) != {"range", "smooth"}:
-                raise ValueError(f"{where}: {key} must have the keys range, smooth")
-            r, sm = c["range"], c["smooth"]
-            if not (isinstance(r, list) and len(r) == 2 and all(map(_finite, r)) and r[0] <= r[1]):
-                raise ValueError(f"{where}: {key}.range must be [lo, hi], two finite numbers with lo <= hi")
-            width = None if cfg is None else cfg.intermediate_size if name == "fc2" else cfg.hidden_size
-            if sm is not None and not (isinstance(sm, list) and (width is None or len(sm) == width)
-                                       and all(_finite(v) and v > 0 for v in sm)):
-                raise ValueError(f"{where}: {key}.smooth must be null or {width or 'the input width'} positive numbers")
-    return d
-
-
 def load_calibration(model_dir, cfg=None):
     """The checkpoint's calibration (model_dir/quant.json), checked, or None when it has none."""
     path = os.path.join(model_dir, QUANT_JSON)
@@ -319,7 +291,7 @@ def load_calibration(model_dir, cfg=None):
             d = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    return check_calibration(d, path, cfg)
+    return check_quant_json(d, path, cfg)
 
 
 def describe(calibration, static=False):

@@ -25,7 +25,7 @@ import ltp  # noqa: E402
 from ltp import glue  # noqa: E402
 from ltp.cli import load_model  # noqa: E402
 from ltp.model import activation  # noqa: E402
-from ltp.packed import PackedModel, forward_batches, make_batches  # noqa: E402
+from ltp.packed import Linear, PackedModel, forward_batches, make_batches  # noqa: E402
 
 
 def bf16(t):
@@ -44,11 +44,11 @@ class Emulated(PackedModel):
         self.rounds = rounds
         super().__init__(model, onednn=False, precision="fp32")
 
-    def weight(self, w, b):
-        return w.detach().float(), b.detach().float(), None
+    def weight(self, w, b, key):
+        return Linear(w.detach().float(), b.detach().float(), None, key, None)
 
     def linear(self, x, wb, act=None, trim=True):
-        w, b, _ = wb
+        w, b = wb.w, wb.b
         r = self.rounds
         if r == "x3":
             xh, wh = bf16(x), bf16(w)

@@ -17,7 +17,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import ltp  # noqa: E402
-from ltp import glue, quant  # noqa: E402
+from ltp import checks, glue, quant  # noqa: E402
 from ltp.cli import load_model, positive_int  # noqa: E402
 from ltp.packed import calibrate  # noqa: E402
 
@@ -38,7 +38,7 @@ def main():
     encoded, _ = glue.encode_split(tok, glue.read_split(args.task, args.data_dir, args.split))
     sample = random.Random(args.seed).sample(encoded, min(args.examples, len(encoded)))
     alpha = None if args.alpha == "none" else float(args.alpha)
-    ranges = quant.check_calibration(calibrate(model, sample, alpha=alpha), "calibration", model.cfg)
+    ranges = checks.check_quant_json(calibrate(model, sample, alpha=alpha), "calibration", model.cfg)
     out = os.path.join(args.model, quant.QUANT_JSON)
     ltp.model.atomic_write(out, lambda f: open(f, "w").write(json.dumps(ranges, indent=1) + "\n"))
     print(f"wrote {out}: the linears' inputs over {len(sample)} {args.task} {args.split} examples, smoothing alpha {alpha}")

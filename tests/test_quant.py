@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ltp import quant
+from ltp.checks import check_quant_json
 from ltp.packed import PackedModel, calibrate, resolve_precision
 
 from test_packed import mask_forward, packed_forward, random_batch, set_pruning, tiny_model
@@ -74,7 +75,7 @@ def test_calibration_is_checked(tmp_path):
     good = {"alpha": 0.8, "examples": 8, "layers": [{"qkv": entry(32), "out": entry(32), "fc1": entry(32),
                                                      "fc2": {"range": [-0.2, 4], "smooth": None}}]}
     cfg = tiny_cfg()
-    assert quant.check_calibration(good, "x", cfg) is good
+    assert check_quant_json(good, "x", cfg) is good
     (tmp_path / "quant.json").write_text(json.dumps(good))
     assert quant.load_calibration(str(tmp_path), cfg)["examples"] == 8
     assert quant.load_calibration(str(tmp_path / "nowhere")) is None
@@ -90,7 +91,7 @@ def test_calibration_is_checked(tmp_path):
         with pytest.raises(ValueError, match=key):
             quant.load_calibration(str(tmp_path), cfg)
     with pytest.raises(ValueError, match="2 layers"):
-        quant.check_calibration(good, "x", tiny_cfg(layers=2))
+        check_quant_json(good, "x", tiny_cfg(layers=2))
     (tmp_path / "quant.json").write_text("{not json")
     with pytest.raises(ValueError, match="quant.json: not valid JSON"):
         quant.load_calibration(str(tmp_path))
