@@ -211,12 +211,17 @@ def predict(model, encoded, batch_size=32):
     return logits, kept
 
 
-def score(task_name, logits, kept, labels, cfg):
-    """The task's metrics, relative FLOPs, GFLOPs per example and mean tokens kept per layer, as one dict."""
-    from .flops import flops_summary
+def score(task_name, logits, kept, labels, cfg, linear_bits=16):
+    """
+    The task's metrics, relative FLOPs, relative BOPs, GFLOPs per example and mean tokens kept per layer, as one
+    dict. relative_bops (flops.relative_bops): against the unpruned FP16 model; linear_bits the bits of the four
+    linears (8 for int8 linears, 16 for a float model, where it equals relative_flops).
+    """
+    from .flops import flops_summary, relative_bops
     row = {k: round(v, 6) for k, v in compute_metrics(task_name, predictions(logits), labels).items()}
     gflops, rel = flops_summary(kept, cfg)
-    row.update(relative_flops=round(rel, 6), gflops=round(gflops, 6),
+    row.update(relative_flops=round(rel, 6), relative_bops=round(relative_bops(kept, cfg, linear_bits), 6),
+               gflops=round(gflops, 6),
                kept_per_layer=[round(v, 2) for v in kept.double().mean(0).tolist()])
     return row
 
@@ -226,7 +231,7 @@ def evaluate(model, task_name, encoded, labels, batch_size=32):
     Metrics and FLOPs of `model` on encoded examples (predict, then score): a row equals what
     `infer.py --task` reports for the same checkpoint. Returns (row, kept (n, L+1)).
     Example: glue.evaluate(ltp.load(DIR), "sst2", *glue.encode_split(tok, glue.read_split("sst2", D, "dev")))
-    -> ({"accuracy": 0.89, "relative_flops": 0.6, "gflops": 0.32, "kept_per_layer": [...]}, kept)
+    -> ({"accuracy": 0.89, "relative_flops": 0.6, "relative_bops": 0.6, "gflops": 0.32, "kept_per_layer": [...]}, kept)
     """
     logits, kept = predict(model, encoded, batch_size)
     return score(task_name, logits, kept, labels, model.cfg), kept

@@ -17,7 +17,7 @@ sys.path.insert(0, ROOT)
 import bench  # noqa: E402
 
 KEYS = {"method", "precision", "batch_size", "examples_per_s", "tokens_per_s", "gflops_per_s", "relative_flops", "peak_memory_mb",
-        "speedup_vs_ort"}
+        "speedup_vs_ort", "relative_bops"}
 
 
 def make_checkpoint(path, num_labels):
@@ -38,6 +38,21 @@ def make_checkpoint(path, num_labels):
 
 def run(args):
     return bench.main(bench.get_parser().parse_args([str(a) for a in args]))
+
+
+def unpruned_int8_bops(model_dir, args):
+    """
+    relative_bops of an int8 row that does not prune, by hand from the input's token counts n (every layer):
+    linears 2n.C.3C + 2n.C.C + 4n.C.I at 8 x 8 bits, attention 2n.n.C + 2n.n.C at 16 x 16, over all of it at 16 x 16.
+    """
+    from ltp.cli import read_inputs
+    cfg = ltp.load(str(model_dir)).cfg
+    texts, _ = read_inputs(bench.get_parser().parse_args([str(a) for a in args]))
+    lengths = [len(i) for i, _ in ltp.Tokenizer.from_dir(str(model_dir), cfg).encode(texts)]
+    L, C, I = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
+    lin = sum(L * (6 * n * C * C + 2 * n * C * C + 4 * n * C * I) for n in lengths)
+    att = sum(L * 4 * n * n * C for n in lengths)
+    return (lin * 8 * 8 + att * 16 * 16) / ((lin + att) * 16 * 16)
 
 
 def test_bench_writes_all_rows_and_keys(tmp_path):
@@ -77,12 +92,13 @@ def test_bench_writes_all_rows_and_keys(tmp_path):
     assert rel < 0.9
     assert all(r["relative_flops"] == pytest.approx(rel, abs=1e-9) for r in ltp_rows if r["precision"] == "fp32")
     assert all(r["relative_flops"] == 1.0 for r in result["rows"] if r["method"] != "ltp")
+    assert all(r["relative_bops"] == r["relative_flops"] for r in result["rows"])  # float rows: 16 x 16 bits throughout
     if "hf-sorted" in methods:  # transformers and the packed routine compute the same model
         assert result["setup"]["hf_max_abs_diff"]["fp32"] < 1e-4
         assert result["setup"]["hf_max_abs_diff"]["bf16"] < 0.1  # both in bf16: rounding, not another model
     assert len(result["topk"]) == 4 * 5
     md = (tmp_path / "bench.md").read_text()
-    assert "| ltp | fp32 | 4 |" in md and "| ltp | bf16 | 4 |" in md
+    assert "| ltp | fp32 | 4 |" in md and "| ltp | bf16 | 4 |" in md and "| rel. BOPs |" in md
 
 
 def test_bench_recheck_rows(tmp_path):
@@ -101,6 +117,7 @@ def test_bench_recheck_rows(tmp_path):
     r = rows["ltp-recheck", "bf16"]
     assert KEYS <= set(r) and r["recheck_margin"] == 1e6 and r["rechecked"] == 1.0  # every input has 2+ tokens
     assert r["relative_flops"] == pytest.approx(rows["ltp", "fp32"]["relative_flops"], abs=1e-12)
+    assert r["relative_bops"] == r["relative_flops"]  # bf16 counts as FP16
     rc = result["setup"]["bf16_vs_fp32"]["recheck"]
     assert rc["kept_all_layers"] == 1.0 and rc["labels"] == 1.0 and rc["rechecked"] == 1.0
 
@@ -140,8 +157,12 @@ def test_bench_ort_rows(tmp_path):
         (m, p, b) for m, p in (("ort", "fp32"), ("ort-int8", "int8")) for b in (1, 4)}
     assert s["ort_max_abs_diff"]["ort"] < 1e-4 and s["ort_max_abs_diff"]["ort-int8"] < 2.0  # int8: reported, loose
     assert s["ort_fused_ops"]["Attention"] == 2 and s["onnxruntime"]
+    int8_bops = unpruned_int8_bops(tmp_path / "m", ["--model", tmp_path / "m", "--input", inp])
+    assert 0.25 < int8_bops < 1
     for r in rows:
         assert KEYS <= set(r)
+        assert r["relative_bops"] == (pytest.approx(int8_bops, rel=1e-12) if r["method"] == "ort-int8"
+                                      else r["relative_flops"]), r
         ort = {x["method"]: x["examples_per_s"] for x in rows if x["batch_size"] == r["batch_size"]
                and x["method"] in ("ort", "ort-int8")}
         if r["method"] == "ort-int8":  # nothing below int8
@@ -187,6 +208,14 @@ def test_bench_int8_rows(tmp_path):
     pairs = {(r["method"], r["precision"]) for r in result["rows"]}
     assert {("packed", "int8"), ("ltp", "int8"), ("packed", "fp32"), ("ltp", "fp32")} <= pairs
     assert not any(m.startswith("hf") and p == "int8" for m, p in pairs)
+    # relative BOPs: float rows are their relative FLOPs; packed int8 (no pruning) by hand from the token counts;
+    # ltp int8 between a quarter of its relative FLOPs (linears only) and all of them (attention only)
+    rows = {(r["method"], r["precision"]): r for r in result["rows"]}
+    assert all(r["relative_bops"] == r["relative_flops"] for r in result["rows"] if r["precision"] != "int8")
+    assert rows["packed", "int8"]["relative_flops"] == 1.0
+    assert rows["packed", "int8"]["relative_bops"] == pytest.approx(unpruned_int8_bops(tmp_path / "m", args), rel=1e-12)
+    r = rows["ltp", "int8"]
+    assert r["relative_flops"] < 1 and r["relative_flops"] / 4 < r["relative_bops"] < r["relative_flops"]
     ag = result["setup"]["int8_vs_fp32"]
     assert 0 <= ag["kept_all_layers"] <= 1 and ag["labels"] >= 0.5 and result["setup"]["bf16_vs_fp32"] is None
     assert "dynamic per call, no smoothing" in result["setup"]["int8_activations"]

@@ -91,3 +91,16 @@ def test_a_failed_download_leaves_no_folders(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="could not download GLUE sst2 .*no network"):
         glue.download("sst2", str(tmp_path / "kept" / "typo" / "glue"))
     assert os.listdir(tmp_path / "kept") == []  # typo/glue/SST-2 created for the download, removed again
+
+
+def test_score_reports_relative_bops():
+    """score's relative_bops: relative FLOPs for a float model (the default), the int8 count with linear_bits=8."""
+    from types import SimpleNamespace
+    import torch
+    cfg = SimpleNamespace(num_hidden_layers=1, hidden_size=1, intermediate_size=4)
+    logits, labels = torch.tensor([[0.0, 1.0], [1.0, 0.0]]), [1, 1]
+    kept = torch.tensor([[1, 1], [2, 1]])  # FLOPs (linear, attention): (24, 4) and (30, 12); unpruned 28 and 64
+    row = glue.score("sst2", logits, kept, labels, cfg)
+    assert row["accuracy"] == 0.5 and row["relative_flops"] == round(70 / 92, 6) == row["relative_bops"]
+    row8 = glue.score("sst2", logits, kept, labels, cfg, linear_bits=8)
+    assert row8["relative_bops"] == round((54 / 4 + 16) / 92, 6) and row8["relative_flops"] == row["relative_flops"]

@@ -15,7 +15,8 @@ import torch
 import ltp
 import ltp.model
 from ltp import pruning
-from ltp.flops import layer_flops, relative_flops, sequence_flops, unpruned_flops
+from ltp.flops import (bops_totals, layer_flops, layer_flops_split, relative_bops, relative_flops, sequence_bops,
+                       sequence_flops, unpruned_flops)
 from ltp.pruning import (calibrate_scale, dual_ascent, hard_mask, importance_score, init_thresholds, mask_regularizer,
                          ramped_target, soft_mask)
 
@@ -226,8 +227,8 @@ def test_regularizer_gradient_through_the_model_last_layer():
 
 
 def test_eq13_holds_for_every_layer_of_the_paper_mask_not_the_cumulative_one():
-    # The same scores and thresholds through both soft masks. Paper (eqs. 9-12 as printed): layer l's mask is
-    # sigmoid((s_l - theta_l) / T) alone, so d L_reg / d theta_l is eq. 13 for every l. Cumulative
+    # The same scores and thresholds through both soft masks. Paper (one sigmoid per layer, as eq. 9 prints
+    # it): layer l's mask is sigmoid((s_l - theta_l) / T) alone, so d L_reg / d theta_l is eq. 13 for every l. Cumulative
     # (M_l = sigmoid_l * M_{l-1}): theta_1 also moves M_2 .. M_L, so only the last layer is eq. 13.
     torch.manual_seed(1)
     B, N, L, T = 2, 6, 3, 1e-3
@@ -445,6 +446,54 @@ def test_sequence_and_relative_flops_hand_count():
     # unpruned sequences: exactly 1
     assert relative_flops([[5, 5, 5, 5], [2, 2, 2, 2]], 3, 32, 37) == 1.0
     assert math.isnan(relative_flops([], 2, 2, 3))
+
+
+def test_relative_bops_hand_count():
+    """BOPs = FLOPs x bits x bits; relative to the unpruned model in FP16. int8: the linears at 8 x 8, attention 16 x 16."""
+    from types import SimpleNamespace
+    # layer_flops_split: C = 2, I = 3 (the counts of test_layer_flops_hand_count)
+    #   3 -> 2: linear QKV 72 + W_o 16 + FFN 48 = 136, attention Q K^T 36 + A V 24 = 60   (196)
+    #   2 -> 1: linear 48 + 8 + 24 = 80,                attention 16 + 8 = 24            (104)
+    #   3 -> 3: linear 72 + 24 + 72 = 168,              attention 36 + 36 = 72           (240)
+    assert layer_flops_split(3, 2, 2, 3) == (136, 60)
+    assert layer_flops_split(2, 1, 2, 3) == (80, 24)
+    assert layer_flops_split(3, 3, 2, 3) == (168, 72)
+    assert layer_flops_split(1, 1, 1, 4) == (24, 4)  # the docstring's example
+    # kept [3, 2, 1], L = 2: linear 136 + 80 = 216, attention 60 + 24 = 84; unpruned 2 * 240 = 480 FLOPs
+    cfg = SimpleNamespace(num_hidden_layers=2, hidden_size=2, intermediate_size=3)
+    assert sequence_bops([3, 2, 1], 2, 3) == 300 * 256  # 16 bits: FLOPs x 256
+    assert sequence_bops([3, 2, 1], 2, 3, 8) == 216 * 64 + 84 * 256 == 35328
+    assert bops_totals([[3, 2, 1]], cfg, 8) == (35328, 480 * 256) == (35328, 122880)
+    assert relative_bops([[3, 2, 1]], cfg) == pytest.approx(300 / 480)  # 0.625: relative FLOPs
+    assert relative_bops([[3, 2, 1]], cfg, 8) == pytest.approx(0.2875)  # (216 / 4 + 84) / 480 = 138 / 480
+    # the unpruned int8 model: linear 2 * 168 = 336, attention 2 * 72 = 144 -> (84 + 144) / 480 = 0.475
+    assert relative_bops([[3, 3, 3]], cfg, 8) == pytest.approx(0.475)
+    assert relative_bops([[3, 3, 3]], cfg) == 1.0
+    # C = 1, I = 4, L = 1: kept [1, 1] is (24, 4) of 28; kept [2, 1] is (QKV 12 + W_o 2 + FFN 16, 8 + 4) = (30, 12)
+    # of 42, unpruned [2, 2] 64
+    cfg = SimpleNamespace(num_hidden_layers=1, hidden_size=1, intermediate_size=4)
+    assert relative_bops([[1, 1]], cfg, 8) == pytest.approx(5 / 14)  # (24 / 4 + 4) / 28 = 10 / 28
+    assert relative_bops([[2, 1]], cfg, 8) == pytest.approx(0.3046875)  # (30 / 4 + 12) / 64 = 19.5 / 64
+    assert bops_totals([[1, 1], [2, 1]], cfg, 8) == (7552, 23552)  # ((24 + 30) * 64 + (4 + 12) * 256, 92 * 256)
+    assert bops_totals(torch.tensor([[1, 1], [2, 1]]), cfg, 16) == ((28 + 42) * 256, (28 + 64) * 256)
+    assert math.isnan(relative_bops([], cfg, 8))
+
+
+def test_relative_bops_at_16_bits_is_relative_flops():
+    from types import SimpleNamespace
+    g = torch.Generator().manual_seed(0)
+    for L, C, I in ((1, 1, 4), (2, 2, 3), (4, 32, 37), (12, 768, 3072)):
+        cfg = SimpleNamespace(num_hidden_layers=L, hidden_size=C, intermediate_size=I)
+        kept = []
+        for _ in range(5):  # random non-increasing kept counts, n_0 in 1..64
+            k = [int(torch.randint(1, 65, (1,), generator=g))]
+            for _ in range(L):
+                k.append(int(torch.randint(1, k[-1] + 1, (1,), generator=g)))
+            kept.append(k)
+        assert relative_bops(kept, cfg, 16) == relative_flops(kept, L, C, I)
+        assert relative_bops(kept, cfg) == relative_flops(kept, L, C, I)
+        assert relative_flops(kept, L, C, I) / 4 < relative_bops(kept, cfg, 8) < relative_flops(kept, L, C, I)
+        assert all(sum(layer_flops_split(a, b, C, I)) == layer_flops(a, b, C, I) for k in kept for a, b in zip(k, k[1:]))
 
 
 def test_relative_flops_from_model_kept_counts():
