@@ -22,6 +22,9 @@ Throughput is the median of --repeats full passes after a warm-up (the passes go
 change of the machine's load hits all alike), model time only (inputs tokenized, padded or packed beforehand).
 Useful GFLOP/s counts real tokens only (pruning.sequence_flops). speedup_vs_ort: against the best ORT row of the
 same batch size in the same or a lower precision (int8 < bf16 < fp32; the ort row against ort-int8).
+relative_bops (fig. 7's measure, flops.relative_bops): bit operations against the unpruned model in FP16 on the same
+lengths; int8 rows (packed, ltp, ort-int8: int8 linears, float attention products) count their linears at 8 x 8
+bits, every float precision at 16 x 16 (fp32 as FP16, like fig. 7's baselines), so float rows equal relative_flops.
 """
 import argparse
 import contextlib
@@ -49,6 +52,7 @@ from ltp.text import collate
 METHODS = ("hf-dataset-order", "hf-sorted", "packed", "ltp")
 ORT_METHODS = {"ort": "fp32", "ort-int8": "int8"}  # ONNX Runtime rows and their fixed precisions
 RANK = {"int8": 0, "bf16": 1, "fp32": 2}  # lower precision first: speedup_vs_ort compares with ORT rows at or below
+LINEAR_BITS = {"int8": 8}  # bits of the four linears per precision for relative_bops; any other precision: 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,15 +335,16 @@ def markdown(result):
                          f"examples ran again in fp32; kept counts equal in every layer on {rc['kept_all_layers']:.1%}"
                          + (f", labels on {rc['labels']:.2%}" if "labels" in rc else "") + ".")
     lines += ["",
-              "| method | precision | batch | examples/s | tokens/s | useful GFLOP/s | % of peak | rel. FLOPs | vs packed | "
-              "vs hf-sorted | vs hf fp32 | vs ort | peak MB |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| method | precision | batch | examples/s | tokens/s | useful GFLOP/s | % of peak | rel. FLOPs | rel. BOPs | "
+              "vs packed | vs hf-sorted | vs hf fp32 | vs ort | peak MB |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         f = lambda v, fmt: "" if v is None else format(v, fmt)  # noqa: E731
         ref = pk.get("bf16", pk["best"]) if r["precision"] == "bf16" else pk["best"]
         lines.append(f"| {r['method']} | {r['precision']} | {r['batch_size']} | {r['examples_per_s']:.1f} | "
                      f"{r['tokens_per_s']:.0f} | {r['gflops_per_s']:.1f} | {100 * r['gflops_per_s'] / ref:.0f}% | "
-                     f"{r['relative_flops']:.3f} | {f(r['speedup_vs_packed'], '.2f')} | {f(r['speedup_vs_hf_sorted'], '.2f')} | "
+                     f"{r['relative_flops']:.3f} | {f(r.get('relative_bops'), '.3f')} | {f(r['speedup_vs_packed'], '.2f')} | "
+                     f"{f(r['speedup_vs_hf_sorted'], '.2f')} | "
                      f"{f(r.get('speedup_vs_hf_sorted_fp32'), '.2f')} | {f(r.get('speedup_vs_ort'), '.2f')} | "
                      f"{r['peak_memory_mb']:.0f} |")
     if result.get("topk"):
@@ -402,11 +407,14 @@ def main(args):
     lengths = [len(i) for i, _ in encoded]
     L, C, I = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
     prune = model.prune
+    if args.precision is None:  # the checkpoint's own: int8 for a quantization-aware one (on x86 CPUs), else fp32
+        args.precision = ["int8" if model.quant is not None and quant.int8_available(dev) else "fp32"]
     precisions = list(dict.fromkeys(resolve_precision(p, dev) for p in args.precision))  # auto resolved, no repeats
     onednn = {"auto": None, "on": True, "off": False}[args.onednn]
     calibration = quant.load_calibration(path, cfg) if "int8" in precisions else None  # quant.json, if calibrated
     pms = {p: PackedModel(model, onednn=onednn, precision=p, calibration=calibration if p == "int8" else None,
-                          static=p == "int8" and args.int8_scales == "static") for p in precisions}
+                          static=None if args.int8_scales is None else p == "int8" and args.int8_scales == "static")
+           for p in precisions}
     if "int8" in precisions:
         print(f"int8: {quant.describe(calibration, pms['int8'].static)}", file=sys.stderr)
     recheck = (PackedModel(model, onednn=onednn, precision="bf16", recheck=args.recheck)
@@ -434,6 +442,7 @@ def main(args):
         model.prune = prune
 
     unpruned_flops = sum(fl.unpruned_flops(n, L, C, I) for n in lengths)
+    unpruned_kept = [[n] * (L + 1) for n in lengths]  # the kept counts of the rows that do not prune
     no_prune = ltp.PruneConfig(mode="off")
 
     def runner(method, bs, precision):
@@ -472,16 +481,19 @@ def main(args):
                 mem[mp] = max(mem[mp], pmem.mb)
         for m, p in methods:
             sec = statistics.median(times[m, p])
-            flops = unpruned_flops
+            flops, row_kept = unpruned_flops, unpruned_kept
             if m.startswith("ltp"):
                 done = recheck.rechecked if m == "ltp-recheck" else 0
                 out, kept, _ = runs[m, p]()
                 ltp_out.setdefault(p if m == "ltp" else m, (out, kept))
-                flops = sum(fl.sequence_flops(k, C, I) for k in kept.tolist())
+                row_kept = kept.tolist()
+                flops = sum(fl.sequence_flops(k, C, I) for k in row_kept)
             row = {"method": m, "precision": p, "batch_size": bs, "examples_per_s": len(encoded) / sec,
                    "tokens_per_s": sum(lengths) / sec, "gflops_per_s": flops / sec / 1e9,
-                   "relative_flops": flops / unpruned_flops, "peak_memory_mb": mem[m, p],
-                   "seconds": times[m, p], "speedup_vs_packed": None, "speedup_vs_hf_sorted": None}
+                   "relative_flops": flops / unpruned_flops,
+                   "relative_bops": fl.relative_bops(row_kept, cfg, LINEAR_BITS.get(p, 16)),
+                   "peak_memory_mb": mem[m, p], "seconds": times[m, p],
+                   "speedup_vs_packed": None, "speedup_vs_hf_sorted": None}
             if m == "ltp-recheck":  # the share of the examples run again in fp32 (one pass)
                 row |= {"recheck_margin": args.recheck, "rechecked": (recheck.rechecked - done) / len(encoded)}
             rows.append(row)
@@ -575,11 +587,13 @@ def get_parser():
                    help="comma-separated batch sizes")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed passes over the data per method and batch size (median)")
     p.add_argument("--peak-repeats", type=positive_int, default=10, help="timed runs of each peak GEMM measurement (median)")
-    p.add_argument("--precision", type=precision_list, default=["fp32"],
+    p.add_argument("--precision", type=precision_list, default=None,
                    help="comma list of fp32, bf16, int8 (the four linears on int8 kernels, x86 CPUs; no hf rows), auto "
-                        "(bf16 where the hardware multiplies bf16 natively, else fp32): every method runs in each")
-    p.add_argument("--int8-scales", default="dynamic", choices=["dynamic", "static"],
-                   help="int8 activation scales: per batch, or the model's calibrated quant.json ranges")
+                        "(bf16 where the hardware multiplies bf16 natively, else fp32): every method runs in each "
+                        "(default: the checkpoint's own, int8 for one trained with train.py --quantize int8, else fp32)")
+    p.add_argument("--int8-scales", default=None, choices=["dynamic", "static"],
+                   help="int8 activation scales: per batch, or the model's calibrated quant.json ranges (default: static "
+                        "for a quantization-aware checkpoint, the scales it was trained with, else dynamic)")
     p.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="transformers attention implementation")
     p.add_argument("--skip-hf", action="store_true", help="no transformers rows")
     p.add_argument("--skip-ort", action="store_true", help="no ONNX Runtime rows (ort, ort-int8)")

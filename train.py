@@ -3,8 +3,14 @@ Learned Token Pruning on GLUE: Algorithm 1 of Kim et al. (KDD 2022), plus the fi
 
   finetune  fine-tune the pretrained encoder on the task (no pruning)          -> OUTPUT/finetune/
   soft      step 1: soft masks (eq. 9-11) + regulariser (eq. 12), learn theta -> OUTPUT/soft/
-            step 2: binarize the mask (eq. 8) and freeze theta (the saved checkpoint prunes hard)
-  hard      step 3: fine-tune the weights with the hard mask, theta fixed     -> OUTPUT/hard/
+            step 2: binarize the mask (eq. 8); theta gets no more gradients (the saved checkpoint prunes hard)
+  hard      step 3: fine-tune the weights with the hard mask                  -> OUTPUT/hard/
+            theta is fixed in steps 2-3 only with --lam, as in the paper; under --target-flops (the default)
+            eq. 15 scales it by one factor for every layer to the FLOPs budget on training data at step 2 and
+            again after every hard epoch, since the weights it prunes with move
+            (--quantize int8: quantization-aware, the four linears of every layer fake-quantized with static
+            scales calibrated before the stage; --distill: knowledge distillation from the unpruned fine-tuned
+            model, eq. 16; both section 4.6)
 
 Each stage directory is an HF-layout checkpoint (+ ltp.json with the thresholds) that infer.py reads;
 OUTPUT/metrics.jsonl gets one row per evaluation. Multi-process: torchrun --nproc_per_node 2 train.py ...
@@ -22,18 +28,21 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import ltp
-from ltp import glue
+from ltp import glue, quant
 from ltp.baselines import fixed_lengths
+from ltp.distill import distill_loss
 from ltp.cli import Parser, int_list, nonneg_float, nonneg_int, number, positive_float, positive_int, run_cli
 from ltp.flops import flops_summary, sequence_flops, unpruned_flops
 from ltp.model import atomic_write, resolve
-from ltp.packed import PackedModel, pack, resolve_precision
+from ltp.packed import PackedModel, calibrate as calibrate_int8, pack, resolve_precision
 from ltp.pruning import PruneConfig, calibrate_scale, dual_ascent, init_thresholds, mask_regularizer, ramped_target
 from ltp.text import Tokenizer, collate, copy_tokenizer_files
 
 # Table A.1 of the paper (GLUE, RoBERTa-base): soft pruning lr 2e-5, T in {1,2,5,10,20}e-4, hard pruning lr
 # {0.5,1,2}e-5 and 10 epochs; soft pruning 1-10 epochs "depending on the dataset size"; batch size 64.
 # Without --lam, the soft stage trains to a FLOPs budget (--target-flops, eqs. 14-15) instead of a lambda.
+# Not from table A.1 either: the thresholds' own learning rate (1e-4; the table gives none) and the cumulative
+# soft mask (--soft-mask); and --lam is on another scale than the table's lambda (pruning.mask_regularizer).
 DEFAULTS = dict(lr=2e-5, threshold_lr=1e-4, temperature=1e-3, target_flops=0.6, flops_lr=0.05, flops_warmup=0.5,
                 finetune_epochs=3, soft_epochs=1, hard_epochs=10, weight_decay=0.1, warmup=0.06,
                 soft_mask="cumulative")
@@ -255,6 +264,31 @@ def setup_baseline(args, model, enc, calib_ids):
     return target if args.method == "threshold" else None
 
 
+def quantize_for_training(model, enc, ids):
+    """
+    --quantize int8 (section 4.6): the static activation ranges of the four linears' inputs observed on training
+    examples `ids` by the float model with its own pruning (packed.calibrate, smoothing alpha 0.8: MiniLM's outlier
+    channels move into the weights), then every layer's linears fake-quantized with them (quant.FakeQuantLinear:
+    weights per output channel, inputs per tensor, straight-through gradients). The ranges stay fixed while the weights
+    learn; model.quant is saved with the checkpoint (quant.json with "qat"), and the packed routine runs the model in
+    int8 with them from now on, in evaluation and eq. 15's calibration too. The embeddings and the head stay float.
+    """
+    reduce_range = quant.needs_reduce_range()  # 7-bit activations where the CPU's int8 kernels need them
+    calibration = calibrate_int8(model, [enc[i] for i in ids]) | {"qat": {"activation_bits": 7 if reduce_range else 8}}
+    quant.fake_quantize_model(model, reduce_range, calibration, static=True)
+    model.quant = calibration
+
+
+def load_teacher(args, task, device):
+    """--distill's teacher: --teacher, or the run's own fine-tuned model, unpruned, in eval mode, without gradients."""
+    path = args.teacher or os.path.join(args.output_dir, "finetune")
+    if not os.path.isdir(path):
+        raise SystemExit(f"error: --distill: teacher {path} not found (run the finetune stage, or give --teacher DIR)")
+    teacher = ltp.load(path, num_labels=task.num_labels)
+    teacher.prune = PruneConfig(mode="off")
+    return teacher.to(device).eval().requires_grad_(False)
+
+
 def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
     """Train one stage starting from checkpoint directory `src`; returns the stage's directory."""
     out = os.path.join(args.output_dir, stage)
@@ -291,8 +325,13 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
         budget = setup_baseline(args, model, enc, calib_ids)
         if rank == 0:
             print(f"[hard] {args.method} pruning from {src}: {model.prune}")
-    else:  # step 2 happened when soft saved: binarized mask (mode "hard"), theta frozen from now on
+    else:  # step 2 happened when soft saved: binarized mask (mode "hard"), theta learns no more (eq. 15 may rescale it)
         model.prune = PruneConfig(**{**model.prune.__dict__, "mode": "hard"})
+    if stage == "hard" and args.quantize == "int8":
+        quantize_for_training(model, enc, calib_ids)
+        if rank == 0:
+            print(f"[hard] quantization-aware int8: {quant.describe(model.quant, static=True)}")
+    teacher = load_teacher(args, task, device) if stage == "hard" and args.distill else None
     model.encoder.theta.requires_grad_(stage == "soft")
     model.to(device).train()
 
@@ -357,6 +396,11 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
             # regulariser and AdamW's state stay fp32 (the model's softmax, eq. 7-9 masks and loss are fp32)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
                 logits, loss, aux = net(x, m, t, y)
+                if teacher is not None:  # eq. 16: (1 - alpha) L_task + alpha (L_logits + L_emb)
+                    with torch.no_grad():
+                        t_logits, _, t_aux = teacher(x, m, t)
+                    kd = distill_loss(logits, t_logits, aux["hidden"][0], t_aux["hidden"][0], m)
+                    loss = (1 - args.distill_alpha) * loss + args.distill_alpha * kd
             loss_task = weight * loss * len(ids) * world / n_global
             loss_total = loss_task
             if stage == "soft":  # eq. 12: L_new = L + lam * L_reg
@@ -413,7 +457,7 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
         row = log_eval(args, model, task, dev_sets, stage, step, epoch + 1, lam, (enc, calib_ids), world, rank)
         if rank == 0:
             print(json.dumps(row))
-    if stage == "soft":  # step 2: binarize the mask (eq. 8) and fix the thresholds
+    if stage == "soft":  # step 2: binarize the mask (eq. 8); the thresholds learn no more (eq. 15 may rescale them)
         if budget is not None:  # eq. 15: the binarized model meets the budget on training data
             c, F = calibrate(model, enc, calib_ids, budget)
             if rank == 0:
@@ -446,11 +490,16 @@ def log_eval(args, model, task, dev_sets, stage, step, epoch, lam=None, train_sa
     lambda; train_relative_flops is the hard model's on train_sample = (encoded training examples, ids).
     """
     row = {"stage": stage, "step": step, "epoch": epoch}
+    # a quantization-aware model is evaluated as it ships: int8 (glue.predict's packed routine takes model.quant)
+    int8 = model.quant is not None and quant.int8_available(model.encoder.theta.device)
+    if int8:
+        row["precision"] = "int8"
     for suffix, (enc, labels) in dev_sets.items():
         logits, kept = sharded(lambda part: glue.predict(model, part), enc, world, rank)
-        r = glue.score(args.task, logits, kept, labels, model.cfg)
+        r = glue.score(args.task, logits, kept, labels, model.cfg, linear_bits=8 if int8 else 16)
         if suffix:  # MNLI's mismatched dev set: its metrics only
-            row.update({k + suffix: v for k, v in r.items() if k not in ("relative_flops", "gflops", "kept_per_layer")})
+            row.update({k + suffix: v for k, v in r.items()
+                        if k not in ("relative_flops", "relative_bops", "gflops", "kept_per_layer")})
             continue
         row.update(r)
         if model.prune.mode != "off" and collapsed(kept):
@@ -461,7 +510,7 @@ def log_eval(args, model, task, dev_sets, stage, step, epoch, lam=None, train_sa
         if model.prune.mode == "soft":
             logits, kept = sharded(lambda part: soft_predict(model, part), enc, world, rank)
             soft = glue.score(args.task, logits, kept, labels, model.cfg)
-            row.update({f"soft_{k}": v for k, v in soft.items() if k not in ("gflops", "kept_per_layer")})
+            row.update({f"soft_{k}": v for k, v in soft.items() if k not in ("gflops", "kept_per_layer", "relative_bops")})
     if train_sample is not None and model.prune.mode != "off":
         row["train_relative_flops"] = round(train_flops(model, *train_sample), 6)
     if stage in ("soft", "binarize"):
@@ -582,7 +631,8 @@ def main(args):
 RESUME_KEYS = ("task", "model", "init", "seed", "batch_size", "lr", "finetune_lr", "threshold_lr", "finetune_epochs",
                "soft_epochs", "hard_epochs", "target_flops", "lam", "flops_lr", "flops_warmup", "calibration_examples",
                "soft_mask", "temperature", "final_threshold", "method", "keep_ratio", "lengths", "flops_budget",
-               "weight_decay", "warmup", "max_train_examples", "max_train_tokens", "max_length", "precision")
+               "weight_decay", "warmup", "max_train_examples", "max_train_tokens", "max_length", "precision",
+               "quantize", "distill", "teacher", "distill_alpha")
 
 
 def check_resume(args, stages):
@@ -639,21 +689,28 @@ def parse_args(argv=None):
                                                           "(2e-5, table A.1; also fine-tuning unless --finetune-lr)")
     p.add_argument("--finetune-lr", type=positive_float, default=None, help="fine-tuning learning rate (2e-5; 5e-5 for models "
                                                                    "narrower than 768, see size_defaults)")
-    p.add_argument("--threshold-lr", type=nonneg_float, default=None, help="learning rate of the thresholds (1e-4)")
+    p.add_argument("--threshold-lr", type=nonneg_float, default=None, help="learning rate of the thresholds (1e-4; table A.1 gives "
+                                                                    "none of its own, only the soft stage's 2e-5)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="global batch size (64, table A.1; 32 for models "
                                                                 "narrower than 768)")
     p.add_argument("--target-flops", type=fraction, default=None,
-                   help="relative FLOPs budget R of soft pruning (eqs. 14-15, default 0.6): lambda is learned by dual "
-                        "ascent and the thresholds are scaled to R on training data after soft and hard pruning")
-    p.add_argument("--lam", type=nonneg_float, default=None, help="the paper's recipe instead: a fixed lambda of eq. 12 "
-                                                           "(larger prunes more); not with --target-flops")
+                   help="relative FLOPs budget R (eqs. 14-15, default 0.6; ours, not the paper's): lambda is learned by "
+                        "dual ascent in soft pruning, and the thresholds are scaled to R on training data at its end and "
+                        "after every hard-pruning epoch")
+    p.add_argument("--lam", type=nonneg_float, default=None, help="a fixed lambda of eq. 12 instead of the FLOPs budget, "
+                                                           "as the paper trains (larger prunes more; thresholds then fixed "
+                                                           "after soft pruning). Not table A.1's scale: L_reg here is the "
+                                                           "mean kept fraction, the paper's a token count. Not with "
+                                                           "--target-flops")
     p.add_argument("--flops-lr", type=nonneg_float, default=None, help="eta of eq. 14, lambda's step per unit of FLOPs gap (0.05)")
     p.add_argument("--flops-warmup", type=number(float, 0, 1), default=None,
                    help="share of the soft stage over which eq. 14's budget falls from 1 to --target-flops (0.5; 0: at once)")
     p.add_argument("--calibration-examples", type=positive_int, default=1024,
                    help="training examples eq. 15 scales the thresholds on")
     p.add_argument("--soft-mask", default=None, choices=["cumulative", "paper"],
-                   help="soft mask of eq. 9: one sigmoid per layer (paper) or times the soft live mask so far (cumulative)")
+                   help="soft mask of eq. 9: one sigmoid per layer, as eq. 9 prints it (paper), or times the soft live mask "
+                        "so far (cumulative, the default; ours). Both also take the token softly out of later layers' "
+                        "attention (log M~ on the logits, M~ on eq. 7's rows), which eqs. 9-11 do not print")
     p.add_argument("--temperature", type=positive_float, default=None, help="T of eq. 9 (1e-3)")
     p.add_argument("--final-threshold", type=nonneg_float, default=None,
                    help="theta_L at init (0.01 L / 12: 0.01 for 12 layers as in table A.1, 0.005 for 6)")
@@ -681,6 +738,15 @@ def parse_args(argv=None):
                         "and the optimizer state stay fp32; evaluation stays fp32); auto: bf16 where the hardware "
                         "multiplies bf16 natively")
     p.add_argument("--threads", type=nonneg_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--quantize", default="none", choices=["none", "int8"],
+                   help="int8: quantization-aware hard stage (section 4.6): the four linears of every layer fake-quantized "
+                        "(weights per channel, inputs per tensor with static scales calibrated on training data first, "
+                        "saved in quant.json); the checkpoint then runs in int8 by default (x86 CPUs)")
+    p.add_argument("--distill", action="store_true",
+                   help="knowledge distillation in the hard stage (section 4.6, eq. 16) from the unpruned fine-tuned model")
+    p.add_argument("--teacher", default=None, help="--distill's teacher (default: OUTPUT/finetune)")
+    p.add_argument("--distill-alpha", type=number(float, 0, 1), default=0.5,
+                   help="weight of the distillation loss in eq. 16's convex combination with the task loss (0.5)")
     args = p.parse_args(argv)
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", args.task)

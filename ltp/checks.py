@@ -103,11 +103,17 @@ def check_quant_json(d, path, cfg=None):
     linear's input (qkv, out, fc1, fc2), "range" [lo, hi] and "smooth" (null, or one positive factor per input
     channel: hidden_size, intermediate_size for fc2); "alpha" null or in [0, 1]. Example: a layer whose fc1 range
     is [1, NaN] -> ValueError "DIR/quant.json: layers[0].fc1.range must be [lo, hi], two finite numbers with lo <= hi".
+    "qat" (train.py --quantize int8): {"activation_bits": 7 or 8}, the bits its activations were trained with; a
+    checkpoint with it runs in int8, with these static ranges, by default.
     """
     layers = lambda v: None if isinstance(v, list) and v else "must be a non-empty list (one entry per layer)"  # noqa: E731
+
+    def qat(v):
+        ok = isinstance(v, dict) and set(v) == {"activation_bits"} and v["activation_bits"] in (7, 8)
+        return None if ok else 'must be {"activation_bits": 7 or 8}'
     check_keys(d, path, {"alpha": lambda v: None if v is None else number(0, 1)(v), "layers": layers,
-                         "rows": lambda v: None if isinstance(v, list) else "must be a list", "examples": integer(0)},
-               required=("layers",))
+                         "rows": lambda v: None if isinstance(v, list) else "must be a list", "examples": integer(0),
+                         "qat": qat}, required=("layers",))
     if cfg is not None and len(d["layers"]) != cfg.num_hidden_layers:
         raise ValueError(f"{path}: 'layers' has {len(d['layers'])} entries, the model has {cfg.num_hidden_layers} layers")
 

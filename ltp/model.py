@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import quant
 from .baselines import rank_mask
 from .checks import check_config_json, check_ltp_json
 from .pruning import PruneConfig, hard_mask, importance_score, init_thresholds, soft_mask
@@ -148,7 +149,9 @@ class Layer(nn.Module):
         # Eq. 1-2: MHA(x) = sum_h W_o^h sum_i W_v^h x_i A^h, i.e. concatenate the heads, then one W_o
         y = (self.attn_drop(probs) @ v).transpose(1, 2).reshape(B, N, C)  # (B, H, N, D) -> (B, N, C)
         x = self.ln1(self.drop(self.attn_out(y)) + x)                      # eq. 3: x_MHA = LN(Att(x) + x)
-        h = self.fc2(activation(self.cfg.hidden_act, self.fc1(x)))         # eq. 4: W_2 sigma(W_1 x + b_1) + b_2
+        # eq. 4 as BERT and every checkpoint compute it, W_2 sigma(W_1 x + b_1) + b_2; the paper prints
+        # sigma(W_2(W_1 x + b_1)) + b_2, the activation outside W_2, which no BERT-family model does
+        h = self.fc2(activation(self.cfg.hidden_act, self.fc1(x)))
         return self.ln2(self.drop(h) + x)                                  # eq. 5: x_out = LN(FFN(x_MHA) + x_MHA)
 
 
@@ -195,7 +198,8 @@ class Encoder(nn.Module):
                 m = soft_mask(s, self.theta[l], prune.temperature, live if prune.soft_mask == "cumulative" else real)
             x = x * m[..., None]                                                 # eqs. 10-11: x~_out = M~ * x_out
             # A pruned token takes no further part, as query or key: it leaves the live set.
-            # Soft pruning does the same softly through log M~ (at T -> 0 exactly the hard mask).
+            # Soft pruning does the same softly through log M~ (at T -> 0 exactly the hard mask); the paper's
+            # eqs. 10-11 only scale x_out by M~, which leaves a zeroed token visible as a key.
             # (clamped: log 0 would give NaN gradients; e^-69 is as good as 0 next to live keys)
             log_live = torch.log(m.clamp_min(1e-30)).masked_fill(real == 0, -math.inf)
             masks.append(m)
@@ -245,6 +249,7 @@ class Model(nn.Module):
         self.num_labels = num_labels
         self.encoder = Encoder(cfg)
         self.head = None
+        self.quant = None  # quantization-aware (train.py --quantize int8): its quant.json, the int8 form that ships
         if num_labels:
             self.head = (RobertaHead if cfg.model_type == "roberta" else BertHead)(cfg, num_labels)
         self.apply(self._init_weights)
@@ -352,7 +357,8 @@ def resolve(path_or_id):
 
 def load(path_or_id, num_labels=None, new_head_ok=False):
     """
-    Load config.json + model.safetensors (and ltp.json, our pruning settings and thresholds, if present).
+    Load config.json + model.safetensors (and ltp.json, our pruning settings and thresholds, if present; and
+    quant.json: a quantization-aware checkpoint's linears come back fake-quantized, model.quant set).
     A head is built when the checkpoint has one, or when num_labels is given and new_head_ok
     (a pretrained encoder about to be fine-tuned: the new head is initialised, and we say so).
     Strict: every checkpoint tensor is used or dropped on purpose, every parameter is filled, shapes match.
@@ -409,10 +415,15 @@ def load(path_or_id, num_labels=None, new_head_ok=False):
         # every key known, typed, finite, one threshold per layer (checks.py): a NaN threshold would prune every token
         model.prune, theta = check_ltp_json(read_json(ltp_json), ltp_json, cfg.num_hidden_layers)
         model.encoder.theta.data.copy_(torch.tensor(theta, dtype=torch.float32))
+    calibration = quant.load_calibration(path, cfg)
+    if calibration is not None and "qat" in calibration:  # trained for int8: its linears fake-quantized, static scales
+        model.quant = calibration
+        quant.fake_quantize_model(model, quant.needs_reduce_range(), calibration, static=True)
     new = [k for k in own if k not in filled and k != "encoder.theta"]
     print(f"loaded {path}: {cfg.model_type}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
           f"{len(used)} tensors" + (f", new head ({num_labels} labels)" if new else "")
-          + (f", pruning {model.prune.mode}" if model.prune.mode != "off" else ""))
+          + (f", pruning {model.prune.mode}" if model.prune.mode != "off" else "")
+          + (", quantization-aware int8" if model.quant is not None else ""))
     return model
 
 
@@ -447,7 +458,8 @@ def atomic_write(path, write):
 
 
 def save(model, path):
-    """Write the HF layout back (config.json + model.safetensors), plus ltp.json when pruning is set."""
+    """Write the HF layout back (config.json + model.safetensors), plus ltp.json when pruning is set and quant.json
+    when the model is quantization-aware."""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     cfg = model.cfg
@@ -459,7 +471,11 @@ def save(model, path):
             cfg.id2label = {str(i): f"LABEL_{i}" for i in range(model.num_labels)}
             cfg.label2id = {v: int(k) for k, v in cfg.id2label.items()}
     names = hf_names(model)
-    sd = {names[k]: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k in names}
+    sd = model.state_dict()
+    if model.quant is not None:  # quantization-aware: the weights as the int8 model has them, and its scales
+        sd.update(quant.snapped_weights(model))
+        atomic_write(os.path.join(path, quant.QUANT_JSON), lambda p: open(p, "w").write(json.dumps(model.quant, indent=1) + "\n"))
+    sd = {names[k]: v.detach().contiguous().cpu() for k, v in sd.items() if k in names}
     atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(sd, p, metadata={"format": "pt"}))
 
     def write_json(obj):

@@ -95,42 +95,47 @@ def onednn_available(device, dtype=torch.float32):
 
 class PackedModel:
     """
-    Wraps an ltp.Model for packed inference; weights are prepared once here (fused Q|K|V, and
-    oneDNN-prepacked copies), so build it after loading and after any change of the weights.
-    Pruning follows model.prune (mode "off" or "hard"; "soft" is a training mode and is run as "hard";
-    method "threshold", or the baselines "topk" / "fixed") and model.encoder.theta.
-    onednn: the linear layers' kernel. False = F.linear (MKL); True = oneDNN's prepacked-weight linear
-    (CPU builds with MKL-DNN; in bf16 not on plain AVX2 CPUs); None (default) = oneDNN where available, else F.linear. Measured, idle, 2 threads,
-    the Q|K|V weights of MiniLM (1152 x 384): on a 2-core AMD EPYC (Zen 4) at 64 / 128 / 256 / 511 / 800 rows,
-    oneDNN 181 / 179 / 182 / 191 / 197 GFLOP/s in fp32 and 297 / 345 / 366 / 363 / 373 in bf16, F.linear
-    137 / 145 / 148 / 154 / 156 and 238 / 306 / 341 / 303 / 347; on a 2-core AVX2 CPU (fp32, six layers' weights
-    in turn) at 32 / 64 / 128 / 800 rows, oneDNN 104 / 129 / 141 / 152, F.linear 79 / 109 / 136 / 155.
-    precision: "fp32", "bf16" or "auto" (resolve_precision). In bf16 the weights of the four linear layers are
-    converted once, here, and the linears run in bf16; what decides which tokens are kept stays fp32: q k^T
-    (of the bf16 q and k), the softmax of eq. 6, the eq. 7 scores and the eq. 8 test. A V is fp32 too (the
-    attention is a few % of the FLOPs, and CPU bf16 batched matmuls go to oneDNN, which compiles a kernel
-    for every new shape; see ROW_BUCKET). The residual stream, the embeddings, every LayerNorm and the head
-    are fp32 (a linear's bf16 output plus the fp32 residual is fp32): only the linears' inputs are rounded.
+    Wraps an ltp.Model for packed inference; weights are prepared once here (fused Q|K|V, and each kernel's own
+    layout), so build it after loading and after any change of the weights. Pruning follows model.prune (mode "off"
+    or "hard"; "soft" is a training mode and is run as "hard"; method "threshold", or the baselines "topk" / "fixed")
+    and model.encoder.theta.
+    onednn: the kernel of the fp32 / bf16 linears. False = F.linear (MKL); True = oneDNN's prepacked-weight linear
+    (CPU builds with MKL-DNN; in bf16 not on plain AVX2 CPUs: onednn_available); None (default) = oneDNN where
+    available (it was as fast as F.linear or faster at every row count measured), else F.linear.
+    precision: "fp32", "bf16", "int8" or "auto" (resolve_precision); None (default): the model's own, int8 with its
+    static scales for a quantization-aware checkpoint (model.quant, from train.py --quantize int8) on a CPU with int8
+    kernels, else fp32.
+    - bf16: the weights of the four linear layers are converted once, here, and the linears run in bf16. What
+      decides which tokens are kept stays fp32: q k^T (of the bf16 q and k), the softmax of eq. 6, the eq. 7 scores
+      and the eq. 8 test. A V is fp32 too (the attention is a few % of the FLOPs, and CPU bf16 batched matmuls go to
+      oneDNN, which compiles a kernel for every new shape; see ROW_BUCKET). The residual stream, the embeddings,
+      every LayerNorm and the head are fp32 (a linear's bf16 output plus the fp32 residual is fp32): only the
+      linears' inputs and weights are rounded.
+    - int8 (x86 CPUs): the four linears run on int8 kernels (ltp/quant.py): weights symmetric int8 per output
+      channel, converted once here; inputs quantized per tensor, dynamically from each call's own min and max, or
+      (static=True; the default for a quantization-aware model) with the calibrated ranges. calibration: a
+      checkpoint's quant.json (calibrate(), scripts/calibrate.py): its smoothing factors s (quant.smooth_factors) go
+      into the weights (W s, once) and divide each linear's input (x / s, per call), and its ranges give the static
+      scales. Everything else is as in fp32 (q k^T, softmax, eqs. 7-8, A V, LayerNorm, the residual stream, the head).
     recheck: in bf16 or int8 with thresholds (method "threshold"), a relative margin r > 0 runs again in fp32 every
-    sequence that met, in some layer, a live token (not its first) whose eq. 7 score was within r |theta_l| of
-    its threshold; their outputs and kept counts replace the bf16 ones. Why: eq. 8 is a step function, and
-    bf16's rounding of the linears' inputs and weights moves the scores by about 0.5% (relative): at theta_L
-    0.005 on SST-2 dev (MiniLM) the kept counts of 9% of the sentences then differ from fp32. No precision of
-    the decision step itself helps (kept counts agree on 90.5% with the linears' inputs and weights rounded but
-    their outputs fp32; 96.6% with only the weights rounded; 95.4% in fp32 with a 2^-9 relative noise on each
-    layer's input; scripts/bf16_agreement.py). With r = 0.005, 29% of those sentences are run again and 99.1%
-    agree; r = 0.01, 49% and 100%. self.rechecked counts the sequences run again. 0 (default): off.
-    int8 (precision "int8", x86 CPUs): the four linears run on int8 kernels (ltp/quant.py): weights symmetric int8
-    per output channel, converted once here; inputs quantized per tensor, dynamically from each call's own min and
-    max, or (static=True) with the calibrated ranges. calibration: a checkpoint's quant.json (calibrate(),
-    scripts/calibrate.py): its smoothing factors s (quant.smooth_factors) go into the weights (W s, once) and divide
-    each linear's input (x / s, per call), and its ranges give the static scales. Everything else is as in fp32
-    (q k^T, softmax, eqs. 7-8, A V, LayerNorm, the residual stream and the head). observer: a function (key, x)
-    shown every linear's input (calibration; fp32 and bf16).
+    sequence that met, in some layer, a live token (not its first) whose eq. 7 score was within r |theta_l| of its
+    threshold; their outputs and kept counts replace the low-precision ones. Why: eq. 8 is a step function, and the
+    rounding of the linears' inputs and weights moves the scores slightly, enough to flip the tokens that score near
+    a threshold; computing the decision step itself in higher precision does not help, since the scores it reads
+    have moved already (scripts/bf16_agreement.py measures both). self.rechecked counts the sequences run again.
+    0 (default): off.
+    observer: a function (key, x) shown every linear's input (calibration; fp32 and bf16).
     """
-    def __init__(self, model, onednn=None, precision="fp32", recheck=0.0, calibration=None, static=False):
+    def __init__(self, model, onednn=None, precision=None, recheck=0.0, calibration=None, static=None):
         self.model, self.cfg = model, model.cfg
         dev = model.encoder.theta.device
+        own = getattr(model, "quant", None)  # a quantization-aware checkpoint's calibration (quant.json with "qat")
+        if precision is None:  # the model's own: int8 with its static scales where it was trained for int8, else fp32
+            precision = "int8" if own is not None and quant.int8_available(dev) else "fp32"
+        if static is None:  # the scales it was trained with; dynamic for a model calibrated after training
+            static = own is not None and (calibration is None or calibration == own)
+        if precision == "int8" and calibration is None:
+            calibration = own
         self.precision = resolve_precision(precision, dev)
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32  # the linears' inputs
         if self.precision == "int8":
@@ -344,7 +349,8 @@ class PackedModel:
         ln1, ln2 = w["ln1"], w["ln2"]
         x = F.layer_norm(self.linear(y, w["out"]) + x, ln1.normalized_shape, ln1.weight, ln1.bias,
                          ln1.eps)                                                                 # eq. 3
-        # eq. 4; fc1's output goes to fc2 with its bucket padding: no second pad of the (T, 4C) activations
+        # eq. 4 as Layer.finish computes it, W_2 sigma(W_1 x + b_1) + b_2; fc1's output goes to fc2 with its
+        # bucket padding: no second pad of the (T, 4C) activations
         h = self.linear(self.linear(x.to(self.dtype), w["fc1"], act=self.cfg.hidden_act, trim=False), w["fc2"])
         return F.layer_norm(h[:x.shape[0]] + x, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)  # eq. 5
 
@@ -356,7 +362,7 @@ def calibrate(model, encoded, batch_size=32, alpha=0.8):
     fp32 packed routine on F.linear (oneDNN pads rows to its buckets, and those rows would count); smoothing
     factors with `alpha` (None: no smoothing).
     """
-    pm = PackedModel(model, onednn=False)
+    pm = PackedModel(model, onednn=False, precision="fp32")
     cal = quant.Calibrator(pm)
     forward_batches(pm, make_batches(encoded, batch_size, device=model.encoder.theta.device), len(encoded))
     weights = {(l, "qkv"): w["qkv"].w for l, w in enumerate(pm.layers)}

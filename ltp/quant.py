@@ -175,26 +175,32 @@ def smooth_factors(amax_x, amax_w, alpha):
 # ---------------------------------------------------------------------------------------------
 # The reference (and the training-time form): an nn.Linear computing in fake-quantized floating point
 
-class FakeQuantLinear(nn.Module):
+class FakeQuantLinear(nn.Linear):
     """
-    Wraps an nn.Linear: input divided by the smoothing factors (when given) and fake-quantized per tensor, dynamic
-    (act_qparams None) or static; weight times the factors, fake-quantized per output channel (symmetric). What an
-    int8 linear computes, in float, with straight-through gradients.
+    An nn.Linear computing what an int8 linear computes, in float, with straight-through gradients: input divided by
+    the smoothing factors (when given) and fake-quantized per tensor, dynamic (act_qparams None) or static; weight
+    times the factors, fake-quantized per output channel (symmetric). It shares the weight and bias Parameters of the
+    linear it is made from (the same tensors, under the same state_dict names "weight" and "bias"), so an optimizer,
+    a checkpoint and the packed routine see the one float weight that training updates.
     """
 
     def __init__(self, linear, reduce_range, act_qparams=None, smooth=None):
-        super().__init__()
-        self.linear, self.reduce_range, self.act_qparams, self.smooth = linear, reduce_range, act_qparams, smooth
+        nn.Module.__init__(self)  # no new parameters: the linear's own
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.reduce_range, self.act_qparams, self.smooth = reduce_range, act_qparams, smooth
+
+    def quantized_weight(self):
+        """W s fake-quantized per output channel: the weight the int8 kernel multiplies by (s: the smoothing factors)."""
+        w = self.weight if self.smooth is None else self.weight * self.smooth.to(self.weight.device)
+        return fake_quant(w, weight_scales(w)[:, None], 0, -WEIGHT_QMAX, WEIGHT_QMAX)
 
     def forward(self, x):
         qmin, qmax = activation_range(self.reduce_range)
-        w = self.linear.weight
         if self.smooth is not None:
-            x, w = x / self.smooth, w * self.smooth
+            x = x / self.smooth.to(x.device)
         scale, zero_point = self.act_qparams or dynamic_qparams(x, self.reduce_range)
-        sw = weight_scales(w)[:, None]
-        return F.linear(fake_quant(x, scale, zero_point, qmin, qmax),
-                        fake_quant(w, sw, 0, -WEIGHT_QMAX, WEIGHT_QMAX), self.linear.bias)
+        return F.linear(fake_quant(x, scale, zero_point, qmin, qmax), self.quantized_weight(), self.bias)
 
 
 LINEARS = ("query", "key", "value", "attn_out", "fc1", "fc2")  # the four linears of a layer (Q, K, V count as one)
@@ -211,17 +217,34 @@ def input_name(linear):
 
 def fake_quantize_model(model, reduce_range, calibration=None, static=False):
     """
-    model (ltp.Model) with every layer's linears wrapped in FakeQuantLinear, in place: plain dynamic scales without a
-    calibration (quant.json's content); with one, its smoothing factors, and its ranges when static. The embeddings
-    and the head stay float.
+    model (ltp.Model) with every layer's linears made FakeQuantLinear, in place (sharing their parameters): plain
+    dynamic scales without a calibration (quant.json's content); with one, its smoothing factors, and its ranges when
+    static. The embeddings and the head stay float.
     """
     for l, layer in enumerate(model.encoder.layers):
         for name in LINEARS:
-            lin = getattr(layer, name)
-            lin = lin.linear if isinstance(lin, FakeQuantLinear) else lin
             qp, smooth = layer_params(calibration, l, input_name(name), reduce_range, static)
-            setattr(layer, name, FakeQuantLinear(lin, reduce_range, qp, smooth))
+            setattr(layer, name, FakeQuantLinear(getattr(layer, name), reduce_range, qp, smooth))
     return model
+
+
+@torch.no_grad()
+def snapped_weights(model):
+    """
+    {state_dict name: weight} of every FakeQuantLinear, its float weight replaced by the fake-quantized value (W s
+    quantized, divided by s again): what a quantization-aware checkpoint stores (model.save). In fp32 they are the
+    int8 model's weights; the int8 routine quantizes them back to the same integers (each row's largest |W s| is
+    127 steps, so the step is the same). The model itself is not changed (training goes on from its float weights).
+    Example: one row [0.5, -1.271], no smoothing -> step 1.271 / 127 = 0.010008, [0.5, -1.271] -> [0.50039, -1.271].
+    """
+    out = {}
+    for l, layer in enumerate(model.encoder.layers):
+        for name in LINEARS:
+            lin = getattr(layer, name)
+            if isinstance(lin, FakeQuantLinear):
+                w = lin.quantized_weight()
+                out[f"encoder.layers.{l}.{name}.weight"] = w if lin.smooth is None else w / lin.smooth.to(w.device)
+    return out
 
 
 def layer_params(calibration, l, name, reduce_range, static):
