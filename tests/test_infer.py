@@ -269,3 +269,46 @@ def test_int8_static_scales_from_quant_json(tmp_path, capsys):
         run_cli(infer.main, infer.get_parser().parse_args([str(a) for a in args + ["--output", tmp_path / "x.jsonl"]]),
                 "infer.py")
     assert quant.QUANT_JSON == "quant.json"
+
+
+def test_explain_plot_writes_a_png(tmp_path, capsys):
+    """--explain K --plot FILE.png: a PNG of the first K inputs; the scores it draws (ltp.explain.layer_scores) are the
+    ones eq. 8 decided with: a token survives layer l exactly when it was live and s > theta_l (token 0 always)."""
+    pytest.importorskip("matplotlib")
+    from ltp.explain import layer_scores
+    make_checkpoint(tmp_path / "m", mode="hard", family="roberta")
+    png = tmp_path / "img" / "pruning.png"  # its folder is made, as --output's is
+    run(["--model", tmp_path / "m", "--input", write_input(tmp_path), "--output", tmp_path / "o.jsonl",
+         "--explain", 3, "--plot", png])
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    assert f"--plot: {png} (the first 3 inputs)" in capsys.readouterr().err
+    model = ltp.load(str(tmp_path / "m")).eval()
+    tok = ltp.Tokenizer.from_dir(str(tmp_path / "m"), model.cfg)
+    pruned = 0
+    for (ids, types), row in zip(tok.encode(texts_of(LINES)), read_rows(tmp_path / "o.jsonl")):
+        s, kept, theta = layer_scores(model, ids, types)
+        assert kept.sum(1).tolist() == row["kept"]  # the packed routine's counts
+        for l in range(s.shape[0]):
+            rule = kept[l] & (s[l] > theta[l])
+            rule[0] = True
+            assert torch.equal(kept[l + 1], rule) and bool(s[l][~kept[l]].isnan().all())
+        pruned += int((~kept[-1]).sum())
+    assert pruned > 0
+
+
+def test_explain_plot_errors(tmp_path, monkeypatch):
+    """--plot without --explain is a usage error (one line, exit status 2); without matplotlib, one line says so."""
+    make_checkpoint(tmp_path / "m", mode="hard")
+    inp = write_input(tmp_path)
+    r = cli("--model", tmp_path / "m", "--input", inp, "--output", tmp_path / "o.jsonl", "--plot", tmp_path / "p.png")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "infer.py: error: --plot FILE needs --explain K (the inputs it draws) (see --help)"]
+    assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "p.png").exists()
+    real_find_spec = infer.importlib.util.find_spec
+    monkeypatch.setattr(infer.importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib"
+                        else real_find_spec(name, *a))
+    with pytest.raises(RuntimeError, match="--plot needs matplotlib"):
+        run(["--model", tmp_path / "m", "--input", inp, "--output", tmp_path / "o.jsonl", "--explain", 1,
+             "--plot", tmp_path / "p.png"])
+    assert not (tmp_path / "p.png").exists()

@@ -83,7 +83,7 @@ def test_three_stages_write_checkpoints_and_metrics(tmp_path):
     for stage in ("finetune", "soft", "hard"):
         d = tmp_path / "out" / stage
         assert (d / "DONE").exists() and (d / "tokenizer.json").exists()
-    # soft learned thresholds (they moved from the linear init); hard kept them frozen
+    # soft learned thresholds (they moved from the linear init); hard kept them fixed (--lam: eq. 15 never rescales)
     soft = json.load(open(tmp_path / "out" / "soft" / "ltp.json"))
     hard = json.load(open(tmp_path / "out" / "hard" / "ltp.json"))
     assert soft["mode"] == hard["mode"] == "hard"  # step 2: the saved soft checkpoint prunes hard
