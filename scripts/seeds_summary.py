@@ -23,8 +23,10 @@ import re
 import statistics
 import sys
 
+import stats
 from files import read_jsonl
 from plotting import pyplot
+from stats import mean_sd, paired_test, pm, t_pvalue  # noqa: F401 (t_pvalue: tests import it from here)
 
 METRICS = ("accuracy", "f1", "pearson", "spearman", "mcc")
 NAME = re.compile(r"^(?P<task>[a-z0-9]+)-s(?P<seed>\d+)-(?:(?P<ft>ft)|(?P<method>learned|manual|topk|fixed)-R(?P<R>[0-9.]+))$")
@@ -100,51 +102,12 @@ def score(row):
     return 100 * sum(row[k] for k in names) / len(names)
 
 
-def pm(m, sd, digits=2, sign=""):
-    """'m ± sd', or 'm' alone when one seed leaves no sd."""
-    return f"{m:{sign}.{digits}f}" + ("" if math.isnan(sd) else f" ± {sd:.{digits}f}")
-
-
-def mean_sd(xs):
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else math.nan)
-
-
 FLOPS_MATCH = 0.02  # dev relative FLOPs this close to learned thresholds' count as matched in the verdict column
 
 
-def t_pvalue(t, df):
-    """
-    Two-sided p-value of Student's t with df degrees of freedom: 2 P(T > |t|), Simpson's rule on the density.
-    Examples: t_pvalue(12.706, 1) ~ 0.05, t_pvalue(4.303, 2) ~ 0.05, t_pvalue(0, 3) = 1.
-    """
-    t = abs(t)
-    if t == 0:
-        return 1.0
-    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
-    f = lambda x: c * (1 + x * x / df) ** (-(df + 1) / 2)  # noqa: E731
-    n = 2000  # even; P(0 < T < t) by Simpson's rule, exact to ~1e-9 here
-    h = t / n
-    area = h / 3 * (f(0) + f(t) + sum((4 if i % 2 else 2) * f(i * h) for i in range(1, n)))
-    return max(0.0, 1 - 2 * area)
-
-
-def paired_test(diffs):
-    """learned - other, paired by seed: (p-value of the paired t-test, two-sided; None below 2 seeds or when all equal)."""
-    if len(diffs) < 2:
-        return None
-    m, sd = mean_sd(diffs)
-    if sd == 0:
-        return 0.0 if m else 1.0
-    return t_pvalue(m / (sd / math.sqrt(len(diffs))), len(diffs) - 1)
-
-
 def verdict(diffs):
-    """'learned better' / 'learned worse' when the paired t-test gives p < 0.05 (two-sided), else 'not distinguishable'."""
-    p = paired_test(diffs)
-    if p is None:
-        return "too few seeds"
-    m = statistics.fmean(diffs)
-    return ("learned better" if m > 0 else "learned worse") if p < 0.05 else "not distinguishable"
+    """learned - other, paired by seed: stats.verdict worded from learned thresholds' side ('learned better', ...)."""
+    return stats.verdict(diffs, "learned", "other")
 
 
 def tables(rows):

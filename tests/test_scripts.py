@@ -1,5 +1,6 @@
-"""scripts/fig4.py and scripts/lengths.py on tiny fixtures (the experiment tooling of issue 5)."""
+"""scripts/fig4.py, lengths.py, seeds_summary.py, fig7.py and stats.py on tiny fixtures (the experiment tooling of issue 5)."""
 import json
+import math
 import os
 import sys
 
@@ -317,3 +318,125 @@ def test_run_files_are_checked_and_a_torn_last_row_is_skipped(tmp_path, capsys):
     (tmp_path / "args.json").write_text("[]")
     with pytest.raises(SystemExit, match=r"args.json: must be a JSON object, not list"):
         read_object(str(tmp_path / "args.json"))
+
+
+def fig7_runs(root):
+    """A fake scripts/fig7.sh RUNS_DIR: SST-2 seeds 0-2 at R 0.6 (fp32 LTP, QAT, QAT + KD), seed 0 at R 0.45 (its
+    QAT + KD unfinished), MRPC seed 0 fine-tuned only. metrics.jsonl and DONE files; no checkpoints."""
+    def stage_rows(stage, seconds, rows):
+        return rows + [{"stage": stage, "event": "done", "seconds": seconds}]
+
+    def make(name, stages, rows):
+        run = fake_run(root / name, {"stages": ",".join(stages)}, rows)
+        for stage in stages:
+            os.makedirs(os.path.join(run, stage))
+            open(os.path.join(run, stage, "DONE"), "w").write("done\n")
+
+    ev = lambda stage, acc, flops, **kw: {"stage": stage, "step": 9, "epoch": 1, "accuracy": acc,  # noqa: E731
+                                          "relative_flops": flops, **kw}
+    int8 = lambda acc, flops, bops: ev("hard", acc, flops, relative_bops=bops, precision="int8")  # noqa: E731
+    ft, ltp_, qat, kd = (0.91, 0.905, 0.915), (0.895, 0.90, 0.90), (0.88, 0.885, 0.89), (0.89, 0.90, 0.905)
+    for s in range(3):
+        # the fine-tune row has no relative_bops (an older train.py): a float row's relative BOPs are its FLOPs
+        make(f"sst2-s{s}", ("finetune", "soft", "hard"),
+             stage_rows("finetune", 300.0, [ev("finetune", ft[s], 1.0)])
+             + stage_rows("soft", 400.0, [ev("soft", 0.5, 0.7)])
+             + stage_rows("hard", 100.0 + 10 * s, [ev("hard", 0.5, 0.5, relative_bops=0.5),
+                                                   ev("hard", ltp_[s], 0.61 + s / 100, relative_bops=0.61 + s / 100)])
+             + [{"stage": "finetune", "event": "done", "seconds": 0.1}])  # a --resume skipping it: not its time
+        make(f"sst2-s{s}-qat", ("hard",), stage_rows("hard", 200.0 + 10 * s, [int8(qat[s], 0.6, 0.18 + s / 100)]))
+        make(f"sst2-s{s}-qat-kd", ("hard",), stage_rows("hard", 300.0 + 30 * s, [int8(kd[s], 0.6, 0.19 + s / 100)]))
+    make("sst2-s0-R0.45", ("soft", "hard"), stage_rows("soft", 50.0, []) + stage_rows("hard", 90.0, [
+        ev("hard", 0.87, 0.46)]))
+    fake_run(root / "sst2-s0-R0.45-qat-kd", {}, [int8(0.1, 0.4, 0.1)])  # no DONE: left out
+    make("mrpc-s0", ("finetune",), stage_rows("finetune", 50.0, [ev("finetune", 0.8, 1.0, f1=0.85, relative_bops=1.0)]))
+
+
+def test_fig7_record_table_and_paired_comparison(tmp_path, capsys):
+    import fig7
+    fig7_runs(tmp_path / "runs")
+    out = str(tmp_path / "f")
+    fig7.main([str(tmp_path / "runs"), "--data-dir", str(tmp_path / "no-glue"), "--out", out])
+    err = capsys.readouterr().err.splitlines()
+    # post-training rows need checkpoints: each left out with one line (3 fine-tunes, 3 + 1 LTP hard stages, MRPC)
+    left = [l for l in err if "left out: no checkpoint" in l]
+    assert len(left) == 8 and "sst2-s0-R0.45: LTP int8 post-training left out: no checkpoint" in "\n".join(left)
+    rows = json.load(open(out + ".json"))["rows"]
+    key = {(r["run"], r["method"]): r for r in rows}
+    assert len(rows) == 14 and ("sst2-s0-R0.45", "LTP int8 QAT + KD") not in key
+    r = key[("sst2-s1", "LTP fp32")]
+    assert (r["task"], r["seed"], r["budget"], r["precision"], r["accuracy"], r["relative_flops"], r["relative_bops"]) \
+        == ("sst2", 1, 0.6, "fp32", 0.90, 0.62, 0.62)
+    assert r["seconds"] == {"finetune": 300.0, "soft": 400.0, "hard": 110.0} and r["cpu"] and r["torch"]
+    ft = key[("sst2-s2", "fine-tuned fp32")]
+    assert ft["budget"] is None and ft["relative_bops"] == 1.0 and ft["seconds"] == {"finetune": 300.0}
+    kd = key[("sst2-s2-qat-kd", "LTP int8 QAT + KD")]
+    assert (kd["precision"], kd["relative_bops"], kd["seconds"]) == ("int8", 0.21, {"hard": 360.0})
+    assert key[("sst2-s0-R0.45", "LTP fp32")]["budget"] == 0.45
+    assert (key[("mrpc-s0", "fine-tuned fp32")]["f1"], key[("mrpc-s0", "fine-tuned fp32")]["accuracy"]) == (0.85, 0.8)
+    md = open(out + ".md").read()
+    cells = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]  # noqa: E731
+    table = {(c[0], c[1]): c for c in map(cells, md.splitlines()) if len(c) == 7 and c[0] in fig7.METHODS}
+    assert table[("fine-tuned fp32", "—")] == ["fine-tuned fp32", "—", "0, 1, 2", "91.00 ± 0.50", "1.000 ± 0.000",
+                                               "1.000 ± 0.000", ""]
+    assert table[("LTP fp32", "0.6")][3:] == ["89.83 ± 0.29", "0.620 ± 0.010", "0.620 ± 0.010", "110 ± 10"]
+    assert table[("LTP int8 QAT", "0.6")][3:] == ["88.50 ± 0.50", "0.600 ± 0.000", "0.190 ± 0.010", "210 ± 10"]
+    assert table[("LTP int8 QAT + KD", "0.6")][3:] == ["89.83 ± 0.76", "0.600 ± 0.000", "0.200 ± 0.010", "330 ± 30"]
+    assert table[("LTP fp32", "0.45")][2:] == ["0", "87.00", "0.460", "0.460", "90"]
+    assert "| fine-tuned fp32 | — | 0 | 80.00 | 85.00 | 1.000 | 1.000 |  |" in md  # MRPC: accuracy, f1
+    # paired by seed: KD - QAT = +1.0, +1.5, +1.5: t = 1.33 / (0.29 / sqrt 3) = 8.0 on 2 df; KD - FT: t -2.65; KD - LTP: t 0
+    comp = {c[1]: c for c in map(cells, md.splitlines()) if len(c) == 6 and "−" in c[1]}
+    assert comp["QAT+KD − QAT"] == ["0.6", "QAT+KD − QAT", "0, 1, 2", "+1.33 ± 0.29", "0.015", "QAT+KD better"]
+    assert comp["QAT+KD − fine-tuned fp32"][3:] == ["-1.17 ± 0.76", "0.118", "not distinguishable"]
+    assert comp["QAT+KD − LTP fp32"][3:] == ["+0.00 ± 0.50", "1.000", "not distinguishable"]
+    assert ("Hard-stage wall time, mean over runs (both budgets): fp32 LTP 105 s (n=4), int8 QAT without "
+            "distillation 210 s (n=3), with distillation 330 s (n=3); distillation ×1.57.") in md
+    assert os.path.getsize(tmp_path / "f_sst2.png") > 1000 and os.path.getsize(tmp_path / "f_mrpc.png") > 1000
+    # the record outlives the folders: a rerun without them keeps every row
+    import shutil
+    shutil.rmtree(tmp_path / "runs")
+    fig7.main([str(tmp_path / "runs"), "--data-dir", str(tmp_path / "no-glue"), "--out", out])
+    assert json.load(open(out + ".json"))["rows"] == rows
+    with pytest.raises(SystemExit, match="no such folder"):
+        fig7.main([str(tmp_path / "runs"), "--data-dir", "x", "--out", out, "--fresh"])
+
+
+def test_fig7_post_training_int8_is_evaluated_once(tmp_path, monkeypatch, capsys):
+    """A fine-tuned checkpoint in int8 without retraining (calibrated, dynamic scales): evaluated on dev, recorded,
+    and not evaluated again on a rerun; nothing is written into the run folder."""
+    import fig7
+    import ltp
+    make_glue(tmp_path / "glue", n_train=40, n_dev=24)
+    ckpt = tmp_path / "runs" / "sst2-s0" / "finetune"
+    make_model(ckpt)
+    ltp.save(ltp.Model(ltp.load(str(ckpt)).cfg, 2), str(ckpt))  # with a 2-label head
+    open(ckpt / "DONE", "w").write("done\n")
+    with open(tmp_path / "runs" / "sst2-s0" / "metrics.jsonl", "w") as f:
+        f.write(json.dumps({"stage": "finetune", "step": 5, "accuracy": 0.5, "relative_flops": 1.0}) + "\n")
+    files = sorted(os.listdir(ckpt))
+    argv = [str(tmp_path / "runs"), "--data-dir", str(tmp_path / "glue"), "--out", str(tmp_path / "f")]
+    fig7.main(argv)
+    rows = {r["method"]: r for r in json.load(open(tmp_path / "f.json"))["rows"]}
+    r = rows["fine-tuned int8 (post-training)"]
+    assert r["precision"] == "int8" and r["relative_flops"] == 1.0 and 0.25 < r["relative_bops"] < 1
+    assert 0 <= r["accuracy"] <= 1 and r["calibration"] == {"examples": 40, "seed": 0, "alpha": 0.8}
+    assert sorted(os.listdir(ckpt)) == files  # no quant.json
+    monkeypatch.setattr(fig7, "post_training", lambda *a: pytest.fail("evaluated again"))
+    fig7.main(argv)
+    assert {x["method"]: x for x in json.load(open(tmp_path / "f.json"))["rows"]} == rows
+
+
+def test_stats_golden_values():
+    """scripts/stats.py (seeds_summary.py's and fig7.py's): Student's t tables' two-sided 5% points, the paired test,
+    verdicts worded from the first method's side."""
+    from stats import mean_sd, paired_test, pm, t_pvalue, verdict
+    assert abs(t_pvalue(4.303, 2) - 0.05) < 2e-4 and abs(t_pvalue(12.706, 1) - 0.05) < 2e-4
+    assert t_pvalue(0, 5) == 1.0 and abs(t_pvalue(1.0, 1) - 0.5) < 1e-6
+    m, sd = mean_sd([1.0, 1.5, 1.5])
+    assert (round(m, 4), round(sd, 4)) == (1.3333, 0.2887) and math.isnan(mean_sd([2.0])[1])
+    assert pm(m, sd, sign="+") == "+1.33 ± 0.29" and pm(2.0, math.nan) == "2.00"
+    assert abs(paired_test([1.0, 1.5, 1.5]) - t_pvalue(8.0, 2)) < 1e-12 and paired_test([1.0]) is None
+    assert verdict([1.0, 1.5, 1.5], "QAT+KD", "QAT") == "QAT+KD better"
+    assert verdict([-1.0, -1.5, -1.5], "QAT+KD", "QAT") == "QAT+KD worse"
+    assert verdict([-0.5, 0, 0.5], "QAT+KD", "LTP fp32") == "not distinguishable"
+    assert verdict([3.0], "QAT+KD", "QAT") == "too few seeds"
