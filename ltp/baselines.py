@@ -36,15 +36,15 @@ def topk_ratio(l, num_layers, keep_ratio, full_layers=3):
     return max(0.0, 1.0 + (keep_ratio - 1.0) * (l - full_layers) / (num_layers - full_layers))
 
 
-def rank_mask(prune, s, live, n0, l, num_layers):
+def rank_mask(prune, s, live, initial_lengths, l, num_layers):
     """
     The keep mask of layer l (0-based) for prune.method "topk" or "fixed": the k best live tokens by the
-    eq. 7 score s, k from SpAtten's schedule on the unpruned lengths n0 (B,), or the fixed schedule.
+    eq. 7 score s, k from SpAtten's schedule on initial_lengths (B,), the lengths before pruning, or the fixed schedule.
     """
     if prune.method == "topk":
-        k = torch.round(n0.to(torch.float64) * topk_ratio(l + 1, num_layers, prune.keep_ratio)).long()
+        k = torch.round(initial_lengths.to(torch.float64) * topk_ratio(l + 1, num_layers, prune.keep_ratio)).long()
     else:
-        k = torch.full_like(n0, int(prune.lengths[l]), dtype=torch.long)
+        k = torch.full_like(initial_lengths, int(prune.lengths[l]), dtype=torch.long)
     return topk_mask(s, live, k.clamp_min(1))
 
 

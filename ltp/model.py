@@ -143,7 +143,7 @@ class Layer(nn.Module):
         logits = (q @ k.transpose(-2, -1)) / math.sqrt(D) + log_live[:, None, None, :]  # (B, H, N, N)
         return logits.softmax(dim=-1), v
 
-    def finish(self, x, probs, v):
+    def after_attention(self, x, probs, v):
         """Eqs. 1-5 after the attention probabilities: sum over heads, residual + LN, FFN, residual + LN."""
         B, N, C = x.shape
         # Eq. 1-2: MHA(x) = sum_h W_o^h sum_i W_v^h x_i A^h, i.e. concatenate the heads, then one W_o
@@ -183,7 +183,7 @@ class Encoder(nn.Module):
         hidden, masks, kept = [x], [], [real.sum(1)]
         for l, layer in enumerate(self.layers):
             probs, v = layer.attention_probs(x, log_live)
-            x = layer.finish(x, probs, v)
+            x = layer.after_attention(x, probs, v)
             if prune.mode == "off":
                 kept.append(real.sum(1))
                 hidden.append(x)

@@ -153,11 +153,12 @@ class PackedModel:
         for l, layer in enumerate(model.encoder.layers):
             wqkv = torch.cat([layer.query.weight, layer.key.weight, layer.value.weight]).detach()  # (3C, C)
             bqkv = torch.cat([layer.query.bias, layer.key.bias, layer.value.bias]).detach()        # (3C,)
-            self.layers.append({"qkv": self.weight(wqkv, bqkv, (l, "qkv")),
-                                "v": self.weight(layer.value.weight, layer.value.bias, (l, "qkv")),  # one-token layers
-                                "out": self.weight(layer.attn_out.weight, layer.attn_out.bias, (l, "out")),
-                                "fc1": self.weight(layer.fc1.weight, layer.fc1.bias, (l, "fc1")),
-                                "fc2": self.weight(layer.fc2.weight, layer.fc2.bias, (l, "fc2")),
+            prepare = self.prepare_linear
+            self.layers.append({"qkv": prepare(wqkv, bqkv, (l, "qkv")),
+                                "v": prepare(layer.value.weight, layer.value.bias, (l, "qkv")),  # one-token layers
+                                "out": prepare(layer.attn_out.weight, layer.attn_out.bias, (l, "out")),
+                                "fc1": prepare(layer.fc1.weight, layer.fc1.bias, (l, "fc1")),
+                                "fc2": prepare(layer.fc2.weight, layer.fc2.bias, (l, "fc2")),
                                 "ln1": layer.ln1, "ln2": layer.ln2})
         if recheck < 0:
             raise ValueError(f"recheck {recheck}: a relative margin >= 0")
@@ -170,7 +171,7 @@ class PackedModel:
         prune = self.model.encoder.prune
         return bool(self.recheck) and prune.mode != "off" and prune.method == "threshold"
 
-    def weight(self, w, b, key):
+    def prepare_linear(self, w, b, key):
         """
         A Linear: in fp32 / bf16 (W, b) in self.dtype, packed W reordered once into oneDNN's blocked layout (or None);
         in int8 W quantized once and packed for the int8 kernel. No cast, reorder or quantization per call.
@@ -232,17 +233,18 @@ class PackedModel:
         seq = torch.repeat_interleave(torch.arange(B, device=dev), lengths, output_size=T)  # (T,) its sequence
         pos = torch.arange(T, device=dev) - cu_seqlens[:-1][seq]           # (T,) index inside its sequence
         x = self.embed(ids, pos, type_ids)                                 # (T, C)
-        near = torch.zeros(B, dtype=torch.bool, device=dev) if self.rechecking() else None  # (B,) a score came near
+        # (B,) a score came near its threshold (recheck)
+        near_threshold = torch.zeros(B, dtype=torch.bool, device=dev) if self.rechecking() else None
         kept = [lengths]
         for l, w in enumerate(self.layers):
-            x, lengths = self.layer(x, lengths, w, l if prune else None, kept[0], near)
+            x, lengths = self.layer(x, lengths, w, l if prune else None, kept[0], near_threshold)
             kept.append(lengths)
         kept = torch.stack(kept, 1)                                        # (B, L+1)
         if self.model.head is not None:
             first = lengths.cumsum(0) - lengths                            # (B,) row of each sequence's first token
             x = self.model.head(x[first][:, None, :])                      # the head reads h[:, 0] of (B, 1, C)
-        if near is not None and bool(near.any()):
-            x, kept = self.run_again(near.nonzero().squeeze(1), ids, cu_seqlens, type_ids, x, kept)
+        if near_threshold is not None and bool(near_threshold.any()):
+            x, kept = self.run_again(near_threshold.nonzero().squeeze(1), ids, cu_seqlens, type_ids, x, kept)
         return x, kept
 
     def run_again(self, redo, ids, cu_seqlens, type_ids, out, kept):
@@ -274,11 +276,12 @@ class PackedModel:
              + e.token_type_embeddings(type_ids))  # the order of Embeddings.forward, for the same rounding
         return e.LayerNorm(x)  # (T, C)
 
-    def layer(self, x, lengths, w, l, n0, near=None):
+    def layer(self, x, lengths, w, l, initial_lengths, near_threshold=None):
         """
-        Layer l (0-based; None = no pruning), weights w, on packed tokens x (T, C) of sequences with
-        `lengths` (B,); n0 (B,) the lengths before any pruning. Returns the survivors' x (T', C) and their lengths (B,).
-        near (B,) bool or None: set, in place, for the sequences with a score within self.recheck of the threshold.
+        Layer l (0-based; None = no pruning), weights w, on packed tokens x (T, C) of sequences with `lengths` (B,);
+        initial_lengths (B,) the lengths before any pruning. Returns the survivors' x (T', C) and their lengths (B,).
+        near_threshold (B,) bool or None: set, in place, for the sequences with a score within self.recheck of the
+        threshold.
         """
         cfg, dev = self.cfg, x.device
         T = x.shape[0]
@@ -286,7 +289,7 @@ class PackedModel:
         N = T if B == 1 else int(lengths.max())  # the longest live sequence (one sequence: its rows, no read-back)
         if N == 1:  # one live token per sequence (late layers under LTP): the softmax over a single key is exactly 1,
             # so A V = V, and eq. 8 keeps token 0 whatever its score; only V is computed, the same y
-            return self.finish(x, self.linear(x.to(self.dtype), w["v"]), w), lengths
+            return self.after_attention(x, self.linear(x.to(self.dtype), w["v"]), w), lengths
         dense = T == B * N  # all sequences have the same length: the packed rows already are the padded view
         qkv = self.linear(x.to(self.dtype), w["qkv"])                      # (T, 3C), bf16 in bf16
         if B == 1:  # one sequence: every row is live
@@ -315,23 +318,23 @@ class PackedModel:
             s = importance_score(probs, live, prune.score_length)          # eq. 7, (B, N)
             if prune.method == "threshold":
                 m = hard_mask(s, enc.theta[l], live) > 0                   # eq. 8, (B, N) bool
-                if near is not None:  # recheck: a live token, not the first, scored within the margin
+                if near_threshold is not None:  # recheck: a live token, not the first, scored within the margin
                     close = ((s - enc.theta[l]).abs() < self.recheck * enc.theta[l].abs()) & (live > 0)
-                    near |= close[:, 1:].any(1)
+                    near_threshold |= close[:, 1:].any(1)
             else:  # the rank-based baselines (baselines.py)
-                m = rank_mask(prune, s, live, n0, l, len(self.layers)) > 0
+                m = rank_mask(prune, s, live, initial_lengths, l, len(self.layers)) > 0
             # (token 0 is always kept, so a sequence's first row stays its first row)
             n_out = m.sum(1)                                               # (B,)
         if l is None or bool((n_out == lengths).all()):
             y = self.merge_heads(probs, v)                                 # (B*N, C)
-            return self.finish(x, y if dense else y[live.view(-1) > 0], w), lengths  # real rows, in packed order
+            return self.after_attention(x, y if dense else y[live.view(-1) > 0], w), lengths  # real rows, in packed order
         # The pruned tokens leave now: the survivors' rows of A V (all live keys stay keys here) and of x go on.
         # A V is computed for every query row first (about N / 12C of a layer's FLOPs: 0.5% for MiniLM on SST-2,
         # 5.5% at 512 tokens and C = 768), cheaper than sorting the survivors to the front to gather their rows of A.
         slots = m.view(-1).nonzero().squeeze(1)                            # (T',) survivors in the padded view
         y = self.merge_heads(probs, v).index_select(0, slots)              # (T', C), in packed order
         rows = slots if B == 1 else (start[:, None] + j).view(-1)[slots]   # (T',) their rows in x (one sequence: the same)
-        return self.finish(x.index_select(0, rows), y, w), n_out
+        return self.after_attention(x.index_select(0, rows), y, w), n_out
 
     def merge_heads(self, a, v):
         """
@@ -341,16 +344,16 @@ class PackedModel:
         y = (a @ v).transpose(1, 2)                                        # (B, N', H, D), strided
         return y.new_empty(y.shape, dtype=self.dtype).copy_(y).view(-1, self.cfg.hidden_size)  # (B*N', C)
 
-    def finish(self, x, y, w):
+    def after_attention(self, x, y, w):
         """
-        Eqs. 3-5 on packed rows, as Layer.finish: x (T, C) the layer input (fp32), y (T, C) the heads'
+        Eqs. 3-5 on packed rows, as Layer.after_attention: x (T, C) the layer input (fp32), y (T, C) the heads'
         concatenation (in the linears' dtype). The sums with x are fp32, so are the LayerNorms.
         """
         ln1, ln2 = w["ln1"], w["ln2"]
         x = F.layer_norm(self.linear(y, w["out"]) + x, ln1.normalized_shape, ln1.weight, ln1.bias,
                          ln1.eps)                                                                 # eq. 3
-        # eq. 4 as Layer.finish computes it, W_2 sigma(W_1 x + b_1) + b_2; fc1's output goes to fc2 with its
-        # bucket padding: no second pad of the (T, 4C) activations
+        # eq. 4 as Layer.after_attention computes it, W_2 sigma(W_1 x + b_1) + b_2; fc1's output goes to fc2
+        # with its bucket padding: no second pad of the (T, 4C) activations
         h = self.linear(self.linear(x.to(self.dtype), w["fc1"], act=self.cfg.hidden_act, trim=False), w["fc2"])
         return F.layer_norm(h[:x.shape[0]] + x, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)  # eq. 5
 

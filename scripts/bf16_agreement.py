@@ -44,7 +44,7 @@ class Emulated(PackedModel):
         self.rounds = rounds
         super().__init__(model, onednn=False, precision="fp32")
 
-    def weight(self, w, b, key):
+    def prepare_linear(self, w, b, key):
         return Linear(w.detach().float(), b.detach().float(), None, key, None)
 
     def linear(self, x, wb, act=None, trim=True):
@@ -57,11 +57,11 @@ class Emulated(PackedModel):
             y = F.linear(bf16(x) if "x" in r.split("+") else x, bf16(w) if "w" in r.split("+") else w, b)
         return y if act is None else activation(act, y)
 
-    def layer(self, x, lengths, w, l, n0, near=None):
+    def layer(self, x, lengths, w, l, initial_lengths, near_threshold=None):
         if self.rounds.startswith("noise:"):
             g = torch.Generator().manual_seed(l)
             x = x * (1 + float(self.rounds[6:]) * (2 * torch.rand(x.shape, generator=g) - 1))
-        return super().layer(x, lengths, w, l, n0, near)
+        return super().layer(x, lengths, w, l, initial_lengths, near_threshold)
 
 
 def main(args):

@@ -30,9 +30,9 @@ class Timed(PackedModel):
         super().__init__(*a, **k)
         self.seconds, self.rows, self.calls = defaultdict(float), defaultdict(int), defaultdict(int)
 
-    def layer(self, x, lengths, w, l, n0, near=None):
+    def layer(self, x, lengths, w, l, initial_lengths, near_threshold=None):
         t0 = time.perf_counter()
-        out = super().layer(x, lengths, w, l, n0, near)
+        out = super().layer(x, lengths, w, l, initial_lengths, near_threshold)
         key = next(i for i, v in enumerate(self.layers) if v is w)
         self.seconds[key] += time.perf_counter() - t0
         self.rows[key] += x.shape[0]
