@@ -257,9 +257,9 @@ def setup_baseline(args, model, enc, calib_ids):
         def flops_at(c):
             model.prune = PruneConfig(**{**model.prune.__dict__, "keep_ratio": max(-1.0, 1.0 - c)})
             return train_flops(model, enc, calib_ids)
-        F = flops_at(calibrate_scale(flops_at, target))
-        if F > target:
-            print(f"warning: top-k cannot reach --target-flops {target} on this model (at least {F:.3f}: "
+        flops_now = flops_at(calibrate_scale(flops_at, target))
+        if flops_now > target:
+            print(f"warning: top-k cannot reach --target-flops {target} on this model (at least {flops_now:.3f}: "
                   f"SpAtten's schedule keeps every token in layers 1-3)", file=sys.stderr)
     return target if args.method == "threshold" else None
 
@@ -351,7 +351,7 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
     warmup = int(args.warmup * total)
     # eq. 14's multiplier starts at 0: the task loss alone until the hard model is over budget
     lam = (args.lam or 0.0) if budget is None else 0.0
-    under = 0.0  # running mean of the share of collapsed sequences in training batches (the collapse guard)
+    collapsed_share = 0.0  # running mean of the share of collapsed sequences in training batches (the collapse guard)
 
     def get_lr(step):  # linear warm-up then linear decay to 0 (RoBERTa's GLUE recipe)
         return step / max(1, warmup) if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
@@ -368,7 +368,7 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
                                  f"(interrupted while saving); delete both to restart the stage")
             st["rng"] = own["rng"]
         set_rng_state(st["rng"])
-        start_epoch, start_batch, lam, under = st["epoch"], st["batch"], st.get("lam", lam), st.get("under", 0.0)
+        start_epoch, start_batch, lam, collapsed_share = st["epoch"], st["batch"], st.get("lam", lam), st.get("under", 0.0)
         if rank == 0:
             print(f"[{stage}] resuming at epoch {start_epoch} batch {start_batch}")
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -385,7 +385,7 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
             ids = global_ids[rank::world]  # this process's share of the global batch
             # a last batch smaller than the number of processes leaves some with nothing: they run one example
             # with weight 0, so that every process still joins DDP's gradient all-reduce
-            weight = 1.0 if ids else 0.0
+            has_examples = 1.0 if ids else 0.0
             ids = ids or global_ids[:1]
             x, m, t, y = to_batch(enc, labels, ids, model.cfg.pad_token_id, task.num_labels == 1, device)
             # losses are sums over the global batch / its size, so any number of processes gives the same
@@ -401,10 +401,10 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
                         t_logits, _, t_aux = teacher(x, m, t)
                     kd = distill_loss(logits, t_logits, aux["hidden"][0], t_aux["hidden"][0], m)
                     loss = (1 - args.distill_alpha) * loss + args.distill_alpha * kd
-            loss_task = weight * loss * len(ids) * world / n_global
+            loss_task = has_examples * loss * len(ids) * world / n_global
             loss_total = loss_task
             if stage == "soft":  # eq. 12: L_new = L + lam * L_reg
-                reg = weight * mask_regularizer(aux["masks"], m.float()) * m.sum() * world / real_global
+                reg = has_examples * mask_regularizer(aux["masks"], m.float()) * m.sum() * world / real_global
                 loss_total = loss_task + lam * reg
             optimizer.zero_grad(set_to_none=True)
             loss_total.backward()
@@ -413,24 +413,24 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
             step += 1
             post = {"loss": f"{loss_task.item():.4f}"}
             if stage == "soft" and budget is not None:  # eq. 14: lambda follows the hard model's FLOPs gap
-                fl = hard_flops(model, enc, ids if weight else [])
+                fl = hard_flops(model, enc, ids if has_examples else [])
                 if world > 1:
                     dist.all_reduce(fl)
-                F = float(fl[0] / fl[1])
+                flops_now = float(fl[0] / fl[1])
                 R_t = ramped_target(budget, step, int(args.flops_warmup * total))
-                lam = dual_ascent(lam, F, R_t, args.flops_lr)
-                post.update(F=f"{F:.3f}", R=f"{R_t:.3f}", lam=f"{lam:.3f}")
+                lam = dual_ascent(lam, flops_now, R_t, args.flops_lr)
+                post.update(F=f"{flops_now:.3f}", R=f"{R_t:.3f}", lam=f"{lam:.3f}")
                 # Collapse guard: thresholds that overshoot every score saturate their sigmoids, and then no
                 # gradient brings them back, even at lambda 0. When, in a running mean over ~10 steps, 90% of
                 # the sequences are down to their first token before the last layer, the thresholds are scaled
                 # back to R on training data (eq. 15, mid-stage) and lambda, whose overshoot caused it, restarts.
-                under = 0.9 * under + 0.1 * float(fl[3] / fl[2])
-                if under > 0.9:
-                    c, F = calibrate(model, enc, calib_ids, budget)
-                    lam, under = 0.0, 0.0
+                collapsed_share = 0.9 * collapsed_share + 0.1 * float(fl[3] / fl[2])
+                if collapsed_share > 0.9:
+                    c, flops_now = calibrate(model, enc, calib_ids, budget)
+                    lam, collapsed_share = 0.0, 0.0
                     if rank == 0:
                         print(f"[soft] step {step}: collapsing (most sequences down to one token): thresholds scaled by "
-                              f"{c:.4f}, relative FLOPs {F:.3f} on training data, lambda reset", file=sys.stderr)
+                              f"{c:.4f}, relative FLOPs {flops_now:.3f} on training data, lambda reset", file=sys.stderr)
                         log_row(args, {"stage": stage, "event": "rescaled", "step": step, "scale": round(c, 6)})
             if stage == "soft":
                 post["theta_L"] = f"{model.encoder.theta[-1].item():.4f}"
@@ -438,30 +438,30 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
                 post["kept"] = f"{(aux['kept'][:, -1] / aux['kept'][:, 0]).mean().item():.2f}"
             bar.set_postfix(**post)
             if args.save_every and step % args.save_every == 0 and b + 1 < len(batches):
-                save_state(model, optimizer, epoch, b + 1, state_path, rank, lam, under)
+                save_state(model, optimizer, epoch, b + 1, state_path, rank, lam, collapsed_share)
             if args.eval_every and step % args.eval_every == 0 and b + 1 < len(batches):
                 # a look mid-epoch (eval mode: no dropout, so no RNG is drawn and --resume stays exact)
                 log_eval(args, model, task, dev_sets, stage, step, epoch + b / len(batches), lam, (enc, calib_ids),
                          world, rank)
             if args.max_steps and step >= args.max_steps:  # for interruption tests and quick looks
-                save_state(model, optimizer, epoch, b + 1, state_path, rank, lam, under)
+                save_state(model, optimizer, epoch, b + 1, state_path, rank, lam, collapsed_share)
                 if rank == 0:
                     print(f"[{stage}] stopped at step {step} (--max-steps); rerun with --resume to continue", file=sys.stderr)
                 return None
         start_batch = 0
         if stage == "hard" and budget is not None:  # eq. 15: the weights moved, the budget holds
-            c, F = calibrate(model, enc, calib_ids, budget)
+            c, flops_now = calibrate(model, enc, calib_ids, budget)
             if rank == 0:
-                print(f"[hard] thresholds scaled by {c:.4f}: relative FLOPs {F:.3f} on {len(calib_ids)} training examples")
-        save_state(model, optimizer, epoch + 1, 0, state_path, rank, lam, under)
+                print(f"[hard] thresholds scaled by {c:.4f}: relative FLOPs {flops_now:.3f} on {len(calib_ids)} training examples")
+        save_state(model, optimizer, epoch + 1, 0, state_path, rank, lam, collapsed_share)
         row = log_eval(args, model, task, dev_sets, stage, step, epoch + 1, lam, (enc, calib_ids), world, rank)
         if rank == 0:
             print(json.dumps(row))
     if stage == "soft":  # step 2: binarize the mask (eq. 8); the thresholds learn no more (eq. 15 may rescale them)
         if budget is not None:  # eq. 15: the binarized model meets the budget on training data
-            c, F = calibrate(model, enc, calib_ids, budget)
+            c, flops_now = calibrate(model, enc, calib_ids, budget)
             if rank == 0:
-                print(f"[binarize] thresholds scaled by {c:.4f}: relative FLOPs {F:.3f} on {len(calib_ids)} training examples")
+                print(f"[binarize] thresholds scaled by {c:.4f}: relative FLOPs {flops_now:.3f} on {len(calib_ids)} training examples")
         model.prune = PruneConfig(**{**model.prune.__dict__, "mode": "hard"})
     if rank == 0:
         save_stage(model, out, resolve(src))
@@ -526,7 +526,7 @@ def rank_state_path(path, rank):
     return f"{path[:-3]}.rank{rank}.pt"  # state.pt -> state.rank1.pt
 
 
-def save_state(model, optimizer, epoch, batch, path, rank, lam=0.0, under=0.0):
+def save_state(model, optimizer, epoch, batch, path, rank, lam=0.0, collapsed_share=0.0):
     """
     Everything --resume needs: weights (incl. theta), optimizer, RNG streams, data position, lambda (process 0:
     state.pt); every other process writes its own RNG streams (state.rankR.pt) first, so that a state.pt
@@ -538,7 +538,8 @@ def save_state(model, optimizer, epoch, batch, path, rank, lam=0.0, under=0.0):
                                                                           "batch": batch}, p))
         return
     st = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(),
-          "epoch": epoch, "batch": batch, "lam": lam, "under": under}
+          "epoch": epoch, "batch": batch, "lam": lam,
+          "under": collapsed_share}  # the key's old name, so that existing state.pt files still resume
     atomic_write(path, lambda p: torch.save(st, p))
 
 
