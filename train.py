@@ -21,6 +21,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -289,20 +290,78 @@ def load_teacher(args, task, device):
     return teacher.to(device).eval().requires_grad_(False)
 
 
+@dataclass
+class Stage:
+    """What one stage trains on and with, fixed for the whole stage (run_stage sets it up; its steps read it)."""
+    name: str             # "finetune", "soft" or "hard"
+    args: argparse.Namespace
+    task: glue.Task
+    out: str              # OUTPUT/<name>: the checkpoint, state.pt for --resume, DONE
+    enc: list             # the encoded training examples (text.Tokenizer.encode) ...
+    labels: list          # ... and their labels
+    lengths: list         # their token counts
+    calib_ids: list       # eq. 15's fixed random sample of the training set (never dev)
+    dev_sets: dict        # "" (and MNLI's "_mm") -> (encoded dev examples, labels)
+    budget: float | None  # R of eqs. 14-15; None: a fixed lambda, or a baseline whose knob does not drift
+    teacher: object       # --distill's teacher model, else None
+    world: int            # processes (torchrun) ...
+    rank: int             # ... and this one's number
+    device: torch.device
+
+    @property
+    def state_path(self):
+        return os.path.join(self.out, "state.pt")
+
+
 def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
-    """Train one stage starting from checkpoint directory `src`; returns the stage's directory."""
+    """
+    Train one stage starting from checkpoint directory `src`; returns the stage's directory (None: stopped by
+    --max-steps). In order: seed, the model as the stage trains it, the optimizer, --resume, the epochs, the end
+    (after soft: step 2's binarized mask; the checkpoint; DONE).
+    """
     out = os.path.join(args.output_dir, stage)
-    state_path = os.path.join(out, "state.pt")
     if args.resume and os.path.isfile(os.path.join(out, "DONE")):
         if rank == 0:
             print(f"[{stage}] already done: {out}")
         return out
-    # every stage seeds its own RNG streams: the same result whether it runs alone or after another stage;
-    # every process its own (dropout differs across processes); process 0's are those of a single process
-    seed = args.seed + ("finetune", "soft", "hard").index(stage) + 1000003 * rank
+    seed_stage(args.seed, stage, rank)
+    enc, labels = train
+    # eq. 15 calibrates on a fixed random sample of the training set (never on dev)
+    calib_ids = sorted(np.random.default_rng(args.seed).permutation(len(enc))[:args.calibration_examples].tolist())
+    model, budget = stage_model(stage, args, task, src, enc, calib_ids, rank)
+    teacher = load_teacher(args, task, device) if stage == "hard" and args.distill else None
+    model.encoder.theta.requires_grad_(stage == "soft")
+    model.to(device).train()
+    st = Stage(stage, args, task, out, enc, labels, [len(e[0]) for e in enc], calib_ids, dev_sets, budget, teacher,
+               world, rank, device)
+    optimizer, base_lrs = make_optimizer(model, stage, args)
+    # eq. 14's multiplier starts at 0: the task loss alone until the hard model is over budget
+    lam = (args.lam or 0.0) if budget is None else 0.0
+    start, lam, collapsed_share = resume_stage(st, model, optimizer, lam)
+    trained = train_epochs(st, model, optimizer, base_lrs, start, lam, collapsed_share)
+    if trained is None:  # stopped by --max-steps
+        return None
+    step, lam = trained
+    end_stage(st, model, src, step, lam)
+    return out
+
+
+def seed_stage(seed, stage, rank):
+    """
+    Every stage seeds its own RNG streams: the same result whether it runs alone or after another stage;
+    every process its own (dropout differs across processes); process 0's are those of a single process.
+    """
+    seed = seed + ("finetune", "soft", "hard").index(stage) + 1000003 * rank
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
+
+
+def stage_model(stage, args, task, src, enc, calib_ids, rank):
+    """
+    The model of a stage, from checkpoint `src`, with the pruning it trains under, and the FLOPs budget R the stage
+    holds (None: a fixed lambda, or a baseline whose knob does not drift with the weights).
+    """
     # the model: a pretrained encoder gets a new head; later stages start from the previous stage
     model = ltp.load(src, num_labels=task.num_labels, new_head_ok=(stage == "finetune"))
     if task.labels:
@@ -310,17 +369,13 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
         model.cfg.label2id = {n: i for i, n in enumerate(task.labels)}
     else:
         model.cfg.problem_type = "regression"
-    L = model.cfg.num_hidden_layers
     budget = args.target_flops if args.lam is None else None  # eqs. 14-15 instead of a fixed lambda
-    enc, labels = train
-    # eq. 15 calibrates on a fixed random sample of the training set (never on dev)
-    calib_ids = sorted(np.random.default_rng(args.seed).permutation(len(enc))[:args.calibration_examples].tolist())
     if stage == "finetune":
         model.prune = PruneConfig(mode="off")
     elif stage == "soft":  # step 1: soft masks, thresholds initialised linearly rising (section 4.4)
         model.prune = PruneConfig(mode="soft", temperature=args.temperature, final_threshold=args.final_threshold,
                                   soft_mask=args.soft_mask)
-        model.encoder.theta.data.copy_(init_thresholds(L, args.final_threshold))
+        model.encoder.theta.data.copy_(init_thresholds(model.cfg.num_hidden_layers, args.final_threshold))
     elif model.prune.mode == "off":  # hard pruning straight from a fine-tuned model: the baselines
         budget = setup_baseline(args, model, enc, calib_ids)
         if rank == 0:
@@ -331,11 +386,12 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
         quantize_for_training(model, enc, calib_ids)
         if rank == 0:
             print(f"[hard] quantization-aware int8: {quant.describe(model.quant, static=True)}")
-    teacher = load_teacher(args, task, device) if stage == "hard" and args.distill else None
-    model.encoder.theta.requires_grad_(stage == "soft")
-    model.to(device).train()
+    return model, budget
 
-    # optimizer: AdamW, no decay on biases and LayerNorm; theta in its own group with its own lr
+
+def make_optimizer(model, stage, args):
+    """AdamW, no decay on biases and LayerNorm; in the soft stage theta in its own group with its own lr. Returns the
+    optimizer and each group's peak learning rate (get_lr scales them)."""
     lr = args.finetune_lr if stage == "finetune" else args.lr
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 and n != "encoder.theta"]
@@ -343,158 +399,206 @@ def run_stage(stage, args, task, src, train, dev_sets, world, rank, device):
     if stage == "soft":
         groups.append({"params": [model.encoder.theta], "weight_decay": 0.0, "lr": args.threshold_lr})
     base_lrs = [lr, lr] + ([args.threshold_lr] if stage == "soft" else [])
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6), base_lrs
+
+
+def resume_stage(st, model, optimizer, lam):
+    """
+    --resume with a state.pt: its weights, optimizer and data position, lambda and the collapse guard's running mean
+    (collapsed_share), and this process's RNG streams. Returns ((epoch, batch), lam, collapsed_share): where the
+    stage goes on, (0, 0) and the values given without a state.
+    """
+    if not (st.args.resume and os.path.isfile(st.state_path)):
+        return (0, 0), lam, 0.0
+    saved = load_state(st.state_path)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    if st.rank > 0:  # this process's own streams, saved at the same step
+        own_path = rank_state_path(st.state_path, st.rank)
+        own = load_state(own_path)
+        if (own["epoch"], own["batch"]) != (saved["epoch"], saved["batch"]):
+            raise SystemExit(f"error: {own_path} is from another step than {st.state_path} "
+                             f"(interrupted while saving); delete both to restart the stage")
+        saved["rng"] = own["rng"]
+    set_rng_state(saved["rng"])
+    if st.rank == 0:
+        print(f"[{st.name}] resuming at epoch {saved['epoch']} batch {saved['batch']}")
+    # "under": collapsed_share's key in state.pt, by its old name
+    return (saved["epoch"], saved["batch"]), saved.get("lam", lam), saved.get("under", 0.0)
+
+
+def get_lr(step, warmup, total):
+    """The learning rate's factor at `step`: linear warm-up then linear decay to 0 (RoBERTa's GLUE recipe)."""
+    return step / max(1, warmup) if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
+
+
+def train_epochs(st, model, optimizer, base_lrs, start, lam, collapsed_share):
+    """
+    The stage's training loop, from `start` = (epoch, batch) to its last epoch. Returns (step, lam) at the end;
+    None when --max-steps stopped it (its state saved for --resume).
+    """
+    args, stage, rank = st.args, st.name, st.rank
     epochs = getattr(args, f"{stage}_epochs")
-    lengths = [len(e[0]) for e in enc]
-    steps_per_epoch = len(epoch_batches(lengths, args.batch_size, args.seed, 0))
+    steps_per_epoch = len(epoch_batches(st.lengths, args.batch_size, args.seed, 0))
     total = epochs * steps_per_epoch
     warmup = int(args.warmup * total)
-    # eq. 14's multiplier starts at 0: the task loss alone until the hard model is over budget
-    lam = (args.lam or 0.0) if budget is None else 0.0
-    collapsed_share = 0.0  # running mean of the share of collapsed sequences in training batches (the collapse guard)
-
-    def get_lr(step):  # linear warm-up then linear decay to 0 (RoBERTa's GLUE recipe)
-        return step / max(1, warmup) if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
-
-    start_epoch, start_batch = 0, 0
-    if args.resume and os.path.isfile(state_path):
-        st = load_state(state_path)
-        model.load_state_dict(st["model"])
-        optimizer.load_state_dict(st["optimizer"])
-        if rank > 0:  # this process's own streams, saved at the same step
-            own = load_state(rank_state_path(state_path, rank))
-            if (own["epoch"], own["batch"]) != (st["epoch"], st["batch"]):
-                raise SystemExit(f"error: {rank_state_path(state_path, rank)} is from another step than {state_path} "
-                                 f"(interrupted while saving); delete both to restart the stage")
-            st["rng"] = own["rng"]
-        set_rng_state(st["rng"])
-        start_epoch, start_batch, lam, collapsed_share = st["epoch"], st["batch"], st.get("lam", lam), st.get("under", 0.0)
-        if rank == 0:
-            print(f"[{stage}] resuming at epoch {start_epoch} batch {start_batch}")
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-
+    net = torch.nn.parallel.DistributedDataParallel(model) if st.world > 1 else model
+    start_epoch, start_batch = start
     step = start_epoch * steps_per_epoch + start_batch
     for epoch in range(start_epoch, epochs):
-        batches = epoch_batches(lengths, args.batch_size, args.seed, epoch)
+        batches = epoch_batches(st.lengths, args.batch_size, args.seed, epoch)
         bar = tqdm(range(start_batch, len(batches)), desc=f"{stage} {epoch + 1}/{epochs}", disable=rank != 0,
                    initial=start_batch, total=len(batches), dynamic_ncols=True)
         for b in bar:
             for g, base in zip(optimizer.param_groups, base_lrs):
-                g["lr"] = base * get_lr(step)
-            global_ids = batches[b]
-            ids = global_ids[rank::world]  # this process's share of the global batch
-            # a last batch smaller than the number of processes leaves some with nothing: they run one example
-            # with weight 0, so that every process still joins DDP's gradient all-reduce
-            has_examples = 1.0 if ids else 0.0
-            ids = ids or global_ids[:1]
-            x, m, t, y = to_batch(enc, labels, ids, model.cfg.pad_token_id, task.num_labels == 1, device)
-            # losses are sums over the global batch / its size, so any number of processes gives the same
-            # gradient (DDP averages over processes, hence the factor `world`)
-            n_global = len(global_ids)
-            real_global = sum(lengths[i] for i in global_ids)
-            # --precision bf16: the forward (and so the backward) under autocast; the weights, theta, the eq. 12
-            # regulariser and AdamW's state stay fp32 (the model's softmax, eq. 7-9 masks and loss are fp32)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-                logits, loss, aux = net(x, m, t, y)
-                if teacher is not None:  # eq. 16: (1 - alpha) L_task + alpha (L_logits + L_emb)
-                    with torch.no_grad():
-                        t_logits, _, t_aux = teacher(x, m, t)
-                    kd = distill_loss(logits, t_logits, aux["hidden"][0], t_aux["hidden"][0], m)
-                    loss = (1 - args.distill_alpha) * loss + args.distill_alpha * kd
-            loss_task = has_examples * loss * len(ids) * world / n_global
-            loss_total = loss_task
-            if stage == "soft":  # eq. 12: L_new = L + lam * L_reg
-                reg = has_examples * mask_regularizer(aux["masks"], m.float()) * m.sum() * world / real_global
-                loss_total = loss_task + lam * reg
-            optimizer.zero_grad(set_to_none=True)
-            loss_total.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+                g["lr"] = base * get_lr(step, warmup, total)
+            loss_task, aux, ids = train_step(st, net, model, optimizer, batches[b], lam)
             step += 1
             post = {"loss": f"{loss_task.item():.4f}"}
-            if stage == "soft" and budget is not None:  # eq. 14: lambda follows the hard model's FLOPs gap
-                fl = hard_flops(model, enc, ids if has_examples else [])
-                if world > 1:
-                    dist.all_reduce(fl)
-                flops_now = float(fl[0] / fl[1])
-                R_t = ramped_target(budget, step, int(args.flops_warmup * total))
-                lam = dual_ascent(lam, flops_now, R_t, args.flops_lr)
-                post.update(F=f"{flops_now:.3f}", R=f"{R_t:.3f}", lam=f"{lam:.3f}")
-                # Collapse guard: thresholds that overshoot every score saturate their sigmoids, and then no
-                # gradient brings them back, even at lambda 0. When, in a running mean over ~10 steps, 90% of
-                # the sequences are down to their first token before the last layer, the thresholds are scaled
-                # back to R on training data (eq. 15, mid-stage) and lambda, whose overshoot caused it, restarts.
-                collapsed_share = 0.9 * collapsed_share + 0.1 * float(fl[3] / fl[2])
-                if collapsed_share > 0.9:
-                    c, flops_now = calibrate(model, enc, calib_ids, budget)
-                    lam, collapsed_share = 0.0, 0.0
-                    if rank == 0:
-                        print(f"[soft] step {step}: collapsing (most sequences down to one token): thresholds scaled by "
-                              f"{c:.4f}, relative FLOPs {flops_now:.3f} on training data, lambda reset", file=sys.stderr)
-                        log_row(args, {"stage": stage, "event": "rescaled", "step": step, "scale": round(c, 6)})
+            if stage == "soft" and st.budget is not None:  # eq. 14: lambda follows the hard model's FLOPs gap
+                lam, collapsed_share, shown = follow_flops_budget(st, model, ids, step, int(args.flops_warmup * total),
+                                                                  lam, collapsed_share)
+                post.update(shown)
             if stage == "soft":
                 post["theta_L"] = f"{model.encoder.theta[-1].item():.4f}"
             else:
                 post["kept"] = f"{(aux['kept'][:, -1] / aux['kept'][:, 0]).mean().item():.2f}"
             bar.set_postfix(**post)
             if args.save_every and step % args.save_every == 0 and b + 1 < len(batches):
-                save_state(model, optimizer, epoch, b + 1, state_path, rank, lam, collapsed_share)
+                save_state(model, optimizer, epoch, b + 1, st.state_path, rank, lam, collapsed_share)
             if args.eval_every and step % args.eval_every == 0 and b + 1 < len(batches):
                 # a look mid-epoch (eval mode: no dropout, so no RNG is drawn and --resume stays exact)
-                log_eval(args, model, task, dev_sets, stage, step, epoch + b / len(batches), lam, (enc, calib_ids),
-                         world, rank)
+                log_eval(st, model, stage, step, epoch + b / len(batches), lam)
             if args.max_steps and step >= args.max_steps:  # for interruption tests and quick looks
-                save_state(model, optimizer, epoch, b + 1, state_path, rank, lam, collapsed_share)
+                save_state(model, optimizer, epoch, b + 1, st.state_path, rank, lam, collapsed_share)
                 if rank == 0:
-                    print(f"[{stage}] stopped at step {step} (--max-steps); rerun with --resume to continue", file=sys.stderr)
+                    print(f"[{stage}] stopped at step {step} (--max-steps); rerun with --resume to continue",
+                          file=sys.stderr)
                 return None
         start_batch = 0
-        if stage == "hard" and budget is not None:  # eq. 15: the weights moved, the budget holds
-            c, flops_now = calibrate(model, enc, calib_ids, budget)
+        if stage == "hard" and st.budget is not None:  # eq. 15: the weights moved, the budget holds
+            c, flops_now = calibrate(model, st.enc, st.calib_ids, st.budget)
             if rank == 0:
-                print(f"[hard] thresholds scaled by {c:.4f}: relative FLOPs {flops_now:.3f} on {len(calib_ids)} training examples")
-        save_state(model, optimizer, epoch + 1, 0, state_path, rank, lam, collapsed_share)
-        row = log_eval(args, model, task, dev_sets, stage, step, epoch + 1, lam, (enc, calib_ids), world, rank)
+                print(f"[hard] thresholds scaled by {c:.4f}: relative FLOPs {flops_now:.3f} on {len(st.calib_ids)} "
+                      f"training examples")
+        save_state(model, optimizer, epoch + 1, 0, st.state_path, rank, lam, collapsed_share)
+        row = log_eval(st, model, stage, step, epoch + 1, lam)
         if rank == 0:
             print(json.dumps(row))
-    if stage == "soft":  # step 2: binarize the mask (eq. 8); the thresholds learn no more (eq. 15 may rescale them)
-        if budget is not None:  # eq. 15: the binarized model meets the budget on training data
-            c, flops_now = calibrate(model, enc, calib_ids, budget)
+    return step, lam
+
+
+def train_step(st, net, model, optimizer, global_ids, lam):
+    """
+    One optimizer step on this process's share of the global batch `global_ids` (training examples): the task loss
+    (eq. 16's mix with --distill), plus lam times eq. 12's regulariser in the soft stage. Returns the task loss, the
+    forward's aux and the examples this process trained on ([] when its share was empty).
+    """
+    args, world = st.args, st.world
+    ids = global_ids[st.rank::world]  # this process's share of the global batch
+    # a last batch smaller than the number of processes leaves some with nothing: they run one example
+    # with weight 0, so that every process still joins DDP's gradient all-reduce
+    has_examples = 1.0 if ids else 0.0
+    ids = ids or global_ids[:1]
+    x, m, t, y = to_batch(st.enc, st.labels, ids, model.cfg.pad_token_id, st.task.num_labels == 1, st.device)
+    # losses are sums over the global batch / its size, so any number of processes gives the same
+    # gradient (DDP averages over processes, hence the factor `world`)
+    n_global = len(global_ids)
+    real_global = sum(st.lengths[i] for i in global_ids)
+    # --precision bf16: the forward (and so the backward) under autocast; the weights, theta, the eq. 12
+    # regulariser and AdamW's state stay fp32 (the model's softmax, eq. 7-9 masks and loss are fp32)
+    with torch.autocast(st.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+        logits, loss, aux = net(x, m, t, y)
+        if st.teacher is not None:  # eq. 16: (1 - alpha) L_task + alpha (L_logits + L_emb)
+            with torch.no_grad():
+                t_logits, _, t_aux = st.teacher(x, m, t)
+            kd = distill_loss(logits, t_logits, aux["hidden"][0], t_aux["hidden"][0], m)
+            loss = (1 - args.distill_alpha) * loss + args.distill_alpha * kd
+    loss_task = has_examples * loss * len(ids) * world / n_global
+    loss_total = loss_task
+    if st.name == "soft":  # eq. 12: L_new = L + lam * L_reg
+        reg = has_examples * mask_regularizer(aux["masks"], m.float()) * m.sum() * world / real_global
+        loss_total = loss_task + lam * reg
+    optimizer.zero_grad(set_to_none=True)
+    loss_total.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss_task, aux, ids if has_examples else []
+
+
+def follow_flops_budget(st, model, ids, step, ramp_steps, lam, collapsed_share):
+    """
+    Eq. 14 after a soft step: lambda follows the gap between the hard model's FLOPs on this step's examples `ids`
+    (all processes' together) and the budget R_t, ramped from 1 to R over `ramp_steps`; then the collapse guard.
+    Returns lam, collapsed_share and the figures for the progress bar.
+    """
+    fl = hard_flops(model, st.enc, ids)
+    if st.world > 1:
+        dist.all_reduce(fl)
+    flops_now = float(fl[0] / fl[1])
+    R_t = ramped_target(st.budget, step, ramp_steps)
+    lam = dual_ascent(lam, flops_now, R_t, st.args.flops_lr)
+    shown = dict(F=f"{flops_now:.3f}", R=f"{R_t:.3f}", lam=f"{lam:.3f}")
+    # Collapse guard: thresholds that overshoot every score saturate their sigmoids, and then no
+    # gradient brings them back, even at lambda 0. When, in a running mean over ~10 steps, 90% of
+    # the sequences are down to their first token before the last layer, the thresholds are scaled
+    # back to R on training data (eq. 15, mid-stage) and lambda, whose overshoot caused it, restarts.
+    collapsed_share = 0.9 * collapsed_share + 0.1 * float(fl[3] / fl[2])
+    if collapsed_share > 0.9:
+        c, flops_now = calibrate(model, st.enc, st.calib_ids, st.budget)
+        lam, collapsed_share = 0.0, 0.0
+        if st.rank == 0:
+            print(f"[soft] step {step}: collapsing (most sequences down to one token): thresholds scaled by "
+                  f"{c:.4f}, relative FLOPs {flops_now:.3f} on training data, lambda reset", file=sys.stderr)
+            log_row(st.args, {"stage": st.name, "event": "rescaled", "step": step, "scale": round(c, 6)})
+    return lam, collapsed_share, shown
+
+
+def end_stage(st, model, src, step, lam):
+    """
+    The end of a stage: after soft, step 2 (eq. 15 scales the thresholds to the budget, then the mask is binarized,
+    eq. 8); the checkpoint (process 0); after soft, that checkpoint read back and evaluated as infer.py would
+    (a collapsed one stops the run); then DONE.
+    """
+    rank = st.rank
+    if st.name == "soft":  # step 2: binarize the mask (eq. 8); the thresholds learn no more (eq. 15 may rescale them)
+        if st.budget is not None:  # eq. 15: the binarized model meets the budget on training data
+            c, flops_now = calibrate(model, st.enc, st.calib_ids, st.budget)
             if rank == 0:
-                print(f"[binarize] thresholds scaled by {c:.4f}: relative FLOPs {flops_now:.3f} on {len(calib_ids)} training examples")
+                print(f"[binarize] thresholds scaled by {c:.4f}: relative FLOPs {flops_now:.3f} on "
+                      f"{len(st.calib_ids)} training examples")
         model.prune = PruneConfig(**{**model.prune.__dict__, "mode": "hard"})
     if rank == 0:
-        save_stage(model, out, resolve(src))
-    if world > 1:
+        save_stage(model, st.out, resolve(src))
+    if st.world > 1:
         dist.barrier()
-    if stage == "soft":  # the checkpoint step 2 wrote, read back from disk and evaluated as infer.py would
-        row = log_eval(args, ltp.load(out).to(device), task, dev_sets, "binarize", step, epochs, lam, (enc, calib_ids),
-                       world, rank)
+    if st.name == "soft":  # the checkpoint step 2 wrote, read back from disk and evaluated as infer.py would
+        row = log_eval(st, ltp.load(st.out).to(st.device), "binarize", step, st.args.soft_epochs, lam)
         if rank == 0:
             print(json.dumps(row))
         if row.get("collapsed"):
-            raise SystemExit(f"error: {out} collapsed: every dev sequence keeps only its first token after "
-                             f"layer {L - 1}; lower --lam or --threshold-lr, or use --target-flops")
+            raise SystemExit(f"error: {st.out} collapsed: every dev sequence keeps only its first token after layer "
+                             f"{model.cfg.num_hidden_layers - 1}; lower --lam or --threshold-lr, or use --target-flops")
     if rank == 0:
-        atomic_write(os.path.join(out, "DONE"), lambda p: open(p, "w").write("done\n"))
-    if world > 1:
+        atomic_write(os.path.join(st.out, "DONE"), lambda p: open(p, "w").write("done\n"))
+    if st.world > 1:
         dist.barrier()
-    return out
 
 
-def log_eval(args, model, task, dev_sets, stage, step, epoch, lam=None, train_sample=None, world=1, rank=0):
+def log_eval(st, model, stage, step, epoch, lam):
     """
-    Evaluate on dev (every process its share) and append the row to metrics.jsonl (process 0). Task metrics,
-    relative_flops and kept_per_layer describe the hard-pruned model (eq. 8 at the current thresholds: what
-    the stage's checkpoint runs); soft pruning adds soft_* keys (the soft-masked model), the thresholds and
-    lambda; train_relative_flops is the hard model's on train_sample = (encoded training examples, ids).
+    Evaluate on the stage's dev sets (every process its share) and append the row, labelled `stage`, to metrics.jsonl
+    (process 0). Task metrics, relative_flops and kept_per_layer describe the hard-pruned model (eq. 8 at the current
+    thresholds: what the stage's checkpoint runs); soft pruning adds soft_* keys (the soft-masked model), the
+    thresholds and lambda; train_relative_flops is the hard model's on eq. 15's training sample.
     """
+    args, world, rank = st.args, st.world, st.rank
     row = {"stage": stage, "step": step, "epoch": epoch}
     # a quantization-aware model is evaluated as it ships: int8 (glue.predict's packed routine takes model.quant)
     int8 = model.quant is not None and quant.int8_available(model.encoder.theta.device)
     if int8:
         row["precision"] = "int8"
-    for suffix, (enc, labels) in dev_sets.items():
+    for suffix, (enc, labels) in st.dev_sets.items():
         logits, kept = sharded(lambda part: glue.predict(model, part), enc, world, rank)
         r = glue.score(args.task, logits, kept, labels, model.cfg, linear_bits=8 if int8 else 16)
         if suffix:  # MNLI's mismatched dev set: its metrics only
@@ -511,8 +615,8 @@ def log_eval(args, model, task, dev_sets, stage, step, epoch, lam=None, train_sa
             logits, kept = sharded(lambda part: soft_predict(model, part), enc, world, rank)
             soft = glue.score(args.task, logits, kept, labels, model.cfg)
             row.update({f"soft_{k}": v for k, v in soft.items() if k not in ("gflops", "kept_per_layer", "relative_bops")})
-    if train_sample is not None and model.prune.mode != "off":
-        row["train_relative_flops"] = round(train_flops(model, *train_sample), 6)
+    if model.prune.mode != "off":
+        row["train_relative_flops"] = round(train_flops(model, st.enc, st.calib_ids), 6)
     if stage in ("soft", "binarize"):
         row["thresholds"] = [round(v, 6) for v in model.encoder.theta.tolist()]
         row["lam"] = round(lam, 6) if lam is not None else None
