@@ -648,71 +648,25 @@ def save_state(model, optimizer, epoch, batch, path, rank, lam=0.0, collapsed_sh
 
 
 def main(args):
+    """
+    The whole run: the flags' defaults, the processes (torchrun), the model source and the data, then each stage in
+    turn, each starting from the last one's output.
+    """
     task = glue.get_task(args.task)
-    for s in ("finetune", "soft", "hard"):  # --epochs sets every stage not set on its own
-        if getattr(args, f"{s}_epochs") is None and args.epochs is not None:
-            setattr(args, f"{s}_epochs", args.epochs)
-    args.target_given = args.target_flops is not None  # the baselines calibrate to it only when given
-    if args.finetune_lr is None and args.lr is not None:  # one --lr for every stage, as before --finetune-lr
-        args.finetune_lr = args.lr
-    for k, v in {**DEFAULTS, **TASK_OVERRIDES.get(args.task, {})}.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    fill_flag_defaults(args)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    device = torch.device(args.device)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.precision = resolve_precision(args.precision, device)  # auto -> fp32 or bf16, as it ran (args.json)
-
-    # the data and the model source; offline, both fail within seconds with one clear line
-    try:
-        first_src = args.init or args.model
-        src_dir = resolve(first_src)
-        glue.ensure(args.task, args.data_dir, splits=("train", "dev"))
-    except (FileNotFoundError, RuntimeError) as e:  # the download's own line already says what to pass
-        raise SystemExit(f"error: {e}" + ("" if "offline?" in str(e) else " (offline? pass --model with a local model "
-                                          "directory and --data-dir with the GLUE TSV files)"))
+    world, rank, device = start_processes(args)
+    first_src, src_dir = find_inputs(args)
     cfg = ltp.Config.from_json(os.path.join(src_dir, "config.json"))
-    for k, v in size_defaults(cfg).items():  # what the model's depth and width change (see size_defaults)
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    fill_unset(args, size_defaults(cfg))  # what the model's depth and width change (see size_defaults)
     try:
         os.makedirs(args.output_dir, exist_ok=True)
     except OSError as e:
         raise SystemExit(f"error: --output-dir {args.output_dir}: cannot create it ({e.strerror})")
     check_resume(args, stages)
-    tok = Tokenizer.from_dir(src_dir, cfg)
-    if args.max_length:
-        tok = Tokenizer(tok.tok, min(args.max_length, tok.max_length), tok.single_type)
-    train = glue.encode_split(tok, glue.read_split(args.task, args.data_dir, "train"))
-    if args.max_train_tokens:  # only the short examples (the length-robustness experiment, table 3)
-        short = [i for i, e in enumerate(train[0]) if len(e[0]) <= args.max_train_tokens]
-        if not short:
-            raise SystemExit(f"--max-train-tokens {args.max_train_tokens}: no training example is that short")
-        train = [train[0][i] for i in short], [train[1][i] for i in short]
-    if args.max_train_examples:
-        subset = sorted(np.random.default_rng(args.seed).permutation(len(train[0]))[:args.max_train_examples])
-        train = [train[0][i] for i in subset], [train[1][i] for i in subset]
-    dev_sets = {"": glue.encode_split(tok, glue.read_split(args.task, args.data_dir, "dev"))}
-    if "dev_mismatched" in task.splits:
-        dev_sets["_mm"] = glue.encode_split(tok, glue.read_split(args.task, args.data_dir, "dev_mismatched"))
+    train, dev_sets = read_data(args, task, src_dir, cfg)
     if rank == 0:  # written once the data has been read: a run that fails on its input leaves no args.json
-        atomic_write(os.path.join(args.output_dir, "args.json"), lambda p: open(p, "w").write(json.dumps(vars(args), indent=2)))
-        print(f"{args.task}: {len(train[0])} train, {len(dev_sets[''][0])} dev examples; stages {stages}")
-        print(f"settings: batch {args.batch_size}, lr {args.finetune_lr} (fine-tune) / {args.lr}, epochs "
-              f"{args.finetune_epochs}/{args.soft_epochs}/{args.hard_epochs}, "
-              + (f"lambda {args.lam}" if args.lam is not None else
-                 f"target FLOPs {args.target_flops} (eta {args.flops_lr}, reached over the first {args.flops_warmup:.0%} of soft steps)"
-                 if args.method == "threshold" else baseline_knob(args))
-              + f", soft mask {args.soft_mask}, theta_L init {args.final_threshold:.4g}, threshold lr {args.threshold_lr}, "
-              f"T {args.temperature}, {args.precision} (all in {os.path.join(args.output_dir, 'args.json')})")
+        write_settings(args, stages, train, dev_sets)
 
     src = first_src
     if stages and stages[0] != "finetune" and not args.init:  # continue from the previous stage's output
@@ -730,6 +684,97 @@ def main(args):
         src = out
     if world > 1:
         dist.destroy_process_group()
+
+
+def fill_unset(args, defaults):
+    """Every flag named in `defaults` that was not given (None) takes its value there."""
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+
+
+def fill_flag_defaults(args):
+    """
+    The flags not given, before the model is read: --epochs for every stage not set on its own, --lr for fine-tuning
+    too, then the task's TASK_OVERRIDES and DEFAULTS (the model's size_defaults come once its config is read).
+    """
+    for s in ("finetune", "soft", "hard"):  # --epochs sets every stage not set on its own
+        if getattr(args, f"{s}_epochs") is None and args.epochs is not None:
+            setattr(args, f"{s}_epochs", args.epochs)
+    args.target_given = args.target_flops is not None  # the baselines calibrate to it only when given
+    if args.finetune_lr is None and args.lr is not None:  # one --lr for every stage, as before --finetune-lr
+        args.finetune_lr = args.lr
+    fill_unset(args, {**DEFAULTS, **TASK_OVERRIDES.get(args.task, {})})
+
+
+def start_processes(args):
+    """
+    The processes of a torchrun (WORLD_SIZE, RANK; without them, one), this one's device and torch's CPU threads;
+    --precision auto becomes what runs. Returns (world, rank, device).
+    """
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    device = torch.device(args.device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.precision = resolve_precision(args.precision, device)  # auto -> fp32 or bf16, as it ran (args.json)
+    return world, rank, device
+
+
+def find_inputs(args):
+    """
+    The data and the model source; offline, both fail within seconds with one clear line. Returns the first stage's
+    source as given (--init or --model) and its local directory.
+    """
+    try:
+        first_src = args.init or args.model
+        src_dir = resolve(first_src)
+        glue.ensure(args.task, args.data_dir, splits=("train", "dev"))
+    except (FileNotFoundError, RuntimeError) as e:  # the download's own line already says what to pass
+        raise SystemExit(f"error: {e}" + ("" if "offline?" in str(e) else " (offline? pass --model with a local model "
+                                          "directory and --data-dir with the GLUE TSV files)"))
+    return first_src, src_dir
+
+
+def read_data(args, task, src_dir, cfg):
+    """
+    The task's training set (encoded, with the subsets --max-train-tokens and --max-train-examples ask for) and its
+    dev sets: (encoded examples, labels), and {"": dev (, "_mm": MNLI's mismatched dev)}.
+    """
+    tok = Tokenizer.from_dir(src_dir, cfg)
+    if args.max_length:
+        tok = Tokenizer(tok.tok, min(args.max_length, tok.max_length), tok.single_type)
+    train = glue.encode_split(tok, glue.read_split(args.task, args.data_dir, "train"))
+    if args.max_train_tokens:  # only the short examples (the length-robustness experiment, table 3)
+        short = [i for i, e in enumerate(train[0]) if len(e[0]) <= args.max_train_tokens]
+        if not short:
+            raise SystemExit(f"--max-train-tokens {args.max_train_tokens}: no training example is that short")
+        train = [train[0][i] for i in short], [train[1][i] for i in short]
+    if args.max_train_examples:
+        subset = sorted(np.random.default_rng(args.seed).permutation(len(train[0]))[:args.max_train_examples])
+        train = [train[0][i] for i in subset], [train[1][i] for i in subset]
+    dev_sets = {"": glue.encode_split(tok, glue.read_split(args.task, args.data_dir, "dev"))}
+    if "dev_mismatched" in task.splits:
+        dev_sets["_mm"] = glue.encode_split(tok, glue.read_split(args.task, args.data_dir, "dev_mismatched"))
+    return train, dev_sets
+
+
+def write_settings(args, stages, train, dev_sets):
+    """OUTPUT/args.json (every flag as the run uses it), and the run's settings in two lines."""
+    atomic_write(os.path.join(args.output_dir, "args.json"), lambda p: open(p, "w").write(json.dumps(vars(args), indent=2)))
+    print(f"{args.task}: {len(train[0])} train, {len(dev_sets[''][0])} dev examples; stages {stages}")
+    print(f"settings: batch {args.batch_size}, lr {args.finetune_lr} (fine-tune) / {args.lr}, epochs "
+          f"{args.finetune_epochs}/{args.soft_epochs}/{args.hard_epochs}, "
+          + (f"lambda {args.lam}" if args.lam is not None else
+             f"target FLOPs {args.target_flops} (eta {args.flops_lr}, reached over the first {args.flops_warmup:.0%} of soft steps)"
+             if args.method == "threshold" else baseline_knob(args))
+          + f", soft mask {args.soft_mask}, theta_L init {args.final_threshold:.4g}, threshold lr {args.threshold_lr}, "
+          f"T {args.temperature}, {args.precision} (all in {os.path.join(args.output_dir, 'args.json')})")
 
 
 # the flags that shape a run's result: --resume refuses to continue a run written with other values
