@@ -388,6 +388,47 @@ def plot(result, path):
 # ---------------------------------------------------------------------------------------------
 
 def main(args):
+    """
+    Load the model and the inputs, build every runtime measured (the packed routine per precision, transformers,
+    ONNX Runtime), measure the rows, then the speedups, the pruned rows' agreement across precisions and the outputs.
+    """
+    model, path, encoded, allocator = load_inputs(args)
+    pms, recheck, int8_activations = packed_models(args, model, path)
+    print("measuring the peak GEMM rate ...", file=sys.stderr)
+    peak = peak_gflops(args.device, args.peak_repeats, bf16="bf16" in pms)
+    hf, sessions, checks = load_references(args, model, path, pms, encoded)
+    rows, ltp_out = measure_rows(args, model, encoded, pms, recheck, hf, sessions)
+    # the peak again at the end: the machine's load may have changed meanwhile; report the better of the two
+    end = peak_gflops(args.device, args.peak_repeats, bf16="bf16" in pms)
+    peak = {k: max(v, end.get(k, 0.0)) for k, v in peak.items()} | {"best_start": peak["best"], "best_end": end["best"]}
+    add_speedups(rows)
+    agreement = agreements(args, ltp_out, rows, model.cfg)
+    result = {
+        "setup": {
+            **run_setup(args, model, path, encoded, pms),
+            **checks,
+            **agreement,
+            "int8_activations": int8_activations,
+            **pruning_setup(args, model, path, encoded, pms, ltp_out),
+            "peak_memory": "CPU: growth of peak resident set (VmHWM) over the resident set before each method's runs; "
+                           "cuda: torch.cuda.max_memory_allocated growth",
+            "torch": torch.__version__, "allocator": allocator,
+        },
+        "peak_gflops": peak,
+        "rows": rows,
+    }
+    if not args.skip_topk:
+        print(f"appendix A.2: top-k vs threshold, {args.topk_runs} runs each ...", file=sys.stderr)
+        result["topk"] = topk_vs_threshold(args.device, args.topk_runs)
+    write_outputs(args, result)
+    return result
+
+
+def load_inputs(args):
+    """
+    Threads and allocator set, the device and the output paths checked (before any measuring), the model on its
+    device and the inputs encoded. Returns (model, its directory, the encoded inputs, the allocator's words).
+    """
     if args.threads:
         torch.set_num_threads(args.threads)
     allocator = "glibc, freed memory kept (ltp.cli.tune_allocator)" if tune_allocator() else "default"
@@ -401,22 +442,31 @@ def main(args):
         texts = texts[:args.max_examples]
     model = load_model(args.model, args.final_threshold, need_head=False).to(dev)
     path = ltp.model.resolve(args.model)
-    cfg = model.cfg
-    tok = ltp.Tokenizer.from_dir(path, cfg)
-    encoded = tok.encode(texts)
-    lengths = [len(i) for i, _ in encoded]
-    L, C, I = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
-    prune = model.prune
+    tok = ltp.Tokenizer.from_dir(path, model.cfg)
+    return model, path, tok.encode(texts), allocator
+
+
+ONEDNN = {"auto": None, "on": True, "off": False}  # --onednn -> PackedModel's onednn
+
+
+def packed_models(args, model, path):
+    """
+    The packed routine in each precision of --precision (default: the checkpoint's own), int8 with the checkpoint's
+    quant.json if it has one; with --recheck a bf16 one that rechecks. Returns ({precision: PackedModel}, the
+    rechecking one or None, int8's activations in words or None).
+    """
+    dev = args.device
     if args.precision is None:  # the checkpoint's own: int8 for a quantization-aware one (on x86 CPUs), else fp32
         args.precision = ["int8" if model.quant is not None and quant.int8_available(dev) else "fp32"]
     precisions = list(dict.fromkeys(resolve_precision(p, dev) for p in args.precision))  # auto resolved, no repeats
-    onednn = {"auto": None, "on": True, "off": False}[args.onednn]
-    calibration = quant.load_calibration(path, cfg) if "int8" in precisions else None  # quant.json, if calibrated
+    onednn = ONEDNN[args.onednn]
+    calibration = quant.load_calibration(path, model.cfg) if "int8" in precisions else None  # quant.json, if calibrated
     pms = {p: PackedModel(model, onednn=onednn, precision=p, calibration=calibration if p == "int8" else None,
                           static=None if args.int8_scales is None else p == "int8" and args.int8_scales == "static")
            for p in precisions}
+    int8_activations = quant.describe(calibration, pms["int8"].static) if "int8" in precisions else None
     if "int8" in precisions:
-        print(f"int8: {quant.describe(calibration, pms['int8'].static)}", file=sys.stderr)
+        print(f"int8: {int8_activations}", file=sys.stderr)
     recheck = (PackedModel(model, onednn=onednn, precision="bf16", recheck=args.recheck)
                if args.recheck and "bf16" in precisions else None)
     if recheck is not None and not recheck.rechecking():
@@ -424,62 +474,105 @@ def main(args):
     if args.recheck and recheck is None:
         print(f"--recheck {args.recheck:g} ignored: it needs bf16 in --precision and pruning by thresholds", file=sys.stderr)
     print(f"precision: {', '.join(precisions)} (asked: {','.join(args.precision)})", file=sys.stderr)
-    if prune.mode == "off":
+    if model.prune.mode == "off":
         print("no ltp.json and no --final-threshold: no ltp rows (pass --final-threshold 0.01 to prune)", file=sys.stderr)
+    return pms, recheck, int8_activations
 
-    print("measuring the peak GEMM rate ...", file=sys.stderr)
-    peak = peak_gflops(dev, args.peak_repeats, bf16="bf16" in precisions)
+
+def load_references(args, model, path, pms, encoded):
+    """
+    transformers' model and the ONNX Runtime sessions from the same directory (unless --skip-hf / --skip-ort), each
+    checked against the packed routine with pruning off. Returns them (None and {} when left out) and the setup's
+    keys of those checks.
+    """
+    dev, prune = args.device, model.prune
     hf = None if args.skip_hf else load_hf(path, model.head is not None, args.hf_attn, dev)
     hf_diff = {}
     if hf is not None:
         model.prune = ltp.PruneConfig(mode="off")
-        hf_diff = {p: check_same_model(hf, pms[p], encoded, dev) for p in precisions if p != "int8"}
+        hf_diff = {p: check_same_model(hf, pms[p], encoded, dev) for p in pms if p != "int8"}
         model.prune = prune
     sessions, ort_info = {}, {}
     if not args.skip_ort:  # checked against the fp32 packed routine, pruning off
         model.prune = ltp.PruneConfig(mode="off")
-        sessions, ort_info = load_ort(path, pms.get("fp32") or PackedModel(model, onednn=onednn), encoded, dev)
+        fp32 = pms.get("fp32") or PackedModel(model, onednn=ONEDNN[args.onednn])
+        sessions, ort_info = load_ort(path, fp32, encoded, dev)
         model.prune = prune
+    return hf, sessions, {
+        "hf_attention": args.hf_attn if hf is not None else None,
+        "hf_max_abs_diff": hf_diff,  # per precision: transformers vs the packed routine, pruning off, 4 examples
+        # ort_max_abs_diff: per ort method, ONNX Runtime vs the fp32 packed routine, pruning off, 4 examples
+        **({"onnxruntime": None, "ort_fused_ops": {}, "ort_max_abs_diff": {}} | ort_info)}
 
+
+def methods_to_run(model, pms, recheck, hf, sessions):
+    """Every (method, precision) of the rows, in the table's order, and what runs it: transformers' model, a
+    PackedModel or an ONNX Runtime session."""
+    engines = {}
+    for p in pms:
+        for m in METHODS:
+            if not (m.startswith("hf") and (hf is None or p == "int8") or m == "ltp" and model.prune.mode == "off"):
+                engines[m, p] = hf if m.startswith("hf") else pms[p]
+    if recheck is not None:
+        engines["ltp-recheck", "bf16"] = recheck
+    engines |= {(m, p): sessions[m] for m, p in ORT_METHODS.items() if m in sessions}
+    return engines
+
+
+def runner(method, precision, engine, bs, model, encoded, dev):
+    """A function running one full pass of `method` at batch size bs in `precision` on `engine` (methods_to_run), its
+    inputs prepared beforehand; given `part`, it runs only the first `part` batches."""
+    if method.startswith("hf"):
+        batches = hf_batches(encoded, bs, method == "hf-sorted", model.cfg, dev)
+        return lambda part=None: hf_pass(engine, batches[:part], precision)
+    if method in ORT_METHODS:  # hf-sorted's batches
+        batches = hf_batches(encoded, bs, True, model.cfg, dev)
+        return lambda part=None: ort_pass(engine, batches[:part])
+    batches = make_batches(encoded, bs, sort=True, device=dev)
+    prune = model.prune
+    mode = prune if method.startswith("ltp") else ltp.PruneConfig(mode="off")
+
+    def run(part=None):
+        model.prune = mode  # PackedModel reads model.prune at every call
+        out = forward_batches(engine, batches[:part], len(encoded))
+        model.prune = prune
+        return out
+    return run
+
+
+def time_in_turns(runs, repeats, dev):
+    """
+    Warm-up on a few batches (allocator, MKL / oneDNN kernel selection), then `repeats` timed passes of each of
+    `runs`. The repeats go round the runs, so a change in the machine's load hits every method alike. Returns each
+    one's times (s) and peak memory (MB).
+    """
+    for run in runs.values():
+        run(8)
+    times, mem = {k: [] for k in runs}, {k: 0.0 for k in runs}
+    for _ in range(repeats):
+        for k, run in runs.items():
+            with PeakMemory(dev) as pmem:
+                times[k].append(timed(run, dev, 1, warmup=0)[0])
+            mem[k] = max(mem[k], pmem.mb)
+    return times, mem
+
+
+def measure_rows(args, model, encoded, pms, recheck, hf, sessions):
+    """
+    One row per method, precision and batch size, speedups not yet filled in. Returns the rows and ltp_out, the ltp
+    rows' (out, kept) per precision ("ltp-recheck" under its name) at the first batch size.
+    """
+    dev, cfg = args.device, model.cfg
+    lengths = [len(i) for i, _ in encoded]
+    L, C, I = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
     unpruned_flops = sum(fl.unpruned_flops(n, L, C, I) for n in lengths)
     unpruned_kept = [[n] * (L + 1) for n in lengths]  # the kept counts of the rows that do not prune
-    no_prune = ltp.PruneConfig(mode="off")
-
-    def runner(method, bs, precision):
-        """A function running one full pass of `method` at batch size bs in `precision` (inputs prepared beforehand)."""
-        if method.startswith("hf"):
-            batches = hf_batches(encoded, bs, method == "hf-sorted", cfg, dev)
-            return lambda part=None: hf_pass(hf, batches[:part], precision)
-        if method in ORT_METHODS:  # hf-sorted's batches
-            batches = hf_batches(encoded, bs, True, cfg, dev)
-            return lambda part=None: ort_pass(sessions[method], batches[:part])
-        batches = make_batches(encoded, bs, sort=True, device=dev)
-        mode = prune if method.startswith("ltp") else no_prune
-
-        def run(part=None):
-            model.prune = mode  # PackedModel reads model.prune at every call
-            out = forward_batches(recheck if method == "ltp-recheck" else pms[precision], batches[:part], len(encoded))
-            model.prune = prune
-            return out
-        return run
-
+    engines = methods_to_run(model, pms, recheck, hf, sessions)
     rows, ltp_out = [], {}
     for bs in args.batch_sizes:
-        methods = [(m, p) for p in precisions for m in METHODS
-                   if not (m.startswith("hf") and (hf is None or p == "int8") or m == "ltp" and prune.mode == "off")]
-        methods += [("ltp-recheck", "bf16")] if recheck is not None else []
-        methods += [(m, p) for m, p in ORT_METHODS.items() if m in sessions]
-        runs = {mp: runner(mp[0], bs, mp[1]) for mp in methods}
-        for mp in methods:  # warm-up on a few batches (allocator, MKL / oneDNN kernel selection)
-            runs[mp](8)
-        # The repeats go round the methods, so a change in the machine's load hits every method alike.
-        times, mem = {mp: [] for mp in methods}, {mp: 0.0 for mp in methods}
-        for _ in range(args.repeats):
-            for mp in methods:
-                with PeakMemory(dev) as pmem:
-                    times[mp].append(timed(runs[mp], dev, 1, warmup=0)[0])
-                mem[mp] = max(mem[mp], pmem.mb)
-        for m, p in methods:
+        runs = {(m, p): runner(m, p, engine, bs, model, encoded, dev) for (m, p), engine in engines.items()}
+        times, mem = time_in_turns(runs, args.repeats, dev)
+        for m, p in runs:
             sec = statistics.median(times[m, p])
             flops, row_kept = unpruned_flops, unpruned_kept
             if m.startswith("ltp"):
@@ -499,10 +592,13 @@ def main(args):
             rows.append(row)
             print(f"  {m:17s} {p} batch {bs:4d}: {row['examples_per_s']:8.1f} examples/s, "
                   f"{row['gflops_per_s']:6.1f} useful GFLOP/s, peak +{mem[m, p]:.0f} MB", file=sys.stderr)
-    # the peak again at the end: the machine's load may have changed meanwhile; report the better of the two
-    end = peak_gflops(dev, args.peak_repeats, bf16="bf16" in precisions)
-    peak = {k: max(v, end.get(k, 0.0)) for k, v in peak.items()} | {"best_start": peak["best"], "best_end": end["best"]}
-    for r in rows:  # speedups against the same batch size, in the same precision (and against hf-sorted fp32)
+    return rows, ltp_out
+
+
+def add_speedups(rows):
+    """Each row's speedups against the same batch size: vs packed and vs hf-sorted in its precision, vs hf-sorted
+    fp32 (rows in another precision), and vs the best ORT row (ort_speedups)."""
+    for r in rows:
         same = {(x["method"], x["precision"]): x["examples_per_s"] for x in rows if x["batch_size"] == r["batch_size"]}
         if ("packed", r["precision"]) in same and r["method"] != "packed":
             r["speedup_vs_packed"] = r["examples_per_s"] / same["packed", r["precision"]]
@@ -511,8 +607,13 @@ def main(args):
         if ("hf-sorted", "fp32") in same and r["precision"] != "fp32":
             r["speedup_vs_hf_sorted_fp32"] = r["examples_per_s"] / same["hf-sorted", "fp32"]
     ort_speedups(rows)
+
+
+def agreements(args, ltp_out, rows, cfg):
+    """What bf16 and int8 change in the pruned model's decisions (decisions_agree), and bf16 with --recheck: the
+    setup's bf16_vs_fp32 and int8_vs_fp32 (None without fp32 and that precision among the ltp rows)."""
     agreement, int8_agreement = None, None
-    if "fp32" in ltp_out:  # what bf16 and int8 change in the pruned model's decisions
+    if "fp32" in ltp_out:
         agreement = decisions_agree(ltp_out, "bf16", cfg)
         int8_agreement = decisions_agree(ltp_out, "int8", cfg)
         if "ltp-recheck" in ltp_out and agreement is not None:  # the same with --recheck
@@ -525,41 +626,41 @@ def main(args):
             print(f"bf16 --recheck {args.recheck:g} vs fp32 (ltp-recheck): {agreement['recheck']['rechecked']:.1%} of the "
                   f"examples ran again in fp32; kept counts equal in every layer on "
                   f"{agreement['recheck']['kept_all_layers']:.1%}", file=sys.stderr)
+    return {"bf16_vs_fp32": agreement,  # the ltp rows' kept counts and labels, bf16 against fp32 (first batch size)
+            "int8_vs_fp32": int8_agreement}  # the same, int8 against fp32
 
-    ltp_kept = ltp_out[precisions[0]][1] if ltp_out else None
+
+def run_setup(args, model, path, encoded, pms):
+    """The setup's first keys: the model, the data, the machine and how the rows were measured."""
+    cfg, lengths = model.cfg, [len(i) for i, _ in encoded]
+    return {"model": args.model, "model_name": os.path.basename(os.path.normpath(path)), "model_type": cfg.model_type,
+            "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "head": model.head is not None,
+            "precisions": list(pms), "data": f"{args.task} {args.split}" if args.task else args.input,
+            "examples": len(encoded), "mean_tokens": sum(lengths) / len(lengths), "threads": torch.get_num_threads(),
+            "device": args.device, "linear": "oneDNN prepacked" if next(iter(pms.values())).onednn else "F.linear",
+            "repeats": args.repeats}
+
+
+def pruning_setup(args, model, path, encoded, pms, ltp_out):
+    """The setup's pruning keys: what decides it, and the FLOPs and kept tokens of the first precision's ltp rows
+    (unpruned without them)."""
+    cfg, prune, lengths = model.cfg, model.prune, [len(i) for i, _ in encoded]
+    L = cfg.num_hidden_layers
+    unpruned_flops = sum(fl.unpruned_flops(n, L, cfg.hidden_size, cfg.intermediate_size) for n in lengths)
+    ltp_kept = ltp_out[next(iter(pms))][1] if ltp_out else None
     kept = ltp_kept if ltp_kept is not None else torch.tensor([[n] * (L + 1) for n in lengths])
     g_ltp, rel = fl.flops_summary(kept, cfg)
-    result = {
-        "setup": {
-            "model": args.model, "model_name": os.path.basename(os.path.normpath(path)), "model_type": cfg.model_type,
-            "layers": L, "hidden": C, "head": model.head is not None, "precisions": precisions,
-            "data": f"{args.task} {args.split}" if args.task else args.input, "examples": len(encoded),
-            "mean_tokens": sum(lengths) / len(lengths), "threads": torch.get_num_threads(), "device": dev,
-            "linear": "oneDNN prepacked" if pms[precisions[0]].onednn else "F.linear",
-            "repeats": args.repeats,
-            "hf_attention": args.hf_attn if hf is not None else None,
-            "hf_max_abs_diff": hf_diff,  # per precision: transformers vs the packed routine, pruning off, 4 examples
-            # ort_max_abs_diff: per ort method, ONNX Runtime vs the fp32 packed routine, pruning off, 4 examples
-            **({"onnxruntime": None, "ort_fused_ops": {}, "ort_max_abs_diff": {}} | ort_info),
-            "bf16_vs_fp32": agreement,  # the ltp rows' kept counts and labels, bf16 against fp32 (first batch size)
-            "int8_vs_fp32": int8_agreement,  # the same, int8 against fp32
-            "int8_activations": quant.describe(calibration, pms["int8"].static) if "int8" in precisions else None,
-            "pruning": (describe(prune, model.encoder.theta)
+    return {"pruning": (describe(prune, model.encoder.theta)
                         + (" (manual, linear-rising)" if args.final_threshold is not None and not
                            os.path.isfile(os.path.join(path, "ltp.json")) else " (ltp.json)"))
                        if prune.mode != "off" else "off",
             "gflops_unpruned": unpruned_flops / len(lengths) / 1e9, "gflops_ltp": g_ltp, "relative_flops": rel,
-            "kept_per_layer": " ".join(f"{v:.1f}" for v in kept.float().mean(0).tolist()),
-            "peak_memory": "CPU: growth of peak resident set (VmHWM) over the resident set before each method's runs; "
-                           "cuda: torch.cuda.max_memory_allocated growth",
-            "torch": torch.__version__, "allocator": allocator,
-        },
-        "peak_gflops": peak,
-        "rows": rows,
-    }
-    if not args.skip_topk:
-        print(f"appendix A.2: top-k vs threshold, {args.topk_runs} runs each ...", file=sys.stderr)
-        result["topk"] = topk_vs_threshold(dev, args.topk_runs)
+            "kept_per_layer": " ".join(f"{v:.1f}" for v in kept.float().mean(0).tolist())}
+
+
+def write_outputs(args, result):
+    """The Markdown report on stdout and in --markdown, the result in --json, the plot in --plot (default: next to
+    --json)."""
     md = markdown(result)
     print(md)
     for out, text in ((args.json, json.dumps(result, indent=2) + "\n"), (args.markdown, md)):
@@ -567,7 +668,6 @@ def main(args):
             ltp.model.atomic_write(out, lambda p: open(p, "w").write(text))
     if args.plot or args.json:
         plot(result, args.plot or os.path.splitext(args.json)[0] + ".png")
-    return result
 
 
 def precision_list(s):
