@@ -376,8 +376,33 @@ def load(path_or_id, num_labels=None, new_head_ok=False):
     (a pretrained encoder about to be fine-tuned: the new head is initialised, and we say so).
     Strict: every checkpoint tensor is used or dropped on purpose, every parameter is filled, shapes match.
     """
-    from safetensors.torch import load_file
     path = resolve(path_or_id)
+    cfg, sd = read_checkpoint(path)
+    has_head, num_labels = head_labels(sd, path, num_labels, new_head_ok)
+    model = Model(cfg, num_labels or 0)
+    filled, used = match_tensors(model, sd, path, has_head)
+    new = [k for k in model.state_dict() if k not in filled and k != "encoder.theta"]
+    # strict=False only because theta (and a new head) are not in the checkpoint; every tensor was checked above
+    model.load_state_dict(filled, strict=False)
+    ltp_json = os.path.join(path, "ltp.json")
+    if os.path.isfile(ltp_json):
+        # every key known, typed, finite, one threshold per layer (checks.py): a NaN threshold would prune every token
+        model.prune, theta = check_ltp_json(read_json(ltp_json), ltp_json, cfg.num_hidden_layers)
+        model.encoder.theta.data.copy_(torch.tensor(theta, dtype=torch.float32))
+    calibration = quant.load_calibration(path, cfg)
+    if calibration is not None and "qat" in calibration:  # trained for int8: its linears fake-quantized, static scales
+        model.quant = calibration
+        quant.fake_quantize_model(model, quant.needs_reduce_range(), calibration, static=True)
+    print(f"loaded {path}: {cfg.model_type}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+          f"{len(used)} tensors" + (f", new head ({num_labels} labels)" if new else "")
+          + (f", pruning {model.prune.mode}" if model.prune.mode != "off" else "")
+          + (", quantization-aware int8" if model.quant is not None else ""))
+    return model
+
+
+def read_checkpoint(path):
+    """The Config of path/config.json and the tensors of path/model.safetensors, refused if corrupt or not finite."""
+    from safetensors.torch import load_file
     for name in ("config.json", "model.safetensors"):
         if not os.path.isfile(os.path.join(path, name)):
             raise FileNotFoundError(f"{os.path.join(path, name)}: file not found")
@@ -390,6 +415,11 @@ def load(path_or_id, num_labels=None, new_head_ok=False):
     if bad:  # a corrupt or diverged checkpoint: NaN logits would still give a label, and prune every token
         raise ValueError(f"{os.path.join(path, 'model.safetensors')}: tensor {bad[0]!r} has non-finite values"
                          + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""))
+    return cfg, sd
+
+
+def head_labels(sd, path, num_labels, new_head_ok):
+    """Whether the checkpoint tensors `sd` hold a classification head, and the number of labels the model gets."""
     has_head = any(k.startswith("classifier.") for k in sd)
     if has_head:
         head_w = sd.get("classifier.out_proj.weight", sd.get("classifier.weight"))
@@ -399,8 +429,16 @@ def load(path_or_id, num_labels=None, new_head_ok=False):
         num_labels = n
     elif num_labels and not new_head_ok:
         raise ValueError(f"{path}: checkpoint has no classification head (no 'classifier.*' tensors)")
-    model = Model(cfg, num_labels or 0)
-    prefix = cfg.model_type + "."
+    return has_head, num_labels
+
+
+def match_tensors(model, sd, path, has_head):
+    """
+    The checkpoint tensors `sd` matched to the model's parameters by hf_names, strictly: returns {our name: tensor}
+    and the checkpoint keys used; a missing tensor, a shape that differs or a key neither used nor in DROPPED is an
+    error.
+    """
+    prefix = model.cfg.model_type + "."
     own = model.state_dict()
     used, filled, missing = set(), {}, []
     for ours, hf in hf_names(model).items():
@@ -421,23 +459,7 @@ def load(path_or_id, num_labels=None, new_head_ok=False):
         raise KeyError(f"{path}/model.safetensors: " + "; ".join(
             f"{what} tensor(s) {', '.join(map(repr, keys[:3]))}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
             for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys))
-    # strict=False only because theta (and a new head) are not in the checkpoint; every tensor was checked above
-    model.load_state_dict(filled, strict=False)
-    ltp_json = os.path.join(path, "ltp.json")
-    if os.path.isfile(ltp_json):
-        # every key known, typed, finite, one threshold per layer (checks.py): a NaN threshold would prune every token
-        model.prune, theta = check_ltp_json(read_json(ltp_json), ltp_json, cfg.num_hidden_layers)
-        model.encoder.theta.data.copy_(torch.tensor(theta, dtype=torch.float32))
-    calibration = quant.load_calibration(path, cfg)
-    if calibration is not None and "qat" in calibration:  # trained for int8: its linears fake-quantized, static scales
-        model.quant = calibration
-        quant.fake_quantize_model(model, quant.needs_reduce_range(), calibration, static=True)
-    new = [k for k in own if k not in filled and k != "encoder.theta"]
-    print(f"loaded {path}: {cfg.model_type}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-          f"{len(used)} tensors" + (f", new head ({num_labels} labels)" if new else "")
-          + (f", pruning {model.prune.mode}" if model.prune.mode != "off" else "")
-          + (", quantization-aware int8" if model.quant is not None else ""))
-    return model
+    return filled, used
 
 
 def read_json(path):
