@@ -313,16 +313,7 @@ class PackedModel:
             logits = logits + live.log()[:, None, None, :]
         probs = logits.softmax(dim=-1)
         if l is not None:
-            enc = self.model.encoder
-            prune = enc.prune
-            s = importance_score(probs, live, prune.score_length)          # eq. 7, (B, N)
-            if prune.method == "threshold":
-                m = hard_mask(s, enc.theta[l], live) > 0                   # eq. 8, (B, N) bool
-                if near_threshold is not None:  # recheck: a live token, not the first, scored within the margin
-                    close = ((s - enc.theta[l]).abs() < self.recheck * enc.theta[l].abs()) & (live > 0)
-                    near_threshold |= close[:, 1:].any(1)
-            else:  # the rank-based baselines (baselines.py)
-                m = rank_mask(prune, s, live, initial_lengths, l, len(self.layers)) > 0
+            m = self.keep_mask(probs, live, l, initial_lengths, near_threshold)  # (B, N) bool
             # (token 0 is always kept, so a sequence's first row stays its first row)
             n_out = m.sum(1)                                               # (B,)
         if l is None or bool((n_out == lengths).all()):
@@ -335,6 +326,23 @@ class PackedModel:
         y = self.merge_heads(probs, v).index_select(0, slots)              # (T', C), in packed order
         rows = slots if B == 1 else (start[:, None] + j).view(-1)[slots]   # (T',) their rows in x (one sequence: the same)
         return self.after_attention(x.index_select(0, rows), y, w), n_out
+
+    def keep_mask(self, probs, live, l, initial_lengths, near_threshold):
+        """
+        The tokens that survive layer l, (B, N) bool: eq. 7's scores of A (B, H, N, N) over the live tokens (B, N),
+        then eq. 8's threshold test (pruning.hard_mask, as Encoder.forward), or a baseline's ranking on initial_lengths
+        (baselines.rank_mask). near_threshold (B,) bool or None: see layer.
+        """
+        enc = self.model.encoder
+        prune = enc.prune
+        s = importance_score(probs, live, prune.score_length)              # eq. 7, (B, N)
+        if prune.method != "threshold":  # the rank-based baselines (baselines.py)
+            return rank_mask(prune, s, live, initial_lengths, l, len(self.layers)) > 0
+        m = hard_mask(s, enc.theta[l], live) > 0                           # eq. 8, (B, N) bool
+        if near_threshold is not None:  # recheck: a live token, not the first, scored within the margin
+            close = ((s - enc.theta[l]).abs() < self.recheck * enc.theta[l].abs()) & (live > 0)
+            near_threshold |= close[:, 1:].any(1)
+        return m
 
     def merge_heads(self, a, v):
         """
