@@ -405,8 +405,8 @@ def make_optimizer(model, stage, args):
 def resume_stage(st, model, optimizer, lam):
     """
     --resume with a state.pt: its weights, optimizer and data position, lambda and the collapse guard's running mean
-    (collapsed_share), and this process's RNG streams. Returns ((epoch, batch), lam, collapsed_share): where the
-    stage goes on, (0, 0) and the values given without a state.
+    (collapsed_share), and this process's RNG streams. Returns ((epoch, batch), lam, collapsed_share), (epoch, batch)
+    where the stage goes on; without a state.pt, ((0, 0), lam as given, 0.0).
     """
     if not (st.args.resume and os.path.isfile(st.state_path)):
         return (0, 0), lam, 0.0
