@@ -223,3 +223,26 @@ def test_bench_int8_rows(tmp_path):
     (tmp_path / "m" / "quant.json").write_text(json.dumps(
         {"alpha": None, "layers": [{"qkv": entry, "out": entry, "fc1": entry, "fc2": entry}] * 2, "examples": 7}))
     assert "static, no smoothing (quant.json, 7 examples)" in run(args + ["--int8-scales", "static"])["setup"]["int8_activations"]
+
+
+def test_timed_passes_run_outside_the_peak_memory_probe(monkeypatch):
+    """PeakMemory trims the heap before its block: a timed pass inside it would pay page faults that the rows
+    otherwise avoid. Each run: one warm-up, `repeats` timed passes with no probe around them, one probed pass."""
+    calls, probing = [], []
+
+    class Probe:
+        def __init__(self, device):
+            pass
+
+        def __enter__(self):
+            probing.append(True)
+            self.mb = 1.0
+            return self
+
+        def __exit__(self, *exc):
+            probing.pop()
+    monkeypatch.setattr(bench, "PeakMemory", Probe)
+    runs = {k: (lambda part=None, k=k: calls.append((k, part, bool(probing)))) for k in ("a", "b")}
+    times, mem = bench.time_in_turns(runs, 3, "cpu")
+    assert [c for c in calls if c[0] == "a"] == [("a", 8, False)] + [("a", None, False)] * 3 + [("a", None, True)]
+    assert len(times["a"]) == len(times["b"]) == 3 and mem == {"a": 1.0, "b": 1.0}
