@@ -91,7 +91,8 @@ def test_quantize_int8_with_distill_resumes_bit_identically(tmp_path):
 @INT8
 def test_saved_qat_checkpoint_runs_int8_and_equals_its_fake_quant_forward(tmp_path):
     """ltp.load gives the checkpoint back fake-quantized (model.quant set); PackedModel runs it in int8 with its static
-    scales by default, and that equals the fake-quant mask forward: same kept counts, logits within 1e-4."""
+    scales by default, and that equals the fake-quant mask forward: same kept counts, logits within 1e-4 but where a
+    rounding tie goes the other way (see test_quant's dynamic test: a few quantization steps, on a few examples)."""
     make_glue(tmp_path / "glue", n_dev=32)
     make_model(tmp_path / "m")
     qat_run(tmp_path, tmp_path / "a")
@@ -109,7 +110,8 @@ def test_saved_qat_checkpoint_runs_int8_and_equals_its_fake_quant_forward(tmp_pa
         fp32 = PackedModel(model, precision="fp32")
         out32 = packed_forward(fp32, encoded)[0]
     assert torch.equal(kept, ref_kept)
-    assert (out - ref).abs().max() < 1e-4
+    diff = (out - ref).abs().amax(1)
+    assert diff.max() < 0.05 and (diff < 1e-4).float().mean() >= 0.9
     assert fp32.precision == "fp32" and (out32 - out).abs().max() > 0
     # infer.py runs it in int8 by default, with the same result
     import infer
@@ -119,7 +121,8 @@ def test_saved_qat_checkpoint_runs_int8_and_equals_its_fake_quant_forward(tmp_pa
                                               "--output", str(tmp_path / "rows.jsonl")]))
     rows = [json.loads(l) for l in open(tmp_path / "rows.jsonl")]
     assert [r["kept"] for r in rows] == ref_kept.tolist()
-    assert (torch.tensor([r["logits"] for r in rows]) - ref).abs().max() < 1e-4
+    diff = (torch.tensor([r["logits"] for r in rows]) - out).abs().amax(1)  # infer.py's rows are PackedModel's,
+    assert diff.max() < 0.05 and (diff < 1e-5).float().mean() >= 0.9       # in its own batches (ties as above)
     # and the rows train.py logged are this checkpoint's, read back from disk
     row = [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl") if '"hard"' in l and "event" not in l][-1]
     assert row["accuracy"] == pytest.approx(glue.accuracy(out.argmax(1).tolist(), labels), abs=1e-6)

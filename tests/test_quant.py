@@ -173,7 +173,11 @@ def test_packed_int8_static_equals_fake_quant_mask_forward():
 @torch.inference_mode()
 def test_packed_int8_dynamic_equals_fake_quant_mask_forward():
     """Dynamic scales (the kernel's own min / max per call), smoothed or not, on one sequence: the same rows as the
-    mask forward, so the same result."""
+    mask forward, so the same result, up to a rounding tie. The two forwards sum in different orders (and with the
+    thread count), and an input that lands within an ulp of a quantizer's .5 then rounds the other way, moving an
+    output by about one step s_x |W| (measured: 5e-3 in one trial of eight at one thread). So: kept counts equal
+    always, outputs within 1e-4 in most trials and within a few steps in all."""
+    exact = 0
     for trial in range(8):
         rng = random.Random(trial)
         model = tiny_model(("bert", "roberta")[trial % 2], (0, 2, 1)[trial % 3], seed=trial, layers=3)
@@ -182,7 +186,10 @@ def test_packed_int8_dynamic_equals_fake_quant_mask_forward():
         ref, ref_kept = mask_forward(quant.fake_quantize_model(copy.deepcopy(model), RR, cal), encoded)
         out, kept = packed_forward(PackedModel(model, precision="int8", calibration=cal), encoded)
         assert torch.equal(kept, ref_kept)
-        assert (out - ref).abs().max() < 1e-4, trial  # smoothed: x (1/s) here, x / s there, an ulp apart
+        diff = (out - ref).abs().max()  # smoothed: x (1/s) here, x / s there, an ulp apart
+        assert diff < 0.05, trial
+        exact += int(diff < 1e-4)
+    assert exact >= 6
 
 
 @INT8
