@@ -577,8 +577,11 @@ def end_stage(st, model, src, step, lam):
         if rank == 0:
             print(json.dumps(row))
         if row.get("collapsed"):
+            hint = ("lower --lam or --threshold-lr, or use --target-flops" if st.args.lam is not None else
+                    f"--target-flops {st.args.target_flops} is more than this task's soft stage can reach: raise it, "
+                    f"or give more --soft-epochs")
             raise SystemExit(f"error: {st.out} collapsed: every dev sequence keeps only its first token after layer "
-                             f"{model.cfg.num_hidden_layers - 1}; lower --lam or --threshold-lr, or use --target-flops")
+                             f"{model.cfg.num_hidden_layers - 1}; {hint}")
     if rank == 0:
         atomic_write(os.path.join(st.out, "DONE"), lambda p: open(p, "w").write("done\n"))
     if st.world > 1:
