@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The baselines of fig. 4 (issue 5): manual thresholds, top-k (SpAtten schedule) and fixed lengths
+# The baselines of fig. 4: manual thresholds, top-k (SpAtten schedule) and fixed lengths
 # (LAT-style), each at 3 settings, each a hard-pruning fine-tune from the same fine-tuned model with
 # the same budget as step 3 of the learned-threshold runs. Every run resumes if interrupted.
 #

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Throughput of each pruning method beside its accuracy (issue 5): bench.py at batch 1 and 32 on every
+# Throughput of each pruning method beside its accuracy: bench.py at batch 1 and 32 on every
 # given run's final (hard) checkpoint, written to RUN/bench.json; scripts/fig4.py then adds the
 # examples/s and the speedup over the unpruned packed routine to its table.
 #

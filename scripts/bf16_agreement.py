@@ -1,5 +1,5 @@
 """
-Why bf16 changes which tokens LTP keeps, and what it takes to keep fp32's decisions (issue 10).
+Why bf16 changes which tokens LTP keeps, and what it takes to keep fp32's decisions.
 
 Eq. 8 is a step function of the eq. 7 scores: a score next to its threshold flips with any perturbation. This
 runs the packed routine on a GLUE dev set in fp32 and in variants that round one thing at a time, all else in

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The CUDA checks of issue 10, as one prepared run for a session that is lent a GPU machine (the `device` tool:
+# The CUDA checks (bf16 and fp32 on a GPU: infer.py, bench.py, train.py), as one prepared run for a session that is lent a GPU machine (the `device` tool:
 # 15 minutes of device time in all, the machine's start included, 64 MiB carried, 8 files back).
 #
 #   bash scripts/device_check.sh prepare [CHECKPOINT] [GLUE_DIR]   # here, on the CPU machine: builds .device/
 #   # then one device call: command "bash scripts/device_check.sh run", carry [".device"], timeout_s 540
 #
-# prepare: .device/ (git-ignored) gets an fp16 copy of a fine-tuned SST-2 checkpoint (default issue 13's seed-2
+# prepare: .device/ (git-ignored) gets an fp16 copy of a fine-tuned SST-2 checkpoint (default the three-seed study's seed-2
 # fine-tune, the model of the CPU bench tables in docs/results.md; its fp32 weights, 87 MB, would not fit the
 # 64 MiB that travel: the fp16 copy is loaded back into fp32 parameters, so the GPU runs the model up to fp16
 # rounding of its weights) and SST-2 train and dev. run: on the GPU machine (its own torch and transformers,

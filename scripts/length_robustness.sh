@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Table 3 of the paper on SST-2 (issue 5): train on sentences shorter than the dev median only, then
+# Table 3 of the paper on SST-2: train on sentences shorter than the dev median only, then
 # evaluate on dev length buckets (~Q2, Q2~Q3, Q3~). Learned thresholds against fixed lengths chosen
 # for the same FLOPs budget on the (short) training lengths. Every step resumes if interrupted.
 #

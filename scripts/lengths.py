@@ -1,5 +1,5 @@
 """
-Sequence-length experiments of the paper (issue 5), on any checkpoints train.py wrote:
+Sequence-length experiments of the paper, on any checkpoints train.py wrote:
 
   table2        token-length quantiles of the train and dev splits and their KL divergence (the
                 paper's table 2: SST-2 trains on short phrases and evaluates on whole sentences);

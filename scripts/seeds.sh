@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's comparisons with 3 seeds at matched FLOPs (issue 13): for SST-2, MRPC and STS-B, per seed, the
+# The paper's comparisons with 3 seeds at matched FLOPs: for SST-2, MRPC and STS-B, per seed, the
 # fine-tuned baseline, then learned thresholds (--target-flops) and the three baselines (manual thresholds, top-k,
 # fixed lengths), each calibrating its own knob to the same relative FLOPs on training data, never on dev.
 # The seed covers the fine-tune, the data order and the initialisation. Two lanes of one thread; every run

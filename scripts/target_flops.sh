@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The --target-flops measurements (issue 9): SST-2 at R = 0.6 and 0.45, MRPC and STS-B at 0.6, the cumulative
+# The --target-flops measurements: SST-2 at R = 0.6 and 0.45, MRPC and STS-B at 0.6, the cumulative
 # and the paper's soft mask, each from the same fine-tuned model, in two lanes of one thread.
 # Resumable: rerun the same command after an interruption (train.py --resume skips finished stages).
 #   bash scripts/target_flops.sh [GLUE_DIR] [RUNS_DIR]

@@ -1,4 +1,4 @@
-"""scripts/fig4.py, lengths.py, seeds_summary.py, fig7.py and stats.py on tiny fixtures (the experiment tooling of issue 5)."""
+"""scripts/fig4.py, lengths.py, seeds_summary.py, fig7.py and stats.py on tiny fixtures."""
 import json
 import math
 import os
