@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The CUDA checks (bf16 and fp32 on a GPU: infer.py, bench.py, train.py), as one prepared run for a session that is lent a GPU machine (the `device` tool:
+# The CUDA checks (the CUDA tests, infer.py, a short train.py and bench.py on a GPU), as one prepared run for a
+# session that is lent a GPU machine (the `device` tool:
 # 15 minutes of device time in all, the machine's start included, 64 MiB carried, 8 files back).
 #
 #   bash scripts/device_check.sh prepare [CHECKPOINT] [GLUE_DIR]   # here, on the CPU machine: builds .device/
