@@ -441,7 +441,7 @@ def load_inputs(args):
     if args.max_examples:
         texts = texts[:args.max_examples]
     model = load_model(args.model, args.final_threshold, need_head=False).to(dev)
-    path = ltp.model.resolve(args.model)
+    path = ltp.checkpoint.resolve(args.model)
     tok = ltp.Tokenizer.from_dir(path, model.cfg)
     return model, path, tok.encode(texts), allocator
 
@@ -670,7 +670,7 @@ def write_outputs(args, result):
     print(md)
     for out, text in ((args.json, json.dumps(result, indent=2) + "\n"), (args.markdown, md)):
         if out:  # its folder was made (or refused) by output_path before any measuring
-            ltp.model.atomic_write(out, lambda p: open(p, "w").write(text))
+            ltp.checkpoint.atomic_write(out, lambda p: open(p, "w").write(text))
     if args.plot or args.json:
         plot(result, args.plot or os.path.splitext(args.json)[0] + ".png")
 

@@ -100,8 +100,8 @@ def main(args):
     model = load_model(args.model, args.final_threshold).to(args.device)
     if args.task:
         check_task_head(model, args.task, args.model)
-    tok = ltp.Tokenizer.from_dir(ltp.model.resolve(args.model), model.cfg)
-    calibration = quant.load_calibration(ltp.model.resolve(args.model), model.cfg) if args.precision == "int8" else None
+    tok = ltp.Tokenizer.from_dir(ltp.checkpoint.resolve(args.model), model.cfg)
+    calibration = quant.load_calibration(ltp.checkpoint.resolve(args.model), model.cfg) if args.precision == "int8" else None
     pm = PackedModel(model, onednn={"auto": None, "on": True, "off": False}[args.onednn], precision=args.precision,
                      recheck=args.recheck, calibration=calibration,
                      static=None if args.int8_scales is None else args.int8_scales == "static")
@@ -114,7 +114,7 @@ def main(args):
         flags = {k: getattr(args, k) for k in ("window", "batch_size", "no_sort", "final_threshold", "recheck", "device",
                                                "int8_scales")}
         flags.update(precision=pm.precision, onednn=pm.onednn, threads=torch.get_num_threads())
-        ident = stream.identity(src_path, ltp.model.resolve(args.model), MODEL_FILES, flags)
+        ident = stream.identity(src_path, ltp.checkpoint.resolve(args.model), MODEL_FILES, flags)
         partial, done = stream.open_partial(args.output, ident, args.resume, args.window, say)
         if args.resume:
             say(f"--resume: {done} rows of {args.output}.partial kept, continuing at input line {done + 1}")

@@ -34,7 +34,8 @@ from ltp.baselines import fixed_lengths
 from ltp.distill import distill_loss
 from ltp.cli import Parser, int_list, nonneg_float, nonneg_int, number, positive_float, positive_int, run_cli
 from ltp.flops import flops_summary, sequence_flops, unpruned_flops
-from ltp.model import atomic_write, resolve
+from ltp.checkpoint import atomic_write, resolve
+from ltp.checks import read_json
 from ltp.packed import PackedModel, calibrate as calibrate_int8, pack, resolve_precision
 from ltp.pruning import PruneConfig, calibrate_scale, dual_ascent, init_thresholds, mask_regularizer, ramped_target
 from ltp.text import Tokenizer, collate, copy_tokenizer_files
@@ -803,7 +804,7 @@ def check_resume(args, stages):
     path = os.path.join(args.output_dir, "args.json")
     if not os.path.isfile(path):
         return
-    old = ltp.model.read_json(path)
+    old = read_json(path)
     if not isinstance(old, dict):
         raise SystemExit(f"error: {path}: must be a JSON object (the flags of the run), not {type(old).__name__}")
     changed = [k for k in RESUME_KEYS if k in old and old[k] != getattr(args, k)]

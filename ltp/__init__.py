@@ -1,5 +1,6 @@
 """ltp: Learned Token Pruning (Kim et al., KDD 2022) on a from-scratch RoBERTa / BERT encoder."""
-from .model import Config, Model, load, save
+from .checkpoint import load, save
+from .model import Config, Model
 from .pruning import PruneConfig
 from .text import Tokenizer, collate
 

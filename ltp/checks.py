@@ -5,11 +5,21 @@ file ends the scripts in one line (cli.run_cli) instead of a model that runs on 
 prunes every token but the first, and the model still answers). One function per file: a new file format
 (e.g. quantization settings) gets its own check_* here, built from the same small rules.
 """
+import json
 import math
 import os
 from dataclasses import fields
 
 from .pruning import PruneConfig
+
+
+def read_json(path):
+    """A JSON file, or one ValueError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 # Rules: a value -> None when fine, else what it must be (the message's tail)
@@ -61,7 +71,7 @@ def check_keys(d, path, rules, required=()):
 
 def check_ltp_json(d, path, num_layers):
     """
-    ltp.json (model.save writes it: PruneConfig's fields and "thresholds", one per layer) as json.load read it;
+    ltp.json (checkpoint.save writes it: PruneConfig's fields and "thresholds", one per layer) as json.load read it;
     returns (PruneConfig, thresholds). Example: {"mode": "hard", "thresholds": [NaN, 0.02]} for 2 layers ->
     ValueError "DIR/ltp.json: key 'thresholds' [0] must be a finite number (got [nan, 0.02])".
     """

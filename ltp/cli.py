@@ -9,7 +9,7 @@ import os
 import sys
 
 from . import glue, pruning
-from .model import PACKAGED, load
+from .checkpoint import PACKAGED, load
 from .pruning import PruneConfig
 from .stream import iter_lines
 

@@ -232,7 +232,7 @@ def fake_quantize_model(model, reduce_range, calibration=None, static=False):
 def snapped_weights(model):
     """
     {state_dict name: weight} of every FakeQuantLinear, its float weight replaced by the fake-quantized value (W s
-    quantized, divided by s again): what a quantization-aware checkpoint stores (model.save). In fp32 they are the
+    quantized, divided by s again): what a quantization-aware checkpoint stores (checkpoint.save). In fp32 they are the
     int8 model's weights; the int8 routine quantizes them back to the same integers (each row's largest |W s| is
     127 steps, so the step is the same). The model itself is not changed (training goes on from its float weights).
     Example: one row [0.5, -1.271], no smoothing -> step 1.271 / 127 = 0.010008, [0.5, -1.271] -> [0.50039, -1.271].

@@ -11,7 +11,8 @@ import json
 import os
 import sys
 
-from .model import atomic_write, file_mode, read_json
+from .checkpoint import atomic_write, file_mode
+from .checks import read_json
 
 
 def iter_lines(path):

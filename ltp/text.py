@@ -12,8 +12,7 @@ import shutil
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 
-from .checks import check_tokenizer
-from .model import read_json
+from .checks import check_tokenizer, read_json
 
 
 # the files a model directory's tokenizer comes from (Tokenizer.from_dir reads tokenizer.json or vocab.json + merges.txt)

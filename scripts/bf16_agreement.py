@@ -69,7 +69,7 @@ def main(args):
     model = load_model(args.model, args.final_threshold)
     examples = glue.read_split(args.task, args.data_dir, "dev")
     texts = [e.text_a if e.text_b is None else (e.text_a, e.text_b) for e in examples]
-    encoded = ltp.Tokenizer.from_dir(ltp.model.resolve(args.model), model.cfg).encode(texts)
+    encoded = ltp.Tokenizer.from_dir(ltp.checkpoint.resolve(args.model), model.cfg).encode(texts)
     batches = make_batches(encoded, args.batch_size)
     n = len(encoded)
     o32, k32, _ = forward_batches(PackedModel(model, onednn=False), batches, n)
@@ -103,7 +103,7 @@ def main(args):
         for ext, text in (("json", json.dumps({"model": args.model, "task": args.task, "examples": n,
                                                "thresholds": model.encoder.theta.tolist(), "rows": rows}, indent=2)),
                           ("md", "\n".join(md))):
-            ltp.model.atomic_write(f"{args.out}.{ext}", lambda p: open(p, "w").write(text + "\n"))
+            ltp.checkpoint.atomic_write(f"{args.out}.{ext}", lambda p: open(p, "w").write(text + "\n"))
     print("\n".join(md))
 
 

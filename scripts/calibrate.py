@@ -40,7 +40,7 @@ def main():
     alpha = None if args.alpha == "none" else float(args.alpha)
     ranges = checks.check_quant_json(calibrate(model, sample, alpha=alpha), "calibration", model.cfg)
     out = os.path.join(args.model, quant.QUANT_JSON)
-    ltp.model.atomic_write(out, lambda f: open(f, "w").write(json.dumps(ranges, indent=1) + "\n"))
+    ltp.checkpoint.atomic_write(out, lambda f: open(f, "w").write(json.dumps(ranges, indent=1) + "\n"))
     print(f"wrote {out}: the linears' inputs over {len(sample)} {args.task} {args.split} examples, smoothing alpha {alpha}")
 
 

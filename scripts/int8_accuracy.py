@@ -42,7 +42,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model, args.final_threshold)
-    tok = ltp.Tokenizer.from_dir(ltp.model.resolve(args.model), model.cfg)
+    tok = ltp.Tokenizer.from_dir(ltp.checkpoint.resolve(args.model), model.cfg)
     encoded, labels = glue.encode_split(tok, glue.read_split(args.task, args.data_dir, "dev"))
     train, _ = glue.encode_split(tok, glue.read_split(args.task, args.data_dir, "train"))
     calib = random.Random(0).sample(train, min(args.calib, len(train)))

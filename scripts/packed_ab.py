@@ -25,7 +25,7 @@ def main(args):
     tune_allocator()
     torch.set_num_threads(args.threads)
     model = load_model(args.model, args.final_threshold, need_head=False)
-    tok = ltp.Tokenizer.from_dir(ltp.model.resolve(args.model), model.cfg)
+    tok = ltp.Tokenizer.from_dir(ltp.checkpoint.resolve(args.model), model.cfg)
     encoded = tok.encode(read_inputs(args)[0])
     prune, off = model.prune, ltp.PruneConfig(mode="off")
     for bs in args.batch_sizes:

@@ -25,7 +25,7 @@ def main():
     p.add_argument("--labels", type=int, default=2, help="classification head size (0: a base encoder)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    src = ltp.model.resolve(args.tokenizer_from)
+    src = ltp.checkpoint.resolve(args.tokenizer_from)
     vocab = ltp.Config.from_json(os.path.join(src, "config.json"))
     os.makedirs(args.out, exist_ok=True)
     ltp.text.copy_tokenizer_files(src, args.out)

