@@ -20,6 +20,7 @@ import importlib.util
 import json
 import math
 import sys
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -71,6 +72,31 @@ def explain(model, tok, texts, encoded, k, plot=None, title=""):
 
 
 def main(args):
+    """The outline of a run: flags, input, model, output, the streaming loop, the summary, --explain."""
+    check_flags(args)
+    source, src_path, labels, total = open_source(args)
+    model, tok, pm, calibration = build_model(args)
+    partial, done = open_output(args, src_path, pm)
+    done, tally = run_windows(args, model, tok, pm, source, total, labels, partial, done)
+    if not done:  # stdin gave no line (a file was refused in open_source)
+        raise ValueError(f"{src_path}: no input lines")
+    if partial is not None:
+        stream.finish_partial(partial, args.output)
+    if not tally.n:
+        say(f"all {done} rows were written before --resume: nothing left to run")
+        return done
+    summarize(args, model, pm, calibration, labels, tally)
+    if args.explain:
+        explain_shown(args, model, tok, tally.shown)
+    return done
+
+
+def say(*a):  # summaries go to stderr, so that --output - stays pure JSON lines
+    print(*a, file=sys.stderr)
+
+
+def check_flags(args):
+    """The process settings, then every check that reads no input and no model, so that a bad flag fails at once."""
     if args.threads:
         torch.set_num_threads(args.threads)
     tune_allocator()
@@ -87,16 +113,27 @@ def main(args):
         raise ValueError("--resume needs --output FILE (stdout keeps no partial output to continue)")
     if args.resume and not args.task and args.input == "-":
         raise ValueError("--resume needs --input FILE (stdin cannot be read again from the start)")
-    # the input: a GLUE split (small: read whole, with its labels) or a text file, read lazily in windows
+
+
+def open_source(args):
+    """
+    The input as (source, src_path, labels, total): a GLUE split (small: read whole, with its labels) or a text
+    file, read lazily in windows (labels None; total None for stdin, which cannot be counted ahead).
+    """
     if args.task:
         texts, labels = read_inputs(args)
-        source, src_path, total = texts, glue.task_path(args.task, args.data_dir, args.split), len(texts)
-    elif not args.input:
+        return texts, glue.task_path(args.task, args.data_dir, args.split), labels, len(texts)
+    if not args.input:
         raise ValueError("give --input FILE (or - for stdin), or --task with --data-dir")
-    else:
-        source, src_path, labels, total = iter_lines(args.input), args.input, None, count_lines(args.input)
-        if total == 0:
-            raise ValueError(f"{args.input}: no input lines")
+    source = iter_lines(args.input)  # refuses a missing file before count_lines opens it
+    total = count_lines(args.input)
+    if total == 0:
+        raise ValueError(f"{args.input}: no input lines")
+    return source, args.input, None, total
+
+
+def build_model(args):
+    """The checkpoint, its tokenizer, its int8 calibration (None unless --precision int8) and the PackedModel."""
     model = load_model(args.model, args.final_threshold).to(args.device)
     if args.task:
         check_task_head(model, args.task, args.model)
@@ -105,50 +142,68 @@ def main(args):
     pm = PackedModel(model, onednn={"auto": None, "on": True, "off": False}[args.onednn], precision=args.precision,
                      recheck=args.recheck, calibration=calibration,
                      static=None if args.int8_scales is None else args.int8_scales == "static")
+    return model, tok, pm, calibration
 
-    def say(*a):  # summaries go to stderr, so that --output - stays pure JSON lines
-        print(*a, file=sys.stderr)
-    # rows go to OUT.partial (beside it, what they depend on), renamed to OUT once complete; stdout gets them directly
-    partial, done = None, 0
-    if args.output != "-":
-        flags = {k: getattr(args, k) for k in ("window", "batch_size", "no_sort", "final_threshold", "recheck", "device",
-                                               "int8_scales")}
-        flags.update(precision=pm.precision, onednn=pm.onednn, threads=torch.get_num_threads())
-        ident = stream.identity(src_path, ltp.checkpoint.resolve(args.model), MODEL_FILES, flags)
-        partial, done = stream.open_partial(args.output, ident, args.resume, args.window, say)
-        if args.resume:
-            say(f"--resume: {done} rows of {args.output}.partial kept, continuing at input line {done + 1}")
 
+def open_output(args, src_path, pm):
+    """
+    (partial, done): rows go to OUT.partial (beside it, what they depend on), renamed to OUT once complete, and done
+    rows of it are kept by --resume; for --output - (stdout gets the rows directly) partial is None and done 0.
+    """
+    if args.output == "-":
+        return None, 0
+    flags = {k: getattr(args, k) for k in ("window", "batch_size", "no_sort", "final_threshold", "recheck", "device",
+                                           "int8_scales")}
+    flags.update(precision=pm.precision, onednn=pm.onednn, threads=torch.get_num_threads())
+    ident = stream.identity(src_path, ltp.checkpoint.resolve(args.model), MODEL_FILES, flags)
+    partial, done = stream.open_partial(args.output, ident, args.resume, args.window, say)
+    if args.resume:
+        say(f"--resume: {done} rows of {args.output}.partial kept, continuing at input line {done + 1}")
+    return partial, done
+
+
+def format_rows(logits, kept, cfg, pruned):
+    """One window's output: a JSON line per example, "logits", "label" and, for a pruned model, "kept"."""
+    rows = []
+    for i in range(len(logits)):
+        row = {"logits": logits[i].tolist()}
+        row["label"] = label_of(row["logits"], cfg)
+        if pruned:
+            row["kept"] = kept[i].tolist()
+        rows.append(json.dumps(row) + "\n")
+    return "".join(rows)
+
+
+def run_windows(args, model, tok, pm, source, total, labels, partial, done):
+    """
+    The streaming loop: each window of the input, from line done + 1, through the packed model and out as rows
+    (to partial, flushed per window, or to stdout). Returns (done, tally): the rows now complete, and what the
+    summary needs, added up per window (counts, FLOPs, predictions, the first --explain inputs; not the rows).
+    """
     pruned = model.prune.mode != "off"
-    n, seconds, kept_sum, flops, preds, shown = 0, 0.0, 0, [0, 0], [], []
+    tally = SimpleNamespace(n=0, seconds=0.0, kept_sum=0, flops=[0, 0], preds=[], shown=[])
     if labels is not None and done:  # the earlier run's predictions, for the metrics
-        preds = [glue.predictions(torch.tensor([r["logits"]]))[0] for r in read_rows(args.output + ".partial", done)]
+        tally.preds = [glue.predictions(torch.tensor([r["logits"]]))[0] for r in read_rows(args.output + ".partial", done)]
     bar = tqdm(total=total, initial=done, unit=" examples", file=sys.stderr, smoothing=0.1,
                disable=total is not None and total < 1000)
     try:
         for first, texts, encoded, logits, kept, sec in forward_windows(
                 pm, stream.windows(source, args.window, start=done), tok.encode, args.batch_size,
                 sort=not args.no_sort, device=args.device):
-            rows = []
-            for i in range(len(texts)):
-                row = {"logits": logits[i].tolist()}
-                row["label"] = label_of(row["logits"], model.cfg)
-                if pruned:
-                    row["kept"] = kept[i].tolist()
-                rows.append(json.dumps(row) + "\n")
+            rows = format_rows(logits, kept, model.cfg, pruned)
             if partial is None:
-                sys.stdout.write("".join(rows))
+                sys.stdout.write(rows)
                 sys.stdout.flush()
             else:
-                stream.write_rows(partial, "".join(rows))
+                stream.write_rows(partial, rows)
             done = first + len(texts)
-            # what the summary needs, added up per window: counts, FLOPs, predictions (not the rows)
-            n, seconds, kept_sum = n + len(texts), seconds + sec, kept_sum + kept.double().sum(0)
-            flops = [a + b for a, b in zip(flops, flops_totals(kept, model.cfg))]
+            tally.n, tally.seconds = tally.n + len(texts), tally.seconds + sec
+            tally.kept_sum = tally.kept_sum + kept.double().sum(0)
+            tally.flops = [a + b for a, b in zip(tally.flops, flops_totals(kept, model.cfg))]
             if labels is not None:
-                preds += glue.predictions(logits)
-            if len(shown) < args.explain:
-                shown += list(zip(texts, encoded))[:args.explain - len(shown)]
+                tally.preds += glue.predictions(logits)
+            if len(tally.shown) < args.explain:
+                tally.shown += list(zip(texts, encoded))[:args.explain - len(tally.shown)]
             bar.update(len(texts))
     except KeyboardInterrupt:
         bar.close()
@@ -157,14 +212,12 @@ def main(args):
         raise KeyboardInterrupt(f"{done} rows are safe in {args.output}.partial; rerun the same command with "
                                 f"--resume to continue") from None
     bar.close()
-    if not done:  # stdin gave no line (a file was refused above)
-        raise ValueError(f"{src_path}: no input lines")
-    if partial is not None:
-        stream.finish_partial(partial, args.output)
-    if not n:
-        say(f"all {done} rows were written before --resume: nothing left to run")
-        return done
+    return done, tally
 
+
+def summarize(args, model, pm, calibration, labels, tally):
+    """The summary lines on stderr: speed, precision, --recheck, tokens kept, FLOPs and, for --task, the metrics."""
+    n, seconds, flops = tally.n, tally.seconds, tally.flops
     say(f"{n} examples in {seconds:.2f} s: {n / seconds:.1f} examples/s "
         f"(model only, batch {args.batch_size}, {'length-sorted' if not args.no_sort else 'input order'}"
         f"{' in windows of ' + str(args.window) + ' lines' if args.window and not args.no_sort else ''}, "
@@ -178,20 +231,23 @@ def main(args):
     elif args.recheck:
         say(f"--recheck {args.recheck:g} ignored: it applies to bf16 or int8 with thresholds ({pm.precision}, pruning "
             f"{model.prune.mode if model.prune.mode == 'off' else model.prune.method})")
-    say("mean tokens kept per layer: " + " ".join(f"{v:.1f}" for v in (kept_sum / n).tolist())
+    say("mean tokens kept per layer: " + " ".join(f"{v:.1f}" for v in (tally.kept_sum / n).tolist())
         + "  (entering layer 1, then after each layer)")
+    pruned = model.prune.mode != "off"
     say(f"relative FLOPs {flops[0] / flops[1] if flops[1] else math.nan:.3f}, {flops[0] / n / 1e9:.4g} GFLOPs per example"
         + (f" (pruning: {describe(model.prune, model.encoder.theta)})" if pruned else " (no pruning)"))
     if labels is not None and args.task:
-        metrics = glue.compute_metrics(args.task, preds, labels)
+        metrics = glue.compute_metrics(args.task, tally.preds, labels)
         say(f"{args.task} {args.split}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    if args.explain:
-        with contextlib.redirect_stdout(sys.stderr):
-            by_threshold = model.prune.mode != "off" and model.prune.method == "threshold"  # else: say what decides
-            explain(model, tok, [t for t, _ in shown], [e for _, e in shown], args.explain, args.plot,
-                    f"Which tokens each layer of {args.model} keeps"
-                    + ("" if by_threshold else f" (pruning: {describe(model.prune, model.encoder.theta)})"))
-    return done
+
+
+def explain_shown(args, model, tok, shown):
+    """--explain K (and --plot) on the first K inputs the loop kept, printed to stderr like the summary."""
+    with contextlib.redirect_stdout(sys.stderr):
+        by_threshold = model.prune.mode != "off" and model.prune.method == "threshold"  # else: say what decides
+        explain(model, tok, [t for t, _ in shown], [e for _, e in shown], args.explain, args.plot,
+                f"Which tokens each layer of {args.model} keeps"
+                + ("" if by_threshold else f" (pruning: {describe(model.prune, model.encoder.theta)})"))
 
 
 def read_rows(path, n):

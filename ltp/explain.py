@@ -61,16 +61,8 @@ def plot_pruning(rows, path, title):
     import numpy as np
     from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch, Rectangle
 
-    def ratio(r):
-        s = r["s"].double().numpy()                                     # (L, N), NaN where pruned earlier
-        if r["theta"] is None:  # relative to the layer's mean score over its live tokens
-            return s / np.nanmean(s, axis=1, keepdims=True)
-        th = r["theta"].double().numpy()[:, None]
-        return np.where(th > 0, s / np.where(th > 0, th, 1.0), np.nan)
-    ratios = [ratio(r) for r in rows]
+    ratios = [score_ratio(r) for r in rows]
     finite = np.concatenate([q[np.isfinite(q) & (q > 0)] for q in ratios] + [np.ones(1)])
     R = float(np.clip(np.exp(np.abs(np.log(finite)).max()), 2.0, 100.0))  # symmetric around 1, at most 100x
     norm = LogNorm(vmin=1 / R, vmax=R)
@@ -80,27 +72,57 @@ def plot_pruning(rows, path, title):
     fig = Figure(figsize=(width, len(rows) * (0.34 * L + 1.9) + 1.3), layout="constrained")
     axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
     for ax, r, q in zip(axes, rows, ratios):
-        N, kept, theta = len(r["words"]), r["kept"].numpy(), r["theta"]
-        im = ax.imshow(np.ma.masked_invalid(np.where(q > 0, q, np.nan)), cmap=cmap, norm=norm, aspect="auto",
-                       origin="lower", interpolation="nearest", extent=(-0.5, N - 0.5, 0.5, L + 0.5))
-        for l in range(L):
-            for i in range(N):
-                if not kept[l, i]:  # pruned before layer l + 1
-                    ax.add_patch(Rectangle((i - 0.5, l + 0.5), 1, 1, facecolor="white", edgecolor="0.75",
-                                           hatch="///", linewidth=0))
-                elif theta is not None and theta[l] <= 0:
-                    ax.add_patch(Rectangle((i - 0.5, l + 0.5), 1, 1, facecolor="0.85", linewidth=0))
-                if kept[l, i] and not kept[l + 1, i]:
-                    ax.plot(i, l + 1, marker="x", color="black", markersize=6, markeredgewidth=1.5)
-        ax.set_xticks(range(N), [display_token(w) for w in r["words"]], rotation=60, ha="right",
-                      rotation_mode="anchor", fontsize=8)
-        ax.set_yticks(range(1, L + 1), [f"{l + 1}" + ("" if theta is None else f"  θ={float(theta[l]):.2g}")
-                                        for l in range(L)], fontsize=8)
-        ax.set_ylabel("layer")
-        text = r["text"] if isinstance(r["text"], str) else " || ".join(r["text"])
-        text = text if len(text) <= 90 else text[:87] + "..."
-        ax.set_title(f"{text!r}: {N} tokens, {int(kept[-1].sum())} after layer {L}", fontsize=9, loc="left")
+        im = draw_panel(ax, r, q, cmap, norm)
     axes[-1].set_xlabel("token position (the tokenizer's tokens)")
+    add_key(fig, axes, im, rows, R)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=130)
+
+
+def score_ratio(r):
+    """(L, N): a row's eq. 7 scores over theta_l (NaN where theta_l <= 0), or over the layer's mean live score."""
+    import numpy as np
+
+    s = r["s"].double().numpy()                                         # (L, N), NaN where pruned earlier
+    if r["theta"] is None:  # relative to the layer's mean score over its live tokens
+        return s / np.nanmean(s, axis=1, keepdims=True)
+    th = r["theta"].double().numpy()[:, None]
+    return np.where(th > 0, s / np.where(th > 0, th, 1.0), np.nan)
+
+
+def draw_panel(ax, r, q, cmap, norm):
+    """One sequence's panel: the ratios q as colours, hatched / grey / x cells, the labels; returns the image."""
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    N, L, kept, theta = len(r["words"]), q.shape[0], r["kept"].numpy(), r["theta"]
+    im = ax.imshow(np.ma.masked_invalid(np.where(q > 0, q, np.nan)), cmap=cmap, norm=norm, aspect="auto",
+                   origin="lower", interpolation="nearest", extent=(-0.5, N - 0.5, 0.5, L + 0.5))
+    for l in range(L):
+        for i in range(N):
+            if not kept[l, i]:  # pruned before layer l + 1
+                ax.add_patch(Rectangle((i - 0.5, l + 0.5), 1, 1, facecolor="white", edgecolor="0.75",
+                                       hatch="///", linewidth=0))
+            elif theta is not None and theta[l] <= 0:
+                ax.add_patch(Rectangle((i - 0.5, l + 0.5), 1, 1, facecolor="0.85", linewidth=0))
+            if kept[l, i] and not kept[l + 1, i]:
+                ax.plot(i, l + 1, marker="x", color="black", markersize=6, markeredgewidth=1.5)
+    ax.set_xticks(range(N), [display_token(w) for w in r["words"]], rotation=60, ha="right",
+                  rotation_mode="anchor", fontsize=8)
+    ax.set_yticks(range(1, L + 1), [f"{l + 1}" + ("" if theta is None else f"  θ={float(theta[l]):.2g}")
+                                    for l in range(L)], fontsize=8)
+    ax.set_ylabel("layer")
+    text = r["text"] if isinstance(r["text"], str) else " || ".join(r["text"])
+    text = text if len(text) <= 90 else text[:87] + "..."
+    ax.set_title(f"{text!r}: {N} tokens, {int(kept[-1].sum())} after layer {L}", fontsize=9, loc="left")
+    return im
+
+
+def add_key(fig, axes, im, rows, R):
+    """The colour bar (ratios 1/R to R) and a legend for the marks the panels use."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     thresholds = any(r["theta"] is not None for r in rows)
     bar = fig.colorbar(im, ax=list(axes), extend="both", shrink=min(1.0, 2.7 / len(rows)))  # at most ~3 panels tall
     ticks = [t for t in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100) if 1 / R <= t <= R]
@@ -117,5 +139,3 @@ def plot_pruning(rows, path, title):
         handles.append(Patch(facecolor="0.85", label="$\\theta_l \\leq 0$: the layer keeps every token"))
     if handles:
         fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
-    fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=130)
