@@ -221,7 +221,7 @@ def summarize(args, model, pm, calibration, labels, tally):
     say(f"{n} examples in {seconds:.2f} s: {n / seconds:.1f} examples/s "
         f"(model only, batch {args.batch_size}, {'length-sorted' if not args.no_sort else 'input order'}"
         f"{' in windows of ' + str(args.window) + ' lines' if args.window and not args.no_sort else ''}, "
-        f"{torch.get_num_threads()} threads, {args.device}, {pm.precision}"
+        f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}, {args.device}, {pm.precision}"
         + (f" from --precision auto" if args.precision == "auto" else "") + ")")
     if pm.precision == "int8":
         say(f"int8: {quant.describe(calibration, pm.static)}")
@@ -260,7 +260,7 @@ def read_rows(path, n):
 def get_parser():
     p = Parser(description="Classify text with an (LTP-pruned) checkpoint, on packed batches.")
     add_inference_args(p)
-    p.add_argument("--output", default="-", help="JSON lines output, one row per input line in order (- = stdout)")
+    p.add_argument("--output", default="-", help="JSON lines output, one row per input line in order (default -: stdout)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="examples per packed batch")
     p.add_argument("--precision", default=None, choices=["fp32", "bf16", "int8", "auto"],
                    help="the linears in fp32, bf16 or int8 (weights converted once; softmax, scores, eq. 8 and LayerNorm "

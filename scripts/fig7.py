@@ -1,5 +1,5 @@
 """
-Fig. 7 (section 4.6) on this machine: the dev metric of LTP in fp32 and in int8 (post-training, quantization-aware,
+Fig. 7 (section 4.6) on the CPU that runs it: the dev metric of LTP in fp32 and in int8 (post-training, quantization-aware,
 quantization-aware with knowledge distillation) against relative BOPs, from the runs of scripts/fig7.sh.
 
   python scripts/fig7.py RUNS_DIR --data-dir GLUE_DIR --out docs/fig7 [--threads 1] [--fresh]
@@ -253,10 +253,12 @@ def wall_times(rows):
 def report(rows):
     cpus = sorted({r.get("cpu") for r in rows if r.get("cpu")})
     torches = sorted({r.get("torch") for r in rows if r.get("torch")})
-    lines = ["Fig. 7 on this machine (scripts/fig7.sh: MiniLM, short recipes; dev sets). Relative BOPs: against the "
+    lines = ["# Fig. 7: int8 LTP with quantization-aware training and distillation", "",
+             "scripts/fig7.sh: MiniLM, short recipes; dev sets. Relative BOPs: against the "
              "unpruned FP16 model, float models at 16 bits (= relative FLOPs), int8 rows with 8-bit linears. "
              "Mean ± sd over seeds; hard-stage s: the wall time of the hard stage that trained the row's model "
-             "(a post-training row: its fp32 model's). "
+             "(a post-training row: its fp32 model's), as long as the runs shared the machine: they compare only "
+             "between runs that ran alike. "
              f"CPU: {'; '.join(cpus)}; torch {', '.join(torches)}.", ""]
     for task in sorted({r["task"] for r in rows}):
         tr = [r for r in rows if r["task"] == task]

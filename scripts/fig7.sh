@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fig. 7 (section 4.6) on this machine: accuracy against relative BOPs for LTP in fp32 and in int8, post-training
+# Fig. 7 (section 4.6) on the CPU that runs it: accuracy against relative BOPs for LTP in fp32 and in int8, post-training
 # and quantization-aware, with and without knowledge distillation, on SST-2 and MRPC (MiniLM, short recipes).
 # Per task and seed, one fine-tune and one soft stage per budget R; from each soft checkpoint three step-3 runs:
 #   <task>-s<seed>[-R<R>]          fp32 LTP (finetune, soft, hard; R = 0.6 has no suffix)
@@ -11,7 +11,7 @@
 # Two lanes of one thread; every run resumes, and finished ones are skipped:
 #
 #   bash scripts/fig7.sh [GLUE_DIR] [RUNS_DIR]            both lanes, in the background of each other
-#   LANES=1 bash scripts/fig7.sh ...                       one lane (1: SST-2 seeds 0 and 1; 2: MRPC and SST-2 seed 2)
+#   LANES=1 bash scripts/fig7.sh ...                       one lane (1: SST-2 seeds 0 and 1 at 0.6, seed 0 at 0.45; 2: MRPC, SST-2 seed 2)
 #   python scripts/fig7.py RUNS_DIR/fig7 --data-dir GLUE_DIR --out docs/fig7
 set -euo pipefail
 GLUE=${1:-../shared/glue}
