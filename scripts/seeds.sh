@@ -3,7 +3,7 @@
 # fine-tuned baseline, then learned thresholds (--target-flops) and the three baselines (manual thresholds, top-k,
 # fixed lengths), each calibrating its own knob to the same relative FLOPs on training data, never on dev.
 # The seed covers the fine-tune, the data order and the initialisation. Two lanes of one thread; every run
-# resumes, and finished ones are skipped, so the study can span several sittings:
+# resumes, and finished ones are skipped, so the study can be stopped and continued, on one machine or several:
 #
 #   bash scripts/seeds.sh [GLUE_DIR] [RUNS_DIR] [SEEDS]        e.g. bash scripts/seeds.sh ../shared/glue runs "0 1 2"
 #   LANES=2 bash scripts/seeds.sh ...                          one lane only (1: SST-2; 2: MRPC, STS-B, table 3)
@@ -57,7 +57,7 @@ task_runs() {  # task[:targets] seed subset-flags...   (targets: comma-separated
         floor_run "$task" "$R" "$method" || names+=("$task-s$s-$method-R$R"); done; done
     recorded "${names[@]}" && return    # the whole group is recorded; else the fine-tune is (re)made for what is left
     run "$ft" --task "$task" --model "$M" --stages finetune --seed "$s" "${epochs[@]}"
-    for R in $targets; do  # the baselines (step 3 only) before the longer learned run: a cut sitting keeps more
+    for R in $targets; do  # the baselines (step 3 only) before the longer learned run: an interrupted study keeps more
         for method in threshold topk fixed; do
             local name=$method; [[ $method == threshold ]] && name=manual
             floor_run "$task" "$R" "$name" && continue

@@ -11,7 +11,7 @@ t-test and a verdict at p < 0.05) and OUT.png
 length bucket of the models trained on short SST-2 sentences (sst2short-*), mean and standard deviation over seeds.
 
 OUT.json is the study's record, committed: run folders (checkpoints) do not outlive a machine, the rows do. Rows
-already in OUT.json are kept, and a run folder found again replaces its row, so sittings on different machines add up;
+already in OUT.json are kept, and a run folder found again replaces its row, so runs made on different machines add up;
 scripts/seeds.sh skips runs whose rows are recorded. --fresh starts the record from the run folders alone.
 """
 import argparse
