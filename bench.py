@@ -45,14 +45,14 @@ from ltp import flops as fl
 from ltp import quant
 from ltp.cli import (Parser, add_inference_args, int_list, load_model, nonneg_int, output_path, positive_int, read_inputs,
                      run_cli, tune_allocator)
-from ltp.packed import PackedModel, forward_batches, make_batches, onednn_available, resolve_precision, sync
+from ltp.packed import (PackedModel, forward_batches, make_batches, onednn_available, own_precision,
+                        resolve_precision, sync)
 from ltp.pruning import describe
 from ltp.text import collate
 
 METHODS = ("hf-dataset-order", "hf-sorted", "packed", "ltp")
 ORT_METHODS = {"ort": "fp32", "ort-int8": "int8"}  # ONNX Runtime rows and their fixed precisions
 RANK = {"int8": 0, "bf16": 1, "fp32": 2}  # lower precision first: speedup_vs_ort compares with ORT rows at or below
-LINEAR_BITS = {"int8": 8}  # bits of the four linears per precision for relative_bops; any other precision: 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,7 +457,7 @@ def packed_models(args, model, path):
     """
     dev = args.device
     if args.precision is None:  # the checkpoint's own: int8 for a quantization-aware one (on x86 CPUs), else fp32
-        args.precision = ["int8" if model.quant is not None and quant.int8_available(dev) else "fp32"]
+        args.precision = [own_precision(model)]
     precisions = list(dict.fromkeys(resolve_precision(p, dev) for p in args.precision))  # auto resolved, no repeats
     onednn = ONEDNN[args.onednn]
     calibration = quant.load_calibration(path, model.cfg) if "int8" in precisions else None  # quant.json, if calibrated
@@ -589,7 +589,7 @@ def measure_rows(args, model, encoded, pms, recheck, hf, sessions):
             row = {"method": m, "precision": p, "batch_size": bs, "examples_per_s": len(encoded) / sec,
                    "tokens_per_s": sum(lengths) / sec, "gflops_per_s": flops / sec / 1e9,
                    "relative_flops": flops / unpruned_flops,
-                   "relative_bops": fl.relative_bops(row_kept, cfg, LINEAR_BITS.get(p, 16)),
+                   "relative_bops": fl.relative_bops(row_kept, cfg, fl.linear_bits(p)),
                    "peak_memory_mb": mem[m, p], "seconds": times[m, p],
                    "speedup_vs_packed": None, "speedup_vs_hf_sorted": None}
             if m == "ltp-recheck":  # the share of the examples run again in fp32 (one pass)

@@ -33,10 +33,10 @@ from ltp import glue, quant
 from ltp.baselines import fixed_lengths
 from ltp.distill import distill_loss
 from ltp.cli import Parser, int_list, nonneg_float, nonneg_int, number, positive_float, positive_int, run_cli
-from ltp.flops import flops_summary, sequence_flops, unpruned_flops
+from ltp.flops import flops_summary, linear_bits, sequence_flops, unpruned_flops
 from ltp.checkpoint import atomic_write, resolve
 from ltp.checks import read_json
-from ltp.packed import PackedModel, calibrate as calibrate_int8, pack, resolve_precision
+from ltp.packed import PackedModel, calibrate as calibrate_int8, own_precision, pack, resolve_precision
 from ltp.pruning import PruneConfig, calibrate_scale, dual_ascent, init_thresholds, mask_regularizer, ramped_target
 from ltp.text import Tokenizer, collate, copy_tokenizer_files
 
@@ -599,12 +599,12 @@ def log_eval(st, model, stage, step, epoch, lam):
     args, world, rank = st.args, st.world, st.rank
     row = {"stage": stage, "step": step, "epoch": epoch}
     # a quantization-aware model is evaluated as it ships: int8 (glue.predict's packed routine takes model.quant)
-    int8 = model.quant is not None and quant.int8_available(model.encoder.theta.device)
-    if int8:
-        row["precision"] = "int8"
+    precision = own_precision(model)
+    if precision == "int8":
+        row["precision"] = precision
     for suffix, (enc, labels) in st.dev_sets.items():
         logits, kept = sharded(lambda part: glue.predict(model, part), enc, world, rank)
-        r = glue.score(args.task, logits, kept, labels, model.cfg, linear_bits=8 if int8 else 16)
+        r = glue.score(args.task, logits, kept, labels, model.cfg, linear_bits(precision))
         if suffix:  # MNLI's mismatched dev set: its metrics only
             row.update({k + suffix: v for k, v in r.items()
                         if k not in ("relative_flops", "relative_bops", "gflops", "kept_per_layer")})

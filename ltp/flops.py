@@ -82,6 +82,11 @@ def flops_summary(kept, cfg):
 FLOAT_BITS = 16  # fp32 and bf16 count as FP16, as fig. 7's FP16 baselines do
 
 
+def linear_bits(precision):
+    """The bits of the four linears' operands in a precision ("int8" -> 8; fp32, bf16 -> FLOAT_BITS)."""
+    return 8 if precision == "int8" else FLOAT_BITS
+
+
 def sequence_bops(kept, hidden, intermediate, linear_bits=FLOAT_BITS):
     """
     kept: [n_0, n_1, ..., n_L]; the sequence's bit operations. A matmul's BOPs are its FLOPs x (bits of one operand)

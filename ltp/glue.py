@@ -233,8 +233,10 @@ def evaluate(model, task_name, encoded, labels, batch_size=32):
     Example: glue.evaluate(ltp.load(DIR), "sst2", *glue.encode_split(tok, glue.read_split("sst2", D, "dev")))
     -> ({"accuracy": 0.89, "relative_flops": 0.6, "relative_bops": 0.6, "gflops": 0.32, "kept_per_layer": [...]}, kept)
     """
-    logits, kept = predict(model, encoded, batch_size)
-    return score(task_name, logits, kept, labels, model.cfg), kept
+    from .flops import linear_bits
+    from .packed import own_precision
+    logits, kept = predict(model, encoded, batch_size)  # in the model's own precision (int8 if quantization-aware)
+    return score(task_name, logits, kept, labels, model.cfg, linear_bits(own_precision(model))), kept
 
 
 # ---------------------------------------------------------------------------------------------

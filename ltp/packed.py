@@ -75,6 +75,15 @@ def resolve_precision(precision, device):
     return ("bf16" if native_bf16(device) else "fp32") if precision == "auto" else precision
 
 
+def own_precision(model):
+    """
+    What a model runs in unless told otherwise (PackedModel's precision None): int8 for a quantization-aware checkpoint
+    (model.quant, from train.py --quantize int8) where the int8 kernels exist, else fp32.
+    """
+    own = getattr(model, "quant", None) is not None
+    return "int8" if own and quant.int8_available(model.encoder.theta.device) else "fp32"
+
+
 def onednn_available(device, dtype=torch.float32):
     """
     oneDNN's prepacked-weight linear exists on CPU builds with MKL-DNN (not on cuda); in bf16 only on CPUs with
@@ -131,7 +140,7 @@ class PackedModel:
         dev = model.encoder.theta.device
         own = getattr(model, "quant", None)  # a quantization-aware checkpoint's calibration (quant.json with "qat")
         if precision is None:  # the model's own: int8 with its static scales where it was trained for int8, else fp32
-            precision = "int8" if own is not None and quant.int8_available(dev) else "fp32"
+            precision = own_precision(model)
         if static is None:  # the scales it was trained with; dynamic for a model calibrated after training
             static = own is not None and (calibration is None or calibration == own)
         if precision == "int8" and calibration is None:

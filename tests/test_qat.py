@@ -126,6 +126,9 @@ def test_saved_qat_checkpoint_runs_int8_and_equals_its_fake_quant_forward(tmp_pa
     # and the rows train.py logged are this checkpoint's, read back from disk
     row = [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl") if '"hard"' in l and "event" not in l][-1]
     assert row["accuracy"] == pytest.approx(glue.accuracy(out.argmax(1).tolist(), labels), abs=1e-6)
+    # glue.evaluate scores it as it runs, int8: its relative BOPs count 8-bit linears, as train.py's row does
+    evaluated, _ = glue.evaluate(model, "sst2", encoded, labels)
+    assert evaluated["relative_bops"] == row["relative_bops"] < evaluated["relative_flops"] / 2
 
 
 def test_distill_needs_a_teacher(tmp_path):
