@@ -15,6 +15,9 @@ goes through a linear layer, a LayerNorm or the FFN. Per layer:
      re-packed with index_select; each sequence's length shrinks on its own (the only state carried
      from layer to layer is x and the lengths). A layer whose sequences are all down to one token
      computes V alone (A = 1).
+A batch of one sequence (the latency case) runs the same steps in call_one / layer_one, without what only a batch
+needs: no offsets, no padded view, no live masks, and the thresholds read once per call (measured at batch 1 on a
+learned SST-2 checkpoint, MiniLM, int8: 1.27x the general path; docs/results.md).
 No bucketing by length inside a batch: with infer.py's length-sorted batches the padded attention view
 does 1.08x (unpruned) to 1.19x (LTP) the useful attention work on SST-2 / MRPC dev with MiniLM, and the
 attention products are ~7% of the time, so buckets would save ~1% (measured; dataset-order batches: 2-3.4x).
@@ -124,8 +127,8 @@ class PackedModel:
       channel, converted once here; inputs quantized per tensor, dynamically from each call's own min and max, or
       (static=True; the default for a quantization-aware model) with the calibrated ranges. calibration: a
       checkpoint's quant.json (calibrate(), scripts/calibrate.py): its smoothing factors s (quant.smooth_factors) go
-      into the weights (W s, once) and divide each linear's input (x / s, per call), and its ranges give the static
-      scales. Everything else is as in fp32 (q k^T, softmax, eqs. 7-8, A V, LayerNorm, the residual stream, the head).
+      into the weights (W s, once) and divide each linear's input (x / s, per call; W_o's is folded into V's weights
+      and bias instead, since A (V / s) = (A V) / s), and its ranges give the static scales. Everything else is as in fp32 (q k^T, softmax, eqs. 7-8, A V, LayerNorm, the residual stream, the head).
     recheck: in bf16 or int8 with thresholds (method "threshold"), a relative margin r > 0 runs again in fp32 every
     sequence that met, in some layer, a live token (not its first) whose eq. 7 score was within r |theta_l| of its
     threshold; their outputs and kept counts replace the low-precision ones. Why: eq. 8 is a step function, and the
@@ -160,12 +163,17 @@ class PackedModel:
         self.observer = None
         self.layers = []
         for l, layer in enumerate(model.encoder.layers):
-            wqkv = torch.cat([layer.query.weight, layer.key.weight, layer.value.weight]).detach()  # (3C, C)
-            bqkv = torch.cat([layer.query.bias, layer.key.bias, layer.value.bias]).detach()        # (3C,)
+            wv, bv = layer.value.weight.detach(), layer.value.bias.detach()
+            folded = quant.layer_params(self.calibration, l, "out", False, False)[1] if self.precision == "int8" else None
+            if folded is not None:  # int8: W_o's smoothing s folded into V (A (V / s) = (A V) / s), no division per call
+                wv, bv = wv / folded[:, None], bv / folded
+            wqkv = torch.cat([layer.query.weight.detach(), layer.key.weight.detach(), wv])  # (3C, C)
+            bqkv = torch.cat([layer.query.bias.detach(), layer.key.bias.detach(), bv])      # (3C,)
             prepare = self.prepare_linear
             self.layers.append({"qkv": prepare(wqkv, bqkv, (l, "qkv")),
-                                "v": prepare(layer.value.weight, layer.value.bias, (l, "qkv")),  # one-token layers
-                                "out": prepare(layer.attn_out.weight, layer.attn_out.bias, (l, "out")),
+                                "v": prepare(wv, bv, (l, "qkv")),  # one-token layers
+                                "out": prepare(layer.attn_out.weight, layer.attn_out.bias, (l, "out"),
+                                               folded is not None),
                                 "fc1": prepare(layer.fc1.weight, layer.fc1.bias, (l, "fc1")),
                                 "fc2": prepare(layer.fc2.weight, layer.fc2.bias, (l, "fc2")),
                                 "ln1": layer.ln1, "ln2": layer.ln2})
@@ -180,16 +188,17 @@ class PackedModel:
         prune = self.model.encoder.prune
         return bool(self.recheck) and prune.mode != "off" and prune.method == "threshold"
 
-    def prepare_linear(self, w, b, key):
+    def prepare_linear(self, w, b, key, folded=False):
         """
         A Linear: in fp32 / bf16 (W, b) in self.dtype, packed W reordered once into oneDNN's blocked layout (or None);
         in int8 W quantized once and packed for the int8 kernel. No cast, reorder or quantization per call.
+        folded: int8, the division of the input by its smoothing factors is done by the layer before (W_o's, in V).
         """
         if self.precision == "int8":  # W s (smoothed) quantized
             qp, smooth = quant.layer_params(self.calibration, *key, self.reduce_range, self.static)
             w = w.detach().float() if smooth is None else w.detach().float() * smooth
             return Linear(None, None, quant.prepack(*quant.quantize_weight(w), b), key,
-                          (qp, None if smooth is None else 1 / smooth))
+                          (qp, None if smooth is None or folded else 1 / smooth))
         w, b = w.detach().to(self.dtype), b.detach().to(self.dtype)
         return Linear(w, b, torch.ops.mkldnn._reorder_linear_weight(w, None) if self.onednn else None, key, None)
 
@@ -238,6 +247,8 @@ class PackedModel:
         prune = enc.prune.mode != "off"
         dev = ids.device
         T, B = ids.shape[0], cu_seqlens.shape[0] - 1
+        if B == 1 and not self.rechecking() and enc.prune.method == "threshold":
+            return self.call_one(ids, type_ids)
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]                         # (B,)
         seq = torch.repeat_interleave(torch.arange(B, device=dev), lengths, output_size=T)  # (T,) its sequence
         pos = torch.arange(T, device=dev) - cu_seqlens[:-1][seq]           # (T,) index inside its sequence
@@ -255,6 +266,39 @@ class PackedModel:
         if near_threshold is not None and bool(near_threshold.any()):
             x, kept = self.run_again(near_threshold.nonzero().squeeze(1), ids, cu_seqlens, type_ids, x, kept)
         return x, kept
+
+    def call_one(self, ids, type_ids):
+        """
+        __call__ for a batch of one sequence (the latency case), the same computation: every row is live, so there are
+        no offsets, no padded view and no live masks, and the thresholds are read once.
+        """
+        enc = self.model.encoder
+        T = ids.shape[0]
+        x = self.embed(ids, torch.arange(T, device=ids.device), type_ids)  # (T, C)
+        theta = enc.theta.tolist() if enc.prune.mode != "off" else [None] * len(self.layers)
+        kept = [T]
+        for w, th in zip(self.layers, theta):
+            x = self.layer_one(x, w, th)
+            kept.append(x.shape[0])
+        if self.model.head is not None:
+            x = self.model.head(x[None, :1])                              # h[:, 0] of (1, 1, C)
+        return x, torch.tensor([kept], device=ids.device)
+
+    def layer_one(self, x, w, theta):
+        """layer() for one sequence, all of x's N rows live; theta: its eq. 8 threshold, None = no pruning."""
+        N, H, D = x.shape[0], self.cfg.num_attention_heads, self.cfg.head_dim
+        if N == 1:  # as in layer(): A = 1, A V = V
+            return self.after_attention(x, self.linear(x.to(self.dtype), w["v"]), w)
+        qkv = self.linear(x.to(self.dtype), w["qkv"]).view(1, N, 3, H, D).permute(2, 0, 3, 1, 4)  # (3, 1, H, N, D)
+        q, k, v = torch.empty(qkv.shape, dtype=torch.float32, device=x.device).copy_(qkv)  # as in layer()
+        probs = ((q @ k.transpose(-2, -1)) / math.sqrt(D)).softmax(dim=-1)  # eq. 6, (1, H, N, N)
+        y = self.merge_heads(probs, v)                                    # (N, C)
+        if theta is not None:
+            s = importance_score(probs, None, self.model.encoder.prune.score_length)  # eq. 7, (1, N)
+            keep = hard_mask(s, theta, None)[0].nonzero().squeeze(1)       # eq. 8: the survivors' rows
+            if keep.shape[0] < N:
+                x, y = x.index_select(0, keep), y.index_select(0, keep)
+        return self.after_attention(x, y, w)
 
     def run_again(self, redo, ids, cu_seqlens, type_ids, out, kept):
         """The sequences `redo` (indices) in fp32 (see recheck): their rows of out and kept replaced."""

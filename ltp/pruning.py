@@ -62,7 +62,8 @@ def importance_score(probs, live, n=128):
     summed over heads and over the query rows j of tokens still live (rows weighted by live).
 
     probs: (B, H, N, N) attention probabilities of eq. 6 (before dropout), rows = queries.
-    live:  (B, N) the live-token mask (soft values during soft pruning).
+    live:  (B, N) the live-token mask (soft values during soft pruning); None: every token is live (one unpadded
+           sequence, the packed routine's batch of one), the same sums without the multiplication.
     n: the 1/n of eq. 7 is a constant, not the batch's padded length, so a sentence scores the same alone
     or in any batch. The paper calls n the sequence length, and measures speed on unpadded sequences
     (section 4.1); 128 is the max_seq_length of the GLUE script of the paper's official code, which by
@@ -71,7 +72,7 @@ def importance_score(probs, live, n=128):
     (#live tokens) / n.
     Example: one head, two live tokens, A = [[.5, .5], [.9, .1]], n = 2 -> s = [(.5+.9)/2, (.5+.1)/2] = [.7, .3].
     """
-    received = (probs * live[:, None, :, None]).sum(dim=(1, 2))  # (B, N): sum over heads h and query rows j
+    received = (probs if live is None else probs * live[:, None, :, None]).sum(dim=(1, 2))  # (B, N): over h and j
     return received / (probs.shape[1] * n)
 
 
@@ -80,8 +81,13 @@ def hard_mask(s, theta, live):
     Eq. 8: M(x_i) = 1 if s(x_i) > theta else 0, and cumulative: a token pruned before stays pruned.
     The first token (<s> / [CLS]) is always kept, because the classification head reads it; the paper
     does not say so and its official code does not protect it.
-    s, live: (B, N); theta: scalar tensor. Returns a float mask (B, N).
+    s, live: (B, N); theta: scalar tensor (or float). Returns a float mask (B, N); live None (every token live):
+    a bool mask.
     """
+    if live is None:
+        m = s > theta
+        m[:, 0] = True
+        return m
     m = (s > theta) & (live > 0.5)
     m[:, 0] = live[:, 0] > 0.5
     return m.to(s.dtype)

@@ -24,20 +24,41 @@ from ltp.packed import PackedModel, forward_batches, make_batches  # noqa: E402
 
 
 class Timed(PackedModel):
-    """PackedModel whose layer() calls are timed (wall clock), with the rows each one got."""
+    """
+    PackedModel whose layer calls are timed (wall clock), with the rows each one got: layer() in a batch, layer_one()
+    for a batch of one; and the time inside its linears (PackedModel.linear: the kernel, its input's smoothing and
+    its activation), so that the rest of a layer is the difference.
+    """
 
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
         self.seconds, self.rows, self.calls = defaultdict(float), defaultdict(int), defaultdict(int)
+        self.linear_seconds = 0.0
 
-    def layer(self, x, lengths, w, l, initial_lengths, near_threshold=None):
+    def timed(self, f, x, w, *rest):
         t0 = time.perf_counter()
-        out = super().layer(x, lengths, w, l, initial_lengths, near_threshold)
+        out = f(x, w, *rest)
         key = next(i for i, v in enumerate(self.layers) if v is w)
         self.seconds[key] += time.perf_counter() - t0
         self.rows[key] += x.shape[0]
         self.calls[key] += 1
         return out
+
+    def layer(self, x, lengths, w, *rest):
+        return self.timed(lambda x, w, *r: super(Timed, self).layer(x, lengths, w, *r), x, w, *rest)
+
+    def layer_one(self, x, w, theta):
+        return self.timed(super().layer_one, x, w, theta)
+
+    def linear(self, *a, **k):
+        t0 = time.perf_counter()
+        out = super().linear(*a, **k)
+        self.linear_seconds += time.perf_counter() - t0
+        return out
+
+    def clear(self):
+        self.seconds.clear(), self.rows.clear(), self.calls.clear()
+        self.linear_seconds = 0.0
 
 
 def main():
@@ -66,8 +87,9 @@ def main():
     for precision in args.precision.split(","):
         pm = Timed(model, precision=precision, calibration=calibration if precision == "int8" else None)
         forward_batches(pm, batches[:20], len(encoded))  # warm-up
-        pm.seconds.clear(), pm.rows.clear(), pm.calls.clear()
+        pm.clear()
         _, _, total = forward_batches(pm, batches, len(encoded))
+        linears = pm.linear_seconds
         layers = [{"layer": l + 1, "ms_per_call": 1e3 * pm.seconds[l] / pm.calls[l],
                    "rows_per_call": pm.rows[l] / pm.calls[l]} for l in sorted(pm.seconds)]
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -76,10 +98,13 @@ def main():
         prof_total = sum(e.self_cpu_time_total for e in ops)
         top = [{"op": e.key, "share": e.self_cpu_time_total / prof_total, "calls_per_batch": e.count / len(batches),
                 "us_per_call": e.self_cpu_time_total / max(e.count, 1)} for e in ops[:args.top]]
-        result[precision] = {"ms_per_batch": 1e3 * total / len(batches), "layers": layers, "ops": top,
+        result[precision] = {"ms_per_batch": 1e3 * total / len(batches), "linears_ms_per_batch":
+                             1e3 * linears / len(batches), "layers": layers, "ops": top,
                              "ops_per_batch": sum(e.count for e in ops) / len(batches)}
         md += [f"**{precision}**: {1e3 * total / len(batches):.2f} ms per batch, "
-               f"{result[precision]['ops_per_batch']:.0f} operator calls per batch", "",
+               f"{result[precision]['ops_per_batch']:.0f} operator calls per batch; the linears (kernel, input "
+               f"smoothing, activation) {1e3 * linears / len(batches):.2f} ms ({linears / total:.0%}), the rest "
+               f"{1e3 * (total - linears) / len(batches):.2f} ms", "",
                "| layer | rows per call | ms per call |", "|---:|---:|---:|"]
         md += [f"| {r['layer']} | {r['rows_per_call']:.1f} | {r['ms_per_call']:.3f} |" for r in layers]
         md += ["", "| operator | share of time | calls per batch | us per call |", "|---|---:|---:|---:|"]

@@ -28,12 +28,13 @@ def main(args):
     tok = ltp.Tokenizer.from_dir(ltp.checkpoint.resolve(args.model), model.cfg)
     encoded = tok.encode(read_inputs(args)[0])
     prune, off = model.prune, ltp.PruneConfig(mode="off")
+    calibration = ltp.quant.load_calibration(ltp.checkpoint.resolve(args.model), model.cfg)  # int8's, if calibrated
     for bs in args.batch_sizes:
         batches = new.make_batches(encoded, bs)
         for precision in args.precision.split(","):
             runs = {}
             for version, mod in (("old", old), ("new", new)):
-                pm = mod.PackedModel(model, precision=precision)
+                pm = mod.PackedModel(model, precision=precision, calibration=calibration if precision == "int8" else None)
                 for method, mode in (("packed", off), ("ltp", prune)):
                     def run(pm=pm, mode=mode, part=None):
                         model.prune = mode
@@ -63,7 +64,7 @@ def get_parser():
     p.add_argument("--data-dir", default="data/glue", help="GLUE data directory")
     p.add_argument("--input", default=None, help="a text file instead of --task")
     p.add_argument("--final-threshold", type=float, default=0.01, help="manual thresholds when the model has no ltp.json")
-    p.add_argument("--precision", default="fp32,bf16", help="comma list of fp32, bf16")
+    p.add_argument("--precision", default="fp32,bf16", help="comma list of fp32, bf16, int8 (with the model's quant.json if it has one)")
     p.add_argument("--batch-sizes", type=int_list, default=[32, 1], help="comma list of batch sizes")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed passes per runner (median)")
     p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
