@@ -7,13 +7,19 @@ row counts, median wall time of one pass, with
   fbgemm static quantized::linear_with_input_q_dq_qweight_dq_output_fp32 (a fixed input scale)
   onednn q      onednn::qlinear_pointwise with the input quantized by torch ops first (min, max, round, clamp)
   onednn q only the same product on an input quantized beforehand (the kernel alone: its best case)
+  ort fp32, ort int8   ONNX Runtime (when installed, with the bench extra): the same 24 MatMul + Add as one graph, one
+                run per pass, on the same threads (ltp.ort.session); int8 by quantize_dynamic (QInt8 weights per
+                channel, the input quantized at run time, as bench.py's ort-int8 row). What the bench's ORT rows
+                multiply with.
 
   python scripts/int8_kernels.py [--threads 2] [--rows 1,8,25,64,200,800]
 """
 import argparse
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -21,6 +27,31 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from ltp import quant  # noqa: E402
+
+
+def ort_sessions(ws, bs, threads, work_dir):
+    """The linears (W (N, K), b) as one ONNX graph, input x_i -> x_i W_i^T + b_i: {"fp32", "int8"} sessions, or {}
+    without onnxruntime."""
+    try:
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError:
+        return {}
+    from ltp import ort
+    nodes, inputs, outputs, inits = [], [], [], []
+    for i, (w, b) in enumerate(zip(ws, bs)):
+        n, k = w.shape
+        inits += [numpy_helper.from_array(w.t().contiguous().numpy(), f"w{i}"), numpy_helper.from_array(b.numpy(), f"b{i}")]
+        nodes += [helper.make_node("MatMul", [f"x{i}", f"w{i}"], [f"m{i}"]), helper.make_node("Add", [f"m{i}", f"b{i}"], [f"y{i}"])]
+        inputs.append(helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, ["M", k]))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["M", n]))
+    graph = helper.make_graph(nodes, "linears", inputs, outputs, inits)
+    fp32, int8 = os.path.join(work_dir, "linears.onnx"), os.path.join(work_dir, "linears_int8.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), fp32)
+    with ort.quiet():
+        quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8, per_channel=True)
+    return {"fp32": ort.session(fp32, threads), "int8": ort.session(int8, threads)}
 
 
 def median_ms(fn, repeats=30):
@@ -53,10 +84,12 @@ def main():
     fb = [quant.prepack(q, s, b) for (q, s), b in zip(q8, bs)]
     on = [torch.ops.onednn.qlinear_prepack(q, None) for q, _ in q8]
     zero = [torch.zeros(len(s), dtype=torch.int32) for _, s in q8]
+    work = tempfile.mkdtemp(prefix="int8_kernels_")
+    sessions = ort_sessions(ws, bs, args.threads, work)
     print(f"{len(shapes)} linears, hidden {C}, {args.threads} threads, {torch.backends.cpu.get_cpu_capability()}, "
           f"activations {7 if rr else 8} bits; ms per pass")
-    print("| rows | fp32 oneDNN | fbgemm dyn | fbgemm static | onednn q | onednn q only |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| rows | fp32 oneDNN | fbgemm dyn | fbgemm static | onednn q | onednn q only | ort fp32 | ort int8 |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for M in map(int, args.rows.split(",")):
         xs = [torch.randn(M, k) for _, k in shapes]
         qx = [torch.clamp(torch.round(x / 0.03) + 64, 0, 127).to(torch.uint8) for x in xs]
@@ -72,7 +105,11 @@ def main():
              median_ms(lambda: [quant.int8_linear(x, w, rr) for x, w in zip(xs, fb)]),
              median_ms(lambda: [quant.int8_linear(x, w, rr, (0.03, 64)) for x, w in zip(xs, fb)]),
              median_ms(lambda: onednn_q(False)), median_ms(lambda: onednn_q(True))]
-        print(f"| {M} | " + " | ".join(f"{v:.2f}" for v in t) + " |")
+        feed = {f"x{i}": x.numpy() for i, x in enumerate(xs)}
+        t += [median_ms(lambda: sess.run(None, feed)) if sess else None for sess in
+              (sessions.get("fp32"), sessions.get("int8"))]
+        print(f"| {M} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in t) + " |")
+    shutil.rmtree(work)
 
 
 if __name__ == "__main__":

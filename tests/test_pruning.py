@@ -106,6 +106,16 @@ def test_importance_score_docstring_example_one_head():
     torch.testing.assert_close(s, torch.tensor([[0.7, 0.3]]), atol=1e-7, rtol=0)
 
 
+def test_importance_score_and_hard_mask_with_every_token_live():
+    # live None (one unpadded sequence): the sums of live = ones, bit for bit; hard_mask gives the bool mask, token 0
+    # kept whatever its score: s = [.7, .3] against theta .8 -> [True, False], against .2 -> [True, True]
+    probs = torch.tensor([[[[.5, .5], [.9, .1]]]])
+    s = importance_score(probs, None, n=2)
+    assert torch.equal(s, importance_score(probs, torch.ones(1, 2), n=2))
+    assert hard_mask(s, 0.8, None).tolist() == [[True, False]] and hard_mask(s, 0.2, None).tolist() == [[True, True]]
+    assert torch.equal(hard_mask(s, torch.tensor(0.5), None), hard_mask(s, 0.5, torch.ones(1, 2)) > 0)
+
+
 def test_importance_scores_of_each_sequence_sum_to_live_tokens_over_n():
     # Real attention probabilities from a model layer (eq. 6, dead keys removed) on a padded batch,
     # with one token in the middle of sequence 0 already pruned (live 0, key removed as well).
