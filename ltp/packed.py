@@ -16,8 +16,8 @@ goes through a linear layer, a LayerNorm or the FFN. Per layer:
      from layer to layer is x and the lengths). A layer whose sequences are all down to one token
      computes V alone (A = 1).
 A batch of one sequence (the latency case) runs the same steps in call_one / layer_one, without what only a batch
-needs: no offsets, no padded view, no live masks, and the thresholds read once per call (measured at batch 1 on a
-learned SST-2 checkpoint, MiniLM, int8: 1.27x the general path; docs/results.md).
+needs: no offsets, no padded view, no live masks, and the thresholds read once per call (a few percent faster at
+batch 1 than the general path on a learned SST-2 checkpoint of MiniLM: docs/results.md).
 No bucketing by length inside a batch: with infer.py's length-sorted batches the padded attention view
 does 1.08x (unpruned) to 1.19x (LTP) the useful attention work on SST-2 / MRPC dev with MiniLM, and the
 attention products are ~7% of the time, so buckets would save ~1% (measured; dataset-order batches: 2-3.4x).
