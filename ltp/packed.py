@@ -128,7 +128,8 @@ class PackedModel:
       (static=True; the default for a quantization-aware model) with the calibrated ranges. calibration: a
       checkpoint's quant.json (calibrate(), scripts/calibrate.py): its smoothing factors s (quant.smooth_factors) go
       into the weights (W s, once) and divide each linear's input (x / s, per call; W_o's is folded into V's weights
-      and bias instead, since A (V / s) = (A V) / s), and its ranges give the static scales. Everything else is as in fp32 (q k^T, softmax, eqs. 7-8, A V, LayerNorm, the residual stream, the head).
+      and bias instead, since A (V / s) = (A V) / s), and its ranges give the static scales. Everything else is as
+      in fp32 (q k^T, softmax, eqs. 7-8, A V, LayerNorm, the residual stream, the head).
     recheck: in bf16 or int8 with thresholds (method "threshold"), a relative margin r > 0 runs again in fp32 every
     sequence that met, in some layer, a live token (not its first) whose eq. 7 score was within r |theta_l| of its
     threshold; their outputs and kept counts replace the low-precision ones. Why: eq. 8 is a step function, and the
