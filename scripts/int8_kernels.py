@@ -85,7 +85,10 @@ def main():
     on = [torch.ops.onednn.qlinear_prepack(q, None) for q, _ in q8]
     zero = [torch.zeros(len(s), dtype=torch.int32) for _, s in q8]
     work = tempfile.mkdtemp(prefix="int8_kernels_")
-    sessions = ort_sessions(ws, bs, args.threads, work)
+    try:
+        sessions = ort_sessions(ws, bs, args.threads, work)
+    finally:
+        shutil.rmtree(work)  # the sessions hold their graphs in memory
     print(f"{len(shapes)} linears, hidden {C}, {args.threads} threads, {torch.backends.cpu.get_cpu_capability()}, "
           f"activations {7 if rr else 8} bits; ms per pass")
     print("| rows | fp32 oneDNN | fbgemm dyn | fbgemm static | onednn q | onednn q only | ort fp32 | ort int8 |")
@@ -109,7 +112,6 @@ def main():
         t += [median_ms(lambda: sess.run(None, feed)) if sess else None for sess in
               (sessions.get("fp32"), sessions.get("int8"))]
         print(f"| {M} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in t) + " |")
-    shutil.rmtree(work)
 
 
 if __name__ == "__main__":

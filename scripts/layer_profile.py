@@ -1,7 +1,8 @@
 """
 Where the time of a small batch goes: the packed routine over GLUE dev sentences at one batch size (default 1), in
-each precision asked, with (a) the wall time of every layer (PackedModel.layer timed per call, with the mean rows it
-got) and (b) torch.profiler's time per operator over the whole pass, the top ones listed.
+each precision asked, with (a) the wall time of every layer (PackedModel.layer, or layer_one at batch 1, timed per
+call, with the mean rows it got; and the time inside the linears) and (b) torch.profiler's time per operator over
+the whole pass, the top ones listed.
 
   python scripts/layer_profile.py --model runs/sst2-quick/hard --task sst2 --data-dir ../shared/glue \\
       --precision fp32,int8 --batch-size 1 --examples 300 --threads 2 [--out docs/layer_profile_b1]

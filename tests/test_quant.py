@@ -194,6 +194,33 @@ def test_packed_int8_dynamic_equals_fake_quant_mask_forward():
 
 @INT8
 @torch.inference_mode()
+def test_one_sequence_path_equals_the_batch_path_in_int8_and_bf16():
+    """
+    A sequence alone (PackedModel.call_one) against the same sequence twice in one batch (layer(), whose dynamic
+    scales then see the same min and max): int8 smoothed or not (W_o's smoothing folded into V), dynamic or
+    static, and bf16. Kept counts equal; outputs within float rounding, a rounding tie of a quantizer allowed.
+    """
+    exact, trials = 0, 0
+    for trial in range(12):
+        rng = random.Random(900 + trial)
+        model = tiny_model(("bert", "roberta")[trial % 2], 2, seed=900 + trial, layers=3)
+        set_pruning(model, rng, "hard")
+        cal = calibrate(model, random_batch(rng, model.cfg, 20), alpha=(None, 0.8)[trial % 2])
+        pms = [PackedModel(model, precision="int8", calibration=cal, static=trial % 3 == 0),
+               PackedModel(model, precision="bf16")]
+        for pm, seq in zip(pms, random_batch(rng, model.cfg, 2)):
+            alone, kept1 = packed_forward(pm, [seq])
+            twice, kept2 = packed_forward(pm, [seq, seq])
+            assert torch.equal(kept1[0], kept2[0]) and torch.equal(kept2[0], kept2[1]), trial
+            diff = (alone[0] - twice[0]).abs().max()
+            assert diff < 0.05, trial
+            exact += int(diff < 1e-5)
+            trials += 1
+    assert exact >= trials - 3
+
+
+@INT8
+@torch.inference_mode()
 def test_int8_static_does_not_depend_on_the_batch():
     """
     With static scales a sequence's output is the same alone or in any batch (dynamic scales see the batch), up to
