@@ -15,9 +15,8 @@ goes through a linear layer, a LayerNorm or the FFN. Per layer:
      re-packed with index_select; each sequence's length shrinks on its own (the only state carried
      from layer to layer is x and the lengths). A layer whose sequences are all down to one token
      computes V alone (A = 1).
-A batch of one sequence (the latency case) runs the same steps in call_one / layer_one, without what only a batch
-needs: no offsets, no padded view, no live masks, and the thresholds read once per call (a few percent faster at
-batch 1 than the general path on a learned SST-2 checkpoint of MiniLM: docs/results.md).
+A batch of one sequence (the latency case) has every row live: no padded view and no live mask (live None), so
+eqs. 7-8 skip their multiplications by it.
 No bucketing by length inside a batch: with infer.py's length-sorted batches the padded attention view
 does 1.08x (unpruned) to 1.19x (LTP) the useful attention work on SST-2 / MRPC dev with MiniLM, and the
 attention products are ~7% of the time, so buckets would save ~1% (measured; dataset-order batches: 2-3.4x).
@@ -248,8 +247,6 @@ class PackedModel:
         prune = enc.prune.mode != "off"
         dev = ids.device
         T, B = ids.shape[0], cu_seqlens.shape[0] - 1
-        if B == 1 and not self.rechecking() and enc.prune.method == "threshold":
-            return self.call_one(ids, type_ids)
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]                         # (B,)
         seq = torch.repeat_interleave(torch.arange(B, device=dev), lengths, output_size=T)  # (T,) its sequence
         pos = torch.arange(T, device=dev) - cu_seqlens[:-1][seq]           # (T,) index inside its sequence
@@ -267,39 +264,6 @@ class PackedModel:
         if near_threshold is not None and bool(near_threshold.any()):
             x, kept = self.run_again(near_threshold.nonzero().squeeze(1), ids, cu_seqlens, type_ids, x, kept)
         return x, kept
-
-    def call_one(self, ids, type_ids):
-        """
-        __call__ for a batch of one sequence (the latency case), the same computation: every row is live, so there are
-        no offsets, no padded view and no live masks, and the thresholds are read once.
-        """
-        enc = self.model.encoder
-        T = ids.shape[0]
-        x = self.embed(ids, torch.arange(T, device=ids.device), type_ids)  # (T, C)
-        theta = enc.theta.tolist() if enc.prune.mode != "off" else [None] * len(self.layers)
-        kept = [T]
-        for w, th in zip(self.layers, theta):
-            x = self.layer_one(x, w, th)
-            kept.append(x.shape[0])
-        if self.model.head is not None:
-            x = self.model.head(x[None, :1])                              # h[:, 0] of (1, 1, C)
-        return x, torch.tensor([kept], device=ids.device)
-
-    def layer_one(self, x, w, theta):
-        """layer() for one sequence, all of x's N rows live; theta: its eq. 8 threshold, None = no pruning."""
-        N, H, D = x.shape[0], self.cfg.num_attention_heads, self.cfg.head_dim
-        if N == 1:  # as in layer(): A = 1, A V = V
-            return self.after_attention(x, self.linear(x.to(self.dtype), w["v"]), w)
-        qkv = self.linear(x.to(self.dtype), w["qkv"]).view(1, N, 3, H, D).permute(2, 0, 3, 1, 4)  # (3, 1, H, N, D)
-        q, k, v = torch.empty(qkv.shape, dtype=torch.float32, device=x.device).copy_(qkv)  # as in layer()
-        probs = ((q @ k.transpose(-2, -1)) / math.sqrt(D)).softmax(dim=-1)  # eq. 6, (1, H, N, N)
-        y = self.merge_heads(probs, v)                                    # (N, C)
-        if theta is not None:
-            s = importance_score(probs, None, self.model.encoder.prune.score_length)  # eq. 7, (1, N)
-            keep = hard_mask(s, theta, None)[0].nonzero().squeeze(1)       # eq. 8: the survivors' rows
-            if keep.shape[0] < N:
-                x, y = x.index_select(0, keep), y.index_select(0, keep)
-        return self.after_attention(x, y, w)
 
     def run_again(self, redo, ids, cu_seqlens, type_ids, out, kept):
         """The sequences `redo` (indices) in fp32 (see recheck): their rows of out and kept replaced."""
@@ -346,8 +310,8 @@ class PackedModel:
             return self.after_attention(x, self.linear(x.to(self.dtype), w["v"]), w), lengths
         dense = T == B * N  # all sequences have the same length: the packed rows already are the padded view
         qkv = self.linear(x.to(self.dtype), w["qkv"])                      # (T, 3C), bf16 in bf16
-        if B == 1:  # one sequence: every row is live
-            live = x.new_ones(1, N)                                        # (B, N)
+        if B == 1:  # one sequence: every row is live, no mask needed (importance_score / hard_mask take None)
+            live = None
         else:
             start = lengths.cumsum(0) - lengths                            # (B,) first packed row of each sequence
             j = torch.arange(N, device=dev)
@@ -383,18 +347,21 @@ class PackedModel:
 
     def keep_mask(self, probs, live, l, initial_lengths, near_threshold):
         """
-        The tokens that survive layer l, (B, N) bool: eq. 7's scores of A (B, H, N, N) over the live tokens (B, N),
-        then eq. 8's threshold test (pruning.hard_mask, as Encoder.forward), or a baseline's ranking on initial_lengths
+        The tokens that survive layer l, (B, N) bool: eq. 7's scores of A (B, H, N, N) over the live tokens (B, N; None:
+        all, one sequence), then eq. 8's threshold test (pruning.hard_mask, as Encoder.forward), or a baseline's ranking on initial_lengths
         (baselines.rank_mask). near_threshold (B,) bool or None: see layer.
         """
         enc = self.model.encoder
         prune = enc.prune
         s = importance_score(probs, live, prune.score_length)              # eq. 7, (B, N)
         if prune.method != "threshold":  # the rank-based baselines (baselines.py)
-            return rank_mask(prune, s, live, initial_lengths, l, len(self.layers)) > 0
+            return rank_mask(prune, s, torch.ones_like(s) if live is None else live, initial_lengths, l,
+                             len(self.layers)) > 0
         m = hard_mask(s, enc.theta[l], live) > 0                           # eq. 8, (B, N) bool
         if near_threshold is not None:  # recheck: a live token, not the first, scored within the margin
-            close = ((s - enc.theta[l]).abs() < self.recheck * enc.theta[l].abs()) & (live > 0)
+            close = (s - enc.theta[l]).abs() < self.recheck * enc.theta[l].abs()
+            if live is not None:
+                close &= live > 0
             near_threshold |= close[:, 1:].any(1)
         return m
 

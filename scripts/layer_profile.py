@@ -1,7 +1,7 @@
 """
 Where the time of a small batch goes: the packed routine over GLUE dev sentences at one batch size (default 1), in
-each precision asked, with (a) the wall time of every layer (PackedModel.layer, or layer_one at batch 1, timed per
-call, with the mean rows it got; and the time inside the linears) and (b) torch.profiler's time per operator over
+each precision asked, with (a) the wall time of every layer (PackedModel.layer timed per call, with the mean rows it
+got; and the time inside the linears) and (b) torch.profiler's time per operator over
 the whole pass, the top ones listed.
 
   python scripts/layer_profile.py --model runs/sst2-quick/hard --task sst2 --data-dir ../shared/glue \\
@@ -26,8 +26,7 @@ from ltp.packed import PackedModel, forward_batches, make_batches  # noqa: E402
 
 class Timed(PackedModel):
     """
-    PackedModel whose layer calls are timed (wall clock), with the rows each one got: layer() in a batch, layer_one()
-    for a batch of one; and the time inside its linears (PackedModel.linear: the kernel, its input's smoothing and
+    PackedModel whose layer() calls are timed (wall clock), with the rows each one got; and the time inside its linears (PackedModel.linear: the kernel, its input's smoothing and
     its activation), so that the rest of a layer is the difference.
     """
 
@@ -36,20 +35,14 @@ class Timed(PackedModel):
         self.seconds, self.rows, self.calls = defaultdict(float), defaultdict(int), defaultdict(int)
         self.linear_seconds = 0.0
 
-    def timed(self, f, x, w, *rest):
+    def layer(self, x, lengths, w, *rest):
         t0 = time.perf_counter()
-        out = f(x, w, *rest)
+        out = super().layer(x, lengths, w, *rest)
         key = next(i for i, v in enumerate(self.layers) if v is w)
         self.seconds[key] += time.perf_counter() - t0
         self.rows[key] += x.shape[0]
         self.calls[key] += 1
         return out
-
-    def layer(self, x, lengths, w, *rest):
-        return self.timed(lambda x, w, *r: super(Timed, self).layer(x, lengths, w, *r), x, w, *rest)
-
-    def layer_one(self, x, w, theta):
-        return self.timed(super().layer_one, x, w, theta)
 
     def linear(self, *a, **k):
         t0 = time.perf_counter()

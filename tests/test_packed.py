@@ -97,29 +97,29 @@ def test_packed_equals_mask_forward(onednn):
 
 
 @torch.inference_mode()
-def test_batch_of_one_takes_the_one_sequence_path(monkeypatch):
+def test_batch_of_one_runs_without_a_live_mask(monkeypatch):
     """
-    One sequence runs PackedModel.call_one / layer_one (no padded view, no live masks), never layer(), and equals the
-    mask forward, pruned or not, no head or a head, one token or many; the rank-based baselines keep layer().
+    One sequence runs layer() without padded view or live mask (eqs. 7-8 get live None) and equals the mask forward,
+    pruned or not, no head or a head, one token or many, by thresholds and by the rank-based baselines.
     """
     rng = random.Random(7)
-    calls = []
-    general = PackedModel.layer
-    monkeypatch.setattr(PackedModel, "layer", lambda self, *a: calls.append(1) or general(self, *a))
+    lives = []
+    keep_mask = PackedModel.keep_mask
+    monkeypatch.setattr(PackedModel, "keep_mask", lambda self, probs, live, *a: lives.append(live) or
+                        keep_mask(self, probs, live, *a))
     pruned = 0
     for trial in range(24):
         model = tiny_model(("bert", "roberta")[trial % 2], (0, 2, 1)[trial % 3], seed=700 + trial)
         set_pruning(model, rng, ("off", "hard", "hard")[trial % 3])
+        if trial % 6 == 5:
+            model.prune = ltp.PruneConfig(mode="hard", method="topk", keep_ratio=0.5)
         encoded = random_batch(rng, model.cfg, 1, max_len=(1, 40)[trial % 4 > 0])
         ref, ref_kept = mask_forward(model, encoded)
         out, kept = packed_forward(PackedModel(model), encoded)
         assert torch.equal(kept, ref_kept), f"trial {trial}: kept {kept.tolist()} != {ref_kept.tolist()}"
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
         pruned += int(kept[0, -1] < kept[0, 0])
-    assert not calls and pruned >= 8
-    model.prune = ltp.PruneConfig(mode="hard", method="topk", keep_ratio=0.5)
-    packed_forward(PackedModel(model), random_batch(rng, model.cfg, 1))
-    assert calls
+    assert lives and all(live is None for live in lives) and pruned >= 8
 
 
 @torch.inference_mode()
@@ -195,7 +195,7 @@ def test_one_token_layers_compute_only_v(onednn):
 @torch.inference_mode()
 def test_result_does_not_depend_on_batch():
     """A sequence gives the same logits and kept counts alone, in any batch, at any place in it. (Alone it takes
-    PackedModel.call_one, the batch-of-one path without padded view or masks; in a batch, layer().)"""
+    layer() without padded view or live mask, live None; in a batch, with them.)"""
     rng = random.Random(3)
     for trial in range(6):
         model = tiny_model(("bert", "roberta")[trial % 2], 2, seed=300 + trial)

@@ -196,7 +196,7 @@ def test_packed_int8_dynamic_equals_fake_quant_mask_forward():
 @torch.inference_mode()
 def test_one_sequence_path_equals_the_batch_path_in_int8_and_bf16():
     """
-    A sequence alone (PackedModel.call_one) against the same sequence twice in one batch (layer(), whose dynamic
+    A sequence alone (no padded view, live None) against the same sequence twice in one batch (layer(), whose dynamic
     scales then see the same min and max): int8 smoothed or not (W_o's smoothing folded into V), dynamic or
     static, and bf16. Kept counts equal; outputs within float rounding, a rounding tie of a quantizer allowed.
     """
