@@ -43,7 +43,7 @@ import ltp
 import ltp.ort
 from ltp import flops as fl
 from ltp import quant
-from ltp.cli import (Parser, add_inference_args, int_list, load_model, nonneg_int, output_path, positive_int, read_inputs,
+from ltp.cli import (ONEDNN, Parser, add_inference_args, int_list, load_model, nonneg_int, output_path, positive_int, read_inputs,
                      run_cli, tune_allocator)
 from ltp.packed import (PackedModel, forward_batches, make_batches, onednn_available, own_precision,
                         resolve_precision, sync)
@@ -444,9 +444,6 @@ def load_inputs(args):
     path = ltp.checkpoint.resolve(args.model)
     tok = ltp.Tokenizer.from_dir(path, model.cfg)
     return model, path, tok.encode(texts), allocator
-
-
-ONEDNN = {"auto": None, "on": True, "off": False}  # --onednn -> PackedModel's onednn
 
 
 def packed_models(args, model, path):

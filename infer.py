@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import ltp
 from ltp import glue, quant, stream
-from ltp.cli import (Parser, add_inference_args, check_task_head, load_model, nonneg_int, output_path, positive_int,
+from ltp.cli import (ONEDNN, Parser, add_inference_args, check_task_head, load_model, nonneg_int, output_path, positive_int,
                      read_inputs, run_cli, tune_allocator)
 from ltp.explain import layer_scores, plot_pruning
 from ltp.flops import flops_totals
@@ -75,8 +75,8 @@ def main(args):
     """The outline of a run: flags, input, model, output, the streaming loop, the summary, --explain."""
     check_flags(args)
     source, src_path, labels, total = open_source(args)
-    model, tok, pm, calibration = build_model(args)
-    partial, done = open_output(args, src_path, pm)
+    model, tok, pm, calibration, path = build_model(args)
+    partial, done = open_output(args, src_path, pm, path)
     done, tally = run_windows(args, model, tok, pm, source, total, labels, partial, done)
     if not done:  # stdin gave no line (a file was refused in open_source)
         raise ValueError(f"{src_path}: no input lines")
@@ -133,19 +133,23 @@ def open_source(args):
 
 
 def build_model(args):
-    """The checkpoint, its tokenizer, its int8 calibration (None unless --precision int8) and the PackedModel."""
+    """
+    The checkpoint, its tokenizer, its int8 calibration (None unless --precision int8), the PackedModel and the
+    checkpoint's directory (a hub id resolved once).
+    """
     model = load_model(args.model, args.final_threshold).to(args.device)
     if args.task:
         check_task_head(model, args.task, args.model)
-    tok = ltp.Tokenizer.from_dir(ltp.checkpoint.resolve(args.model), model.cfg)
-    calibration = quant.load_calibration(ltp.checkpoint.resolve(args.model), model.cfg) if args.precision == "int8" else None
-    pm = PackedModel(model, onednn={"auto": None, "on": True, "off": False}[args.onednn], precision=args.precision,
+    path = ltp.checkpoint.resolve(args.model)
+    tok = ltp.Tokenizer.from_dir(path, model.cfg)
+    calibration = quant.load_calibration(path, model.cfg) if args.precision == "int8" else None
+    pm = PackedModel(model, onednn=ONEDNN[args.onednn], precision=args.precision,
                      recheck=args.recheck, calibration=calibration,
                      static=None if args.int8_scales is None else args.int8_scales == "static")
-    return model, tok, pm, calibration
+    return model, tok, pm, calibration, path
 
 
-def open_output(args, src_path, pm):
+def open_output(args, src_path, pm, path):
     """
     (partial, done): rows go to OUT.partial (beside it, what they depend on), renamed to OUT once complete, and done
     rows of it are kept by --resume; for --output - (stdout gets the rows directly) partial is None and done 0.
@@ -155,7 +159,7 @@ def open_output(args, src_path, pm):
     flags = {k: getattr(args, k) for k in ("window", "batch_size", "no_sort", "final_threshold", "recheck", "device",
                                            "int8_scales")}
     flags.update(precision=pm.precision, onednn=pm.onednn, threads=torch.get_num_threads())
-    ident = stream.identity(src_path, ltp.checkpoint.resolve(args.model), MODEL_FILES, flags)
+    ident = stream.identity(src_path, path, MODEL_FILES, flags)
     partial, done = stream.open_partial(args.output, ident, args.resume, args.window, say)
     if args.resume:
         say(f"--resume: {done} rows of {args.output}.partial kept, continuing at input line {done + 1}")

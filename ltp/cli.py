@@ -53,6 +53,9 @@ def int_list(s):
     return [positive_int(x) for x in s.split(",")]
 
 
+ONEDNN = {"auto": None, "on": True, "off": False}  # --onednn (add_inference_args) -> PackedModel's onednn
+
+
 def add_inference_args(p):
     """The flags infer.py and bench.py share, defined once."""
     p.add_argument("--model", required=True, help="model directory (config.json, model.safetensors, tokenizer, ltp.json)")
