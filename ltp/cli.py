@@ -158,6 +158,46 @@ def output_path(path, flag):
     return path
 
 
+def refuse_overwrite(outputs, inputs):
+    """
+    Refuse, before anything is written, an output file that is one of the run's inputs, whatever path spells it:
+    the same file is the same inode on the same device (os.path.samefile), so a symlink or a hard link to an input
+    counts. outputs and inputs: {flag: path} or (flag, path) pairs; an input folder (a model directory) stands for
+    every file under it; None, '-' and outputs that do not exist yet are skipped. Example, with a.txt and its hard
+    link b.txt: refuse_overwrite({"--output": "b.txt"}, {"--input": "a.txt"}) -> ValueError "--output b.txt is
+    --input a.txt (the same file): writing it would destroy the input; choose another --output".
+    """
+    have = {}  # (device, inode) of every input file -> (flag, path as given, the file)
+    for flag, path in pairs(inputs):
+        for f in files_under(path):
+            st = os.stat(f)
+            have.setdefault((st.st_dev, st.st_ino), (flag, path, f))
+    for flag, path in pairs(outputs):
+        if not path or path == "-" or not os.path.isfile(path):
+            continue
+        st = os.stat(path)
+        if (st.st_dev, st.st_ino) in have:
+            in_flag, in_path, f = have[(st.st_dev, st.st_ino)]
+            what = f"{in_flag} {in_path}" if f == in_path else f"{f}, a file of {in_flag} {in_path}"
+            raise ValueError(f"{flag} {path} is {what} (the same file): writing it would destroy the input; "
+                             f"choose another {flag}")
+
+
+def pairs(d):
+    """(flag, path) pairs from a dict or an iterable of pairs (paths as str, pathlib paths allowed)."""
+    return [(flag, os.fspath(p) if p is not None else None) for flag, p in (d.items() if isinstance(d, dict) else d)]
+
+
+def files_under(path):
+    """The regular files a path stands for: itself, or every file under a folder (symlinks followed); [] if absent."""
+    if not path or path == "-":
+        return []
+    if os.path.isfile(path):
+        return [path]
+    return [os.path.join(d, n) for d, _, names in os.walk(path, followlinks=True) for n in names
+            if os.path.isfile(os.path.join(d, n))]
+
+
 def run_cli(main, args, name):
     """
     The scripts' one error path: a bad file or input ends in one line on stderr, '<name>: error: FILE...: what',
