@@ -475,6 +475,8 @@ def packed_models(args, model, path):
     int8_activations = quant.describe(calibration, pms["int8"].static) if "int8" in precisions else None
     if "int8" in precisions:
         print(f"int8: {int8_activations}", file=sys.stderr)
+        if calibration is None:
+            print(quant.calibration_hint(path), file=sys.stderr)
     recheck = (PackedModel(model, onednn=onednn, precision="bf16", recheck=args.recheck)
                if args.recheck and "bf16" in precisions else None)
     if recheck is not None and not recheck.rechecking():

@@ -154,6 +154,8 @@ def build_model(args):
     path = ltp.checkpoint.resolve(args.model)
     tok = ltp.Tokenizer.from_dir(path, model.cfg)
     calibration = quant.load_calibration(path, model.cfg) if args.precision == "int8" else None
+    if args.precision == "int8" and calibration is None:
+        say(quant.calibration_hint(path))
     pm = PackedModel(model, onednn=ONEDNN[args.onednn], precision=args.precision,
                      recheck=args.recheck, calibration=calibration,
                      static=None if args.int8_scales is None else args.int8_scales == "static")

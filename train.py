@@ -35,7 +35,7 @@ from ltp.distill import distill_loss
 from ltp.cli import (Parser, check_model_dir, claim_stages, int_list, nonneg_float, nonneg_int, number, positive_float,
                      positive_int, run_cli, writable_dir)
 from ltp.flops import flops_summary, linear_bits, sequence_flops, unpruned_flops
-from ltp.checkpoint import atomic_write, resolve
+from ltp.checkpoint import atomic_write, resolve, save_calibration
 from ltp.checks import read_json
 from ltp.packed import PackedModel, calibrate as calibrate_int8, own_precision, pack, resolve_precision
 from ltp.pruning import PruneConfig, calibrate_scale, dual_ascent, init_thresholds, mask_regularizer, ramped_target
@@ -689,6 +689,8 @@ def main(args):
         src = out
     if world > 1:
         dist.destroy_process_group()
+    if stages and out is not None and rank == 0:  # the run is complete: int8 on its checkpoint is calibrated
+        calibrate_checkpoint(args, src, train[0], device)
 
 
 def fill_unset(args, defaults):
@@ -825,6 +827,20 @@ def check_later_inputs(args, stages):
         if not os.path.isdir(path):
             raise SystemExit(f"error: --distill: teacher {path} not found (run the finetune stage, or give --teacher DIR)")
         check_model_dir(path, "--teacher")
+
+
+def calibrate_checkpoint(args, path, enc, device):
+    """
+    The run's last checkpoint gets its int8 calibration, quant.json, as scripts/calibrate.py writes it (smoothing alpha
+    0.8) but on eq. 15's sample of the training set, so that int8 on it is calibrated with no other command; a
+    quantization-aware checkpoint keeps the one it was trained with. After the run: no metrics row changes.
+    """
+    if os.path.isfile(os.path.join(path, quant.QUANT_JSON)):
+        return
+    ids = sorted(np.random.default_rng(args.seed).permutation(len(enc))[:args.calibration_examples].tolist())  # calib_ids
+    model = ltp.load(path).to(device)
+    out = save_calibration(path, calibrate_int8(model, [enc[i] for i in ids], alpha=0.8), model.cfg)
+    print(f"[int8] wrote {out}: the linears' inputs over {len(ids)} training examples, smoothing alpha 0.8")
 
 
 def baseline_knob(args):

@@ -6,11 +6,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import ltp
+import ltp.glue
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -401,6 +403,43 @@ def test_paths_a_later_stage_reads_are_checked_before_the_first_step(tmp_path):
     with pytest.raises(ValueError, match=r"--init .*empty: not a model directory \(no config.json\)"):
         run(tmp_path, out, "--init", str(tmp_path / "empty"))
     assert not out.exists()
+
+
+@pytest.mark.skipif(not __import__("ltp.quant").quant.int8_available("cpu"), reason="no int8 kernels")
+def test_a_run_calibrates_its_last_checkpoint_for_int8(tmp_path, capsys):
+    """The run's last checkpoint gets quant.json from eq. 15's training sample (smoothing alpha 0.8, as
+    scripts/calibrate.py), written after its last metrics row; infer.py and bench.py's int8 rows then use it with no
+    other command. A model without one still runs int8, dynamically, and says once how to calibrate it."""
+    import bench
+    import infer
+    from ltp.packed import calibrate
+    make_glue(tmp_path / "glue")
+    make_model(tmp_path / "m")
+    out = tmp_path / "out"
+    run(tmp_path, out, "--epochs", "1")
+    assert [os.path.isfile(out / s / "quant.json") for s in ("finetune", "soft", "hard")] == [False, False, True]
+    last = json.loads(open(out / "metrics.jsonl").read().splitlines()[-1])
+    assert (last["stage"], last.get("event")) == ("hard", "done")  # no row after the calibration
+    model = ltp.load(str(out / "hard"))
+    tok = ltp.Tokenizer.from_dir(str(out / "hard"), model.cfg)
+    enc, _ = ltp.glue.encode_split(tok, ltp.glue.read_split("sst2", str(tmp_path / "glue"), "train"))
+    ids = sorted(np.random.default_rng(0).permutation(len(enc))[:1024].tolist())  # eq. 15's sample (--seed 0)
+    assert json.load(open(out / "hard" / "quant.json")) == json.loads(json.dumps(calibrate(model, [enc[i] for i in ids])))
+    capsys.readouterr()
+    dev = ["--task", "sst2", "--data-dir", str(tmp_path / "glue"), "--precision", "int8"]
+    infer.main(infer.get_parser().parse_args(["--model", str(out / "hard"), *dev, "--output", str(tmp_path / "p.jsonl")]))
+    err = capsys.readouterr().err
+    assert "dynamic per call, smoothing alpha 0.8 (quant.json, 48 examples)" in err and "scripts/calibrate.py" not in err
+    setup = bench.main(bench.get_parser().parse_args(["--model", str(out / "hard"), *dev, "--batch-sizes", "8",
+                                                      "--repeats", "1", "--peak-repeats", "1", "--skip-topk", "--skip-ort",
+                                                      "--threads", "1"]))["setup"]
+    assert setup["int8_activations"].endswith("smoothing alpha 0.8 (quant.json, 48 examples)")
+    capsys.readouterr()
+    plain = out / "finetune"  # not the run's last checkpoint: nobody calibrated it
+    infer.main(infer.get_parser().parse_args(["--model", str(plain), *dev, "--output", str(tmp_path / "q.jsonl")]))
+    err = capsys.readouterr().err
+    assert "no smoothing (no quant.json)" in err
+    assert err.count(f"python scripts/calibrate.py --model {plain} --task TASK --data-dir GLUE_DIR") == 1
 
 
 def test_resume_state_loads_without_pickle_and_a_tampered_one_is_refused(tmp_path):
