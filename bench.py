@@ -17,11 +17,16 @@ Methods (one row per method, batch size and precision, --precision fp32,bf16):
   ort               ONNX Runtime on hf-sorted's batches, CPU, fp32: the same transformers model exported to ONNX and
                     fused by onnxruntime.transformers.optimizer (ltp/ort.py); once per batch size, whatever --precision
   ort-int8          the same graph quantized to int8 (quantize_dynamic, QInt8 weights per channel)
+  ltp-ort           the pruned model itself as an ONNX graph in ONNX Runtime (ltp/export.py: ltp's batches, eqs. 7-8
+                    inside the graph, the pruned tokens removed), fp32; checked against the ltp fp32 rows (kept counts
+                    and outputs on every example: setup's ltp_ort_vs_fp32)
+  ltp-ort-int8      the same graph with the four linears of every layer in int8 (the int8 rows' quant.json, if any)
                     (ort rows need the bench extra, pip install -e '.[bench]'; --skip-ort leaves them out)
 Throughput is the median of --repeats full passes after a warm-up (the passes go round the methods, so a
 change of the machine's load hits all alike), model time only (inputs tokenized, padded or packed beforehand).
 Useful GFLOP/s counts real tokens only (pruning.sequence_flops). speedup_vs_ort: against the best ORT row of the
-same batch size in the same or a lower precision (int8 < bf16 < fp32; the ort row against ort-int8).
+same batch size in the same or a lower precision (int8 < bf16 < fp32; the ort row against ort-int8);
+speedup_vs_ort_same_precision: against the unpruned ORT row of the row's own precision (fp32: ort, int8: ort-int8).
 relative_bops (fig. 7's measure, flops.relative_bops): bit operations against the unpruned model in FP16 on the same
 lengths; int8 rows (packed, ltp, ort-int8: int8 linears, float attention products) count their linears at 8 x 8
 bits, every float precision at 16 x 16 (fp32 as FP16, like fig. 7's baselines), so float rows equal relative_flops.
@@ -52,6 +57,7 @@ from ltp.text import collate
 
 METHODS = ("hf-dataset-order", "hf-sorted", "packed", "ltp")
 ORT_METHODS = {"ort": "fp32", "ort-int8": "int8"}  # ONNX Runtime rows and their fixed precisions
+LTP_ORT_METHODS = {"ltp-ort": "fp32", "ltp-ort-int8": "int8"}  # the pruned graph (ltp/export.py) in ONNX Runtime
 RANK = {"int8": 0, "bf16": 1, "fp32": 2}  # lower precision first: speedup_vs_ort compares with ORT rows at or below
 
 
@@ -258,18 +264,46 @@ def load_ort(path, pm, encoded, device):
     return sessions, info
 
 
+def load_ltp_ort(args, model, path):
+    """
+    The pruned model's own graphs (ltp/export.py) in ONNX Runtime, {"ltp-ort": fp32, "ltp-ort-int8": int8}, int8 with
+    the checkpoint's quant.json as the int8 rows have it; none for a model that does not prune or prunes by rank.
+    """
+    prune = model.prune
+    if prune.mode == "off" or prune.method != "threshold":
+        if prune.mode != "off":
+            print(f"no ltp-ort rows: {prune.method} is a rank-based baseline, not exported", file=sys.stderr)
+        return {}
+    import ltp.export
+    calibration = quant.load_calibration(path, model.cfg)
+    static = None if args.int8_scales is None else args.int8_scales == "static"
+    own = getattr(model, "quant", None)
+    sessions = {}
+    with tempfile.TemporaryDirectory() as d:
+        for m, p in LTP_ORT_METHODS.items():
+            cal = (calibration or own) if p == "int8" else None
+            st = (own is not None and cal == own) if static is None else static
+            ltp.export.export(model, os.path.join(d, m + ".onnx"), p, cal, st and p == "int8")
+            sessions[m] = ltp.ort.PackedSession(os.path.join(d, m + ".onnx"), model, torch.get_num_threads(), p, st)
+    return sessions
+
+
 def ort_pass(sess, batches):
     for b in batches:
         ltp.ort.run(sess, b)
 
 
 def ort_speedups(rows):
-    """Every row's speedup_vs_ort: its examples/s over the best ORT row of the same batch size whose precision is the
-    same or lower (RANK), the row itself left out (so ort fp32 against ort-int8, ort-int8 None); None without one."""
+    """Every row's speedup_vs_ort: its examples/s over the best unpruned ORT row of the same batch size whose precision
+    is the same or lower (RANK), the row itself left out (so ort fp32 against ort-int8, ort-int8 None); None without
+    one. speedup_vs_ort_same_precision: over the unpruned ORT row of its own precision (None for bf16 and for it)."""
     for r in rows:
         ref = [x["examples_per_s"] for x in rows if x["method"] in ORT_METHODS and x is not r
                and x["batch_size"] == r["batch_size"] and RANK[x["precision"]] <= RANK.get(r["precision"], -1)]
         r["speedup_vs_ort"] = r["examples_per_s"] / max(ref) if ref else None
+        same = [x["examples_per_s"] for x in rows if x["method"] in ORT_METHODS and x is not r
+                and x["batch_size"] == r["batch_size"] and x["precision"] == r["precision"]]
+        r["speedup_vs_ort_same_precision"] = r["examples_per_s"] / same[0] if same else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,6 +356,12 @@ def markdown(result):
         lines.append(f"ONNX Runtime {s['onnxruntime']}, fused: "
                      + ", ".join(f"{v} {k}" for k, v in s["ort_fused_ops"].items())
                      + "; vs packed (no pruning, fp32), max abs difference: " + ", ".join(f"{m} {v:.2e}" for m, v in s["ort_max_abs_diff"].items()) + ".")
+    for m in LTP_ORT_METHODS:
+        a = result["setup"].get(m.replace("-", "_") + "_vs_fp32")
+        if a:
+            lines.append(f"{m} vs ltp fp32 (the torch routine), every example: kept counts equal in every layer on "
+                         f"{a['kept_all_layers']:.2%}" + (f", labels equal on {a['labels']:.2%}, max |logit difference| "
+                                                         f"{a['max_abs_logit_diff']:.2e}" if "labels" in a else "") + ".")
     ag = result["setup"].get("bf16_vs_fp32")
     if ag:
         lines.append(f"bf16 vs fp32 (ltp rows): kept counts equal in every layer on {ag['kept_all_layers']:.1%} of the "
@@ -336,8 +376,8 @@ def markdown(result):
                          + (f", labels on {rc['labels']:.2%}" if "labels" in rc else "") + ".")
     lines += ["",
               "| method | precision | batch | examples/s | tokens/s | useful GFLOP/s | % of peak | rel. FLOPs | rel. BOPs | "
-              "vs packed | vs hf-sorted | vs hf fp32 | vs ort | peak MB |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "vs packed | vs hf-sorted | vs hf fp32 | vs ort | vs ort, same precision | peak MB |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         f = lambda v, fmt: "" if v is None else format(v, fmt)  # noqa: E731
         ref = pk.get("bf16", pk["best"]) if r["precision"] == "bf16" else pk["best"]
@@ -346,7 +386,7 @@ def markdown(result):
                      f"{r['relative_flops']:.3f} | {f(r.get('relative_bops'), '.3f')} | {f(r['speedup_vs_packed'], '.2f')} | "
                      f"{f(r['speedup_vs_hf_sorted'], '.2f')} | "
                      f"{f(r.get('speedup_vs_hf_sorted_fp32'), '.2f')} | {f(r.get('speedup_vs_ort'), '.2f')} | "
-                     f"{r['peak_memory_mb']:.0f} |")
+                     f"{f(r.get('speedup_vs_ort_same_precision'), '.2f')} | {r['peak_memory_mb']:.0f} |")
     if result.get("topk"):
         lines += ["", "Appendix A.2, batch 32: mean latency (us) of torch.topk vs the threshold test (s > theta)",
                   "", "| length | retain | top-k us | threshold us | top-k / threshold |", "|---:|---:|---:|---:|---:|"]
@@ -370,7 +410,7 @@ def plot(result, path):
             if rows:
                 ax.plot([r["batch_size"] for r in rows], [r["examples_per_s"] for r in rows], marker="o",
                         linestyle="-" if p == "fp32" else "--", label=f"{m} {p}")
-    for m, p in ORT_METHODS.items():  # ONNX Runtime, dotted
+    for m, p in (ORT_METHODS | LTP_ORT_METHODS).items():  # ONNX Runtime, dotted
         rows = [r for r in result["rows"] if r["method"] == m]
         if rows:
             ax.plot([r["batch_size"] for r in rows], [r["examples_per_s"] for r in rows], marker="s", linestyle=":",
@@ -508,6 +548,8 @@ def load_references(args, model, path, pms, encoded):
         fp32 = pms.get("fp32") or PackedModel(model, onednn=ONEDNN[args.onednn])
         sessions, ort_info = load_ort(path, fp32, encoded, dev)
         model.prune = prune
+        if sessions:
+            sessions |= load_ltp_ort(args, model, path)
     return hf, sessions, {
         "hf_attention": args.hf_attn if hf is not None else None,
         "hf_max_abs_diff": hf_diff,  # per precision: transformers vs the packed routine, pruning off, 4 examples
@@ -525,7 +567,7 @@ def methods_to_run(model, pms, recheck, hf, sessions):
                 engines[m, p] = hf if m.startswith("hf") else pms[p]
     if recheck is not None:
         engines["ltp-recheck", "bf16"] = recheck
-    engines |= {(m, p): sessions[m] for m, p in ORT_METHODS.items() if m in sessions}
+    engines |= {(m, p): sessions[m] for m, p in (ORT_METHODS | LTP_ORT_METHODS).items() if m in sessions}
     return engines
 
 
@@ -535,6 +577,9 @@ def runner(method, precision, engine, bs, model, encoded, dev):
     if method.startswith("hf"):
         batches = hf_batches(encoded, bs, method == "hf-sorted", model.cfg, dev)
         return lambda part=None: hf_pass(engine, batches[:part], precision)
+    if method in LTP_ORT_METHODS:  # ltp's batches, through the exported graph
+        batches = make_batches(encoded, bs, sort=True, device=dev)
+        return lambda part=None: forward_batches(engine, batches[:part], len(encoded))
     if method in ORT_METHODS:  # hf-sorted's batches
         batches = hf_batches(encoded, bs, True, model.cfg, dev)
         return lambda part=None: ort_pass(engine, batches[:part])
@@ -641,8 +686,12 @@ def agreements(args, ltp_out, rows, cfg):
             print(f"bf16 --recheck {args.recheck:g} vs fp32 (ltp-recheck): {agreement['recheck']['rechecked']:.1%} of the "
                   f"examples ran again in fp32; kept counts equal in every layer on "
                   f"{agreement['recheck']['kept_all_layers']:.1%}", file=sys.stderr)
+    # the exported graphs against the torch routine's ltp fp32 rows, every example (first batch size)
+    graphs = {m.replace("-", "_") + "_vs_fp32": decisions_agree(ltp_out, m, cfg) if "fp32" in ltp_out else None
+              for m in LTP_ORT_METHODS}
     return {"bf16_vs_fp32": agreement,  # the ltp rows' kept counts and labels, bf16 against fp32 (first batch size)
-            "int8_vs_fp32": int8_agreement}  # the same, int8 against fp32
+            "int8_vs_fp32": int8_agreement,  # the same, int8 against fp32
+            **graphs}
 
 
 def run_setup(args, model, path, encoded, pms):
@@ -711,7 +760,7 @@ def get_parser():
                         "for a quantization-aware checkpoint, the scales it was trained with, else dynamic)")
     p.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="transformers attention implementation")
     p.add_argument("--skip-hf", action="store_true", help="no transformers rows")
-    p.add_argument("--skip-ort", action="store_true", help="no ONNX Runtime rows (ort, ort-int8)")
+    p.add_argument("--skip-ort", action="store_true", help="no ONNX Runtime rows (ort, ort-int8, ltp-ort, ltp-ort-int8)")
     p.add_argument("--skip-topk", action="store_true", help="skip the appendix A.2 top-k vs threshold latency")
     p.add_argument("--topk-runs", type=positive_int, default=1000, help="runs averaged per top-k / threshold measurement")
     p.add_argument("--json", default=None, help="write {'setup', 'peak_gflops', 'rows', 'topk'} here")

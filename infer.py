@@ -8,7 +8,8 @@ id2label name of the argmax, or the score of a 1-label regression model) and, fo
 "kept" (tokens entering layer 1, then surviving each layer). Also: --task sst2 --split dev --data-dir DIR
 (GLUE, with metrics), --input - (stdin), --explain K (which tokens survive each layer; with --plot FILE.png,
 a picture of it: ltp/explain.py), --precision bf16 (the linears in bf16) or int8 (the linears on int8 kernels,
-x86 CPUs), with --recheck 0.005 (sequences with a score near a threshold run again in fp32).
+x86 CPUs), with --recheck 0.005 (sequences with a score near a threshold run again in fp32); --engine ort runs the
+same pruned model as an ONNX graph in ONNX Runtime (ltp/export.py, fp32 or int8), the same rows and output.
 The input is read, length-sorted and written in windows of --window lines (4096; 0 = the whole input at once),
 so memory does not grow with the input; rows go to OUT.partial (flushed per window), renamed to OUT when
 complete, and --resume continues an interrupted run after its last complete window (ltp/stream.py), giving the
@@ -20,18 +21,22 @@ import importlib.util
 import json
 import math
 import sys
+import tempfile
+import time
 from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
 
 import ltp
+import ltp.export
+import ltp.ort
 from ltp import glue, quant, stream
 from ltp.cli import (ONEDNN, Parser, add_inference_args, check_task_head, load_model, nonneg_int, output_path, positive_int,
                      read_inputs, refuse_overwrite, run_cli, tune_allocator)
 from ltp.explain import layer_scores, plot_pruning
 from ltp.flops import flops_totals
-from ltp.packed import PackedModel, forward_windows
+from ltp.packed import PackedModel, forward_windows, own_precision
 from ltp.pruning import describe
 from ltp.stream import count_lines, iter_lines
 
@@ -112,6 +117,14 @@ def check_flags(args):
         output_path(args.plot, "--plot")
         if importlib.util.find_spec("matplotlib") is None:
             raise RuntimeError("--plot needs matplotlib (pip install matplotlib); --explain alone prints the same as text")
+    if args.engine == "ort":
+        ltp.ort.require()
+        if args.precision not in (None, "fp32", "int8"):
+            raise ValueError(f"--engine ort: --precision {args.precision} is not exported (fp32 or int8)")
+        if args.recheck:
+            raise ValueError("--engine ort: --recheck is the torch routine's (the graph decides in fp32 already in int8)")
+        if args.device != "cpu":
+            raise ValueError(f"--engine ort runs on the CPU (--device {args.device})")
     if args.resume and args.output == "-":
         raise ValueError("--resume needs --output FILE (stdout keeps no partial output to continue)")
     if args.resume and not args.task and args.input == "-":
@@ -156,10 +169,31 @@ def build_model(args):
     calibration = quant.load_calibration(path, model.cfg) if args.precision == "int8" else None
     if args.precision == "int8" and calibration is None:
         say(quant.calibration_hint(path))
-    pm = PackedModel(model, onednn=ONEDNN[args.onednn], precision=args.precision,
-                     recheck=args.recheck, calibration=calibration,
-                     static=None if args.int8_scales is None else args.int8_scales == "static")
+    static = None if args.int8_scales is None else args.int8_scales == "static"
+    if args.engine == "ort":
+        pm = ort_model(args, model, path, calibration, static)
+    else:
+        pm = PackedModel(model, onednn=ONEDNN[args.onednn], precision=args.precision, recheck=args.recheck,
+                         calibration=calibration, static=static)
     return model, tok, pm, calibration, path
+
+
+def ort_model(args, model, path, calibration, static):
+    """
+    --engine ort: the checkpoint's exported graph (export.py) when it was made from these files and settings, else one
+    exported now into a temporary folder; run by ONNX Runtime like the packed routine (ltp.ort.PackedSession).
+    """
+    precision = args.precision or own_precision(model)
+    own = getattr(model, "quant", None)
+    static = static if static is not None else own is not None and (calibration is None or calibration == own)
+    t0 = time.perf_counter()
+    tmp = tempfile.TemporaryDirectory(prefix="ltp-infer-")  # a graph exported for this run only
+    graph, exported = ltp.export.graph_for(model, path, precision, calibration, static, tmp.name)
+    say(f"--engine ort: exported {graph} in {time.perf_counter() - t0:.1f} s (python export.py --model {args.model} "
+        f"writes it into the checkpoint once)" if exported else f"--engine ort: {graph}")
+    pm = ltp.ort.PackedSession(graph, model, args.threads, precision, static)
+    pm.tmp = tmp  # the folder lives as long as the session that read from it
+    return pm
 
 
 def open_output(args, src_path, pm, path):
@@ -172,6 +206,8 @@ def open_output(args, src_path, pm, path):
     flags = {k: getattr(args, k) for k in ("window", "batch_size", "no_sort", "final_threshold", "recheck", "device",
                                            "int8_scales")}
     flags.update(precision=pm.precision, onednn=pm.onednn, threads=torch.get_num_threads())
+    if args.engine != "torch":  # (a torch run's identity stays what it was, so older partial outputs resume)
+        flags["engine"] = args.engine
     ident = stream.identity(src_path, path, MODEL_FILES, flags)
     partial, done = stream.open_partial(args.output, ident, args.resume, args.window, say)
     if args.resume:
@@ -239,6 +275,7 @@ def summarize(args, model, pm, calibration, labels, tally):
         f"(model only, batch {args.batch_size}, {'length-sorted' if not args.no_sort else 'input order'}"
         f"{' in windows of ' + str(args.window) + ' lines' if args.window and not args.no_sort else ''}, "
         f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}, {args.device}, {pm.precision}"
+        + (", ONNX Runtime" if args.engine == "ort" else "")
         + (f" from --precision auto" if args.precision == "auto" else "") + ")")
     if pm.precision == "int8":
         say(f"int8: {quant.describe(calibration, pm.static)}")
@@ -289,6 +326,10 @@ def get_parser():
                    help="int8 activation scales: from each batch's own min and max, or the model's calibrated quant.json ranges "
                         "(the same output for a sentence in any batch); default: static for a quantization-aware "
                         "checkpoint (the scales it was trained with), else dynamic")
+    p.add_argument("--engine", default="torch", choices=["torch", "ort"],
+                   help="torch: the packed routine (ltp/packed.py); ort: its exported ONNX graph in ONNX Runtime "
+                        "(ltp/export.py; fp32 or int8, the checkpoint's model.onnx when export.py wrote it, else exported "
+                        "now; needs onnx and onnxruntime)")
     p.add_argument("--no-sort", action="store_true", help="batch in input order instead of length-sorted (output order is the same)")
     p.add_argument("--explain", type=nonneg_int, default=0, help="print, for the first K inputs, the tokens surviving each layer")
     p.add_argument("--plot", default=None, metavar="FILE.png",

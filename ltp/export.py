@@ -59,8 +59,10 @@ def fingerprint(model_dir):
 
 class Graph:
     """
-    An ONNX graph being written: nodes and initializers in order, fresh names. g.op("MatMul", a, b) appends a node and
-    returns its output's name (a tuple for outputs > 1); g.const(array) adds an initializer and returns its name.
+    An ONNX graph being written: nodes in order, initializers, fresh names. g.op("MatMul", a, b) appends a node and
+    returns its output's name (a tuple for outputs > 1); g.const(array) adds an initializer and returns its name, once
+    per key (small constants by value, weights by the key given). g.branch(fn) writes fn's nodes into a subgraph (an
+    If's branch), which reads the initializers of the main graph.
     """
 
     def __init__(self):
@@ -70,9 +72,12 @@ class Graph:
         self.count += 1
         return f"{hint}_{self.count}"
 
-    def const(self, value, dtype=np.float32, hint="c"):
+    def const(self, value, dtype=np.float32, hint="c", key=None):
+        if key is not None and key in self.consts:  # a weight both branches read: stored once
+            return self.consts[key]
         a = np.ascontiguousarray(np.asarray(value, dtype=dtype))
-        key = (a.dtype.str, a.shape, a.tobytes()) if a.size <= 16 else None  # small constants (axes, shapes) once
+        if key is None and a.size <= 16:  # small constants (axes, shapes, scalars) once by value
+            key = (a.dtype.str, a.shape, a.tobytes())
         if key in self.consts:
             return self.consts[key]
         from onnx import numpy_helper
@@ -90,6 +95,14 @@ class Graph:
 
     def axes(self, *a):
         return self.const(a, np.int64)
+
+    def branch(self, name, fn, types):
+        """fn() writes nodes and returns output names; they become a subgraph with outputs of the given element types."""
+        from onnx import helper
+        outer, self.nodes = self.nodes, []
+        outs = fn()
+        nodes, self.nodes = self.nodes, outer
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(o, t, None) for o, t in zip(outs, types)])
 
 
 def export(model, path, precision="fp32", calibration=None, static=None, int8_embeddings=True, metadata=None):
@@ -161,7 +174,11 @@ def graph_metadata(model, precision, calibration, static, int8_embeddings, input
 
 
 class Writer:
-    """Writes packed.py's forward into a Graph: embed, layer (eqs. 6-8 and the removal), after_attention, head."""
+    """
+    Writes packed.py's forward into a Graph: embed, layer (eqs. 6-8 and the removal), after_attention, head. Two
+    branches, as PackedModel has them: a batch of one sequence (every row live: no padded view, no live mask), and a
+    batch of several (the padded view per layer). ORT runs the one that fits, through an If on the batch size.
+    """
 
     def __init__(self, g, model, int8, calibration, static, int8_embeddings):
         self.g, self.model, self.cfg = g, model, model.cfg
@@ -170,47 +187,70 @@ class Writer:
         qat = (calibration or {}).get("qat")
         # static inputs keep the bits a quantization-aware checkpoint was trained with (7: clipped to 0..127)
         self.reduce_range = bool(qat and qat["activation_bits"] == 7)
+        self.one = False  # writing the batch-of-one branch
 
     def forward(self):
-        g, cfg, enc = self.g, self.cfg, self.model.encoder
+        """Both branches, and the If between them; returns the graph's output names."""
+        from onnx import TensorProto
+        g = self.g
+        out = "logits" if self.model.head is not None else "hidden"
+        types = [TensorProto.FLOAT, TensorProto.INT64]
+        one = g.branch("one_sequence", lambda: self.encoder(one=True), types)
+        many = g.branch("several_sequences", lambda: self.encoder(one=False), types)
+        B = g.op("Squeeze", g.op("Sub", g.op("Shape", "cu_seqlens"), g.axes(1)), g.axes(0))
+        g.nodes.append(_node("If", [g.op("Equal", B, g.const(1, np.int64))], [out, "kept"], then_branch=one,
+                             else_branch=many))
+        return [out, "kept"]
+
+    def encoder(self, one):
+        """The embeddings, the layers, the head: (output, kept (B, L+1)) names."""
+        g, enc = self.g, self.model.encoder
+        self.one, self.view = one, None
         cu = "cu_seqlens"
         lengths = g.op("Sub", g.op("Slice", cu, g.axes(1), g.axes(2 ** 62)), g.op("Slice", cu, g.axes(0), g.axes(-1)),
                        hint="lengths")                                                     # (B,)
         x = self.embed(cu)                                                                 # (T, C)
         kept = [lengths]
-        prune = enc.prune.mode != "off"
         for l, layer in enumerate(enc.layers):
-            x, lengths = self.layer(x, lengths, layer, l if prune else None)
+            x, lengths = self.layer(x, lengths, layer, l, self.prunes(l))
             kept.append(lengths)
-        g.op("Concat", *[g.op("Unsqueeze", k, g.axes(1)) for k in kept], axis=1, hint="kept")
-        g.nodes[-1].output[0] = "kept"                                                     # (B, L+1)
+        kept = g.op("Concat", *[g.op("Unsqueeze", k, g.axes(1)) for k in kept], axis=1)   # (B, L+1)
         if self.model.head is None:
-            g.nodes.append(_identity(x, "hidden"))
-            return ["hidden"]
-        first = g.op("CumSum", lengths, g.const(0, np.int64), exclusive=1)                # (B,) each first row
-        h = g.op("Gather", x, first, axis=0)                                               # (B, C)
-        self.head(h)
-        return ["logits"]
+            return g.op("Identity", x), kept
+        # the first row of each sequence (token 0 is never pruned): row 0 alone, or the cumulative lengths
+        if one:
+            h = g.op("Slice", x, g.axes(0), g.axes(1))                                     # (1, C)
+        else:
+            h = g.op("Gather", x, g.op("CumSum", lengths, g.const(0, np.int64), exclusive=1), axis=0)  # (B, C)
+        return self.head(h), kept                                                          # (B, num_labels)
+
+    def prunes(self, l):
+        """Whether layer l can prune: pruning on, and theta_l >= 0 (a score is a sum of probabilities, >= 0, so a
+        negative threshold keeps every token: that layer needs no eq. 7-8 and removes nothing)."""
+        return self.model.encoder.prune.mode != "off" and float(self.model.encoder.theta.detach()[l]) >= 0
 
     def embed(self, cu):
         """Word + position + type embeddings of the packed rows, then LayerNorm (packed.embed)."""
         g, e, cfg = self.g, self.model.encoder.embeddings, self.cfg
         ids = "input_ids"
-        t = g.op("Range", g.const(0, np.int64), g.op("Squeeze", g.op("Shape", ids), g.axes(0)), g.const(1, np.int64))
-        # each row's sequence: the number of sequence ends at or before it; its position: t - that sequence's start
-        ends = g.op("Unsqueeze", g.op("Slice", cu, g.axes(1), g.axes(2 ** 62)), g.axes(0))  # (1, B)
-        seq = g.op("ReduceSum", g.op("Cast", g.op("GreaterOrEqual", g.op("Unsqueeze", t, g.axes(1)), ends),
-                                     to=7), g.axes(1), keepdims=0)                          # (T,)
-        pos = g.op("Sub", t, g.op("Gather", cu, seq, axis=0))                              # (T,)
         # RoBERTa's positions start at pad_token_id + 1: the table from that row on (Config.position_offset)
-        pos_table = _np(e.position_embeddings.weight)[cfg.position_offset:]
-        x = g.op("Add", self.word_embeddings(ids), g.op("Gather", g.const(pos_table, hint="position_embeddings"), pos,
-                                                         axis=0))
+        table = g.const(_np(e.position_embeddings.weight)[cfg.position_offset:], hint="position_embeddings", key="pos")
+        if self.one:  # positions 0..T-1: the table's first T rows
+            pos = g.op("Slice", table, g.axes(0), g.op("Shape", ids))                      # (T, C)
+        else:  # each row's sequence: the number of sequence ends at or before it; its position: t - its start
+            t = g.op("Range", g.const(0, np.int64), g.op("Squeeze", g.op("Shape", ids), g.axes(0)),
+                     g.const(1, np.int64))                                                 # (T,)
+            ends = g.op("Unsqueeze", g.op("Slice", cu, g.axes(1), g.axes(2 ** 62)), g.axes(0))  # (1, B)
+            seq = g.op("ReduceSum", g.op("Cast", g.op("GreaterOrEqual", g.op("Unsqueeze", t, g.axes(1)), ends),
+                                         to=7), g.axes(1), keepdims=0)                      # (T,)
+            pos = g.op("Gather", table, g.op("Sub", t, g.op("Gather", cu, seq, axis=0)), axis=0)  # (T, C)
+        x = g.op("Add", self.word_embeddings(ids), pos)
         types = _np(e.token_type_embeddings.weight)
         if self.types:
-            x = g.op("Add", x, g.op("Gather", g.const(types, hint="token_type_embeddings"), "token_type_ids", axis=0))
+            table = g.const(types, hint="token_type_embeddings", key="types")
+            x = g.op("Add", x, g.op("Gather", table, "token_type_ids", axis=0))
         else:  # every token of type 0
-            x = g.op("Add", x, g.const(types[0]))
+            x = g.op("Add", x, g.const(types[0], key="type0"))
         return self.layer_norm(x, e.LayerNorm)                                             # (T, C)
 
     def word_embeddings(self, ids):
@@ -218,45 +258,86 @@ class Writer:
         (symmetric, quant.quantize_weight), the gathered rows dequantized, so the file is a quarter of the table's."""
         g, table = self.g, self.model.encoder.embeddings.word_embeddings.weight
         if not (self.int8 and self.int8_embeddings):
-            return g.op("Gather", g.const(_np(table), hint="word_embeddings"), ids, axis=0)
+            return g.op("Gather", g.const(_np(table), hint="word_embeddings", key="word"), ids, axis=0)
         q, scales = quant.quantize_weight(table.detach().float())
-        rows = g.op("Cast", g.op("Gather", g.const(q.numpy(), np.int8, hint="word_embeddings_q"), ids, axis=0), to=1)
-        step = g.op("Gather", g.const(scales.numpy(), hint="word_embeddings_scale"), ids, axis=0)  # (T,)
+        q = g.const(q.numpy(), np.int8, hint="word_embeddings_q", key="word_q")
+        rows = g.op("Cast", g.op("Gather", q, ids, axis=0), to=1)
+        step = g.op("Gather", g.const(scales.numpy(), hint="word_embeddings_scale", key="word_s"), ids, axis=0)  # (T,)
         return g.op("Mul", rows, g.op("Unsqueeze", step, g.axes(1)))
 
-    def layer(self, x, lengths, layer, l):
-        """PackedModel.layer in ONNX: x (T, C), lengths (B,) -> the survivors' x (T', C) and their lengths (B,)."""
+    def layer(self, x, lengths, layer, l, prunes):
+        """PackedModel.layer in ONNX: layer l on x (T, C), lengths (B,) -> the survivors' x (T', C) and their lengths
+        (B,); prunes False: eqs. 7-8 left out, every live row goes on."""
+        if self.one:
+            return self.layer_one(x, lengths, layer, l, prunes)
         g, cfg = self.g, self.cfg
         H, D, C = cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size
-        N = g.op("ReduceMax", lengths, keepdims=0)                                          # () longest live
-        j = g.op("Range", g.const(0, np.int64), N, g.const(1, np.int64))                    # (N,)
-        start = g.op("CumSum", lengths, g.const(0, np.int64), exclusive=1)                  # (B,) first rows
-        start_, j_ = g.op("Unsqueeze", start, g.axes(1)), g.op("Unsqueeze", j, g.axes(0))  # (B, 1), (1, N)
-        live = g.op("Less", j_, g.op("Unsqueeze", lengths, g.axes(1)))                      # (B, N) bool
-        livef = g.op("Cast", live, to=1)                                                    # (B, N) 1 live, 0 padding
-        slot = g.op("Add", start_, j_)                                                      # (B, N) rows in x
-        # padded view by one gather; a padding slot repeats its sequence's first row (finite, masked as a key below,
-        # and its query row is never used)
-        gather = g.op("Add", start_, g.op("Mul", j_, g.op("Cast", live, to=7)))            # (B, N)
+        live, livef, j, slot, gather, log_live = self.padded_view(lengths)
         qkv = self.linear(x, *self.qkv_weights(layer, l), (l, "qkv"))                        # (T, 3C)
         qkv = g.op("Gather", qkv, gather, axis=0)                                            # (B, N, 3C)
         qkv = g.op("Transpose", g.op("Reshape", qkv, g.axes(0, 0, 3 * H, D)), perm=[0, 2, 1, 3])  # (B, 3H, N, D)
         q, k, v = g.op("Split", qkv, g.axes(H, H, H), axis=1, outputs=3)                     # 3 x (B, H, N, D)
         # eq. 6, as Layer.attention_probs: A = softmax(q k^T / sqrt(d_h)), padded keys removed (log 0 = -inf)
-        logits = g.op("Div", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), g.const(math.sqrt(D)))
-        logits = g.op("Add", logits, g.op("Unsqueeze", g.op("Log", livef), g.axes(1, 2)))   # (B, H, N, N)
-        probs = g.op("Softmax", logits, axis=-1)
-        if l is None:
-            m = live
-        else:
-            m = self.keep_mask(probs, live, livef, j, l)                                    # (B, N) bool
-        # the pruned tokens leave: the survivors' rows of A V (all live keys stay keys here) and of x go on
+        probs = g.op("Softmax", g.op("Add", self.scores(q, k), log_live), axis=-1)           # (B, H, N, N)
+        # live rows, or the survivors of eq. 8: the others leave (all live keys stay keys in this layer)
+        m = self.keep_mask(probs, live, livef, j, l) if prunes else live                    # (B, N) bool
         keep = g.op("Reshape", m, g.axes(-1))                                                # (B*N,)
         y = g.op("Transpose", g.op("MatMul", probs, v), perm=[0, 2, 1, 3])                   # (B, N, H, D)
         y = g.op("Compress", g.op("Reshape", y, g.axes(-1, C)), keep, axis=0)                # (T', C)
-        rows = g.op("Compress", g.op("Reshape", slot, g.axes(-1)), keep, axis=0)             # (T',) rows of x
-        x = self.after_attention(g.op("Gather", x, rows, axis=0), y, layer, l)
-        return x, g.op("ReduceSum", g.op("Cast", m, to=7), g.axes(1), keepdims=0)             # (B,) survivors
+        if prunes:  # x's rows of the survivors; the lengths change, so does the padded view
+            x = g.op("Gather", x, g.op("Compress", slot, keep, axis=0), axis=0)
+            lengths, self.view = g.op("ReduceSum", g.op("Cast", m, to=7), g.axes(1), keepdims=0), None
+        return self.after_attention(x, y, layer, l), lengths
+
+    def padded_view(self, lengths):
+        """
+        The padded view of sequences of `lengths` (B,), written once per lengths (a layer that removes nothing keeps
+        them): live (B, N) bool and float, j (N,), slot (B*N,) the packed row of each slot, gather (B, N) the row each
+        slot reads (a padding slot repeats its sequence's first row: finite, masked as a key, its query row unused),
+        log_live (B, 1, 1, N) 0 or -inf.
+        """
+        if self.view is not None:
+            return self.view
+        g = self.g
+        N = g.op("ReduceMax", lengths, keepdims=0)                                          # () longest live
+        j = g.op("Range", g.const(0, np.int64), N, g.const(1, np.int64))                    # (N,)
+        start = g.op("Unsqueeze", g.op("CumSum", lengths, g.const(0, np.int64), exclusive=1), g.axes(1))  # (B, 1)
+        j_ = g.op("Unsqueeze", j, g.axes(0))                                                # (1, N)
+        live = g.op("Less", j_, g.op("Unsqueeze", lengths, g.axes(1)))                      # (B, N) bool
+        livef = g.op("Cast", live, to=1)                                                    # (B, N) 1 live, 0 padding
+        slot = g.op("Reshape", g.op("Add", start, j_), g.axes(-1))                          # (B*N,)
+        gather = g.op("Add", start, g.op("Mul", j_, g.op("Cast", live, to=7)))              # (B, N)
+        log_live = g.op("Unsqueeze", g.op("Log", livef), g.axes(1, 2))                      # (B, 1, 1, N)
+        self.view = live, livef, j, slot, gather, log_live
+        return self.view
+
+    def scores(self, q, k):
+        """q k^T / sqrt(d_h), as Layer.attention_probs divides (MatMul then Div: ORT fuses the transpose)."""
+        g = self.g
+        return g.op("Div", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2] if not self.one else [0, 2, 1])),
+                    g.const(math.sqrt(self.cfg.head_dim)))
+
+    def layer_one(self, x, lengths, layer, l, prunes):
+        """A batch of one (PackedModel.layer with B = 1): every row live, so no padded view and no mask; the survivors'
+        rows are gathered by their indices."""
+        g, cfg = self.g, self.cfg
+        H, D, C = cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size
+        qkv = self.linear(x, *self.qkv_weights(layer, l), (l, "qkv"))                        # (T, 3C)
+        qkv = g.op("Transpose", g.op("Reshape", qkv, g.axes(0, 3 * H, D)), perm=[1, 0, 2])   # (3H, T, D)
+        q, k, v = g.op("Split", qkv, g.axes(H, H, H), axis=0, outputs=3)                     # 3 x (H, T, D)
+        probs = g.op("Softmax", self.scores(q, k), axis=-1)                                  # eq. 6, (H, T, T)
+        if prunes:
+            s = g.op("Div", g.op("ReduceSum", probs, g.axes(0, 1), keepdims=0),
+                     g.const(H * self.model.encoder.prune.score_length))                     # eq. 7, (T,)
+            theta = float(self.model.encoder.theta.detach()[l])
+            # eq. 8: s > theta, the first token always kept
+            m = g.op("Concat", g.const([True], np.bool_), g.op("Greater", g.op("Slice", s, g.axes(1), g.axes(2 ** 62)),
+                                                              g.const(theta)), axis=0)       # (T,) bool
+            rows = g.op("Squeeze", g.op("NonZero", m), g.axes(0))                             # (T',)
+            probs, x = g.op("Gather", probs, rows, axis=1), g.op("Gather", x, rows, axis=0)  # the survivors' rows
+            lengths = g.op("Shape", rows)                                                   # (1,)
+        y = g.op("Reshape", g.op("Transpose", g.op("MatMul", probs, v), perm=[1, 0, 2]), g.axes(-1, C))  # (T', C)
+        return self.after_attention(x, y, layer, l), lengths
 
     def keep_mask(self, probs, live, livef, j, l):
         """PackedModel.keep_mask: eq. 7's scores over the live query rows, eq. 8's threshold test, (B, N) bool."""
@@ -272,7 +353,7 @@ class Writer:
     def after_attention(self, x, y, layer, l):
         """Eqs. 3-5 on packed rows (packed.after_attention): W_o, residual + LN, FFN, residual + LN."""
         g, act = self.g, self.cfg.hidden_act
-        folded = self.smooth(l, "out") is not None and self.int8  # W_o's smoothing is in V's weights
+        folded = self.int8 and self.smooth(l, "out") is not None  # W_o's smoothing is in V's weights
         x = self.layer_norm(g.op("Add", self.linear(y, layer.attn_out.weight, layer.attn_out.bias, (l, "out"), folded),
                                  x), layer.ln1)                                              # eq. 3
         h = self.linear(x, layer.fc1.weight, layer.fc1.bias, (l, "fc1"))
@@ -282,16 +363,15 @@ class Writer:
 
     def head(self, h):
         """The classification head on the first tokens h (B, C): BERT's pooler + classifier, RoBERTa's dense + out_proj."""
-        g, hd = self.g, self.model.head
+        hd = self.model.head
         dense, out = (hd.dense, hd.out_proj) if self.cfg.model_type == "roberta" else (hd.pooler, hd.classifier)
-        h = g.op("Tanh", self.float_linear(h, dense.weight, dense.bias))
-        logits = self.float_linear(h, out.weight, out.bias)
-        g.nodes.append(_identity(logits, "logits"))
+        return self.float_linear(self.g.op("Tanh", self.float_linear(h, dense.weight, dense.bias, "head_dense")),
+                                 out.weight, out.bias, "head_out")
 
     def layer_norm(self, x, ln):
         g = self.g
-        return g.op("LayerNormalization", x, g.const(_np(ln.weight)), g.const(_np(ln.bias)), axis=-1,
-                    epsilon=float(ln.eps))
+        return g.op("LayerNormalization", x, g.const(_np(ln.weight), key=(id(ln), "w")),
+                    g.const(_np(ln.bias), key=(id(ln), "b")), axis=-1, epsilon=float(ln.eps))
 
     def qkv_weights(self, layer, l):
         """Q|K|V fused (3C, C), (3C,); in int8, W_o's smoothing folded into V (as PackedModel.__init__)."""
@@ -306,22 +386,29 @@ class Writer:
     def smooth(self, l, name):
         return quant.layer_params(self.calibration, l, name, False, False)[1]
 
-    def float_linear(self, x, w, b):
+    def float_linear(self, x, w, b, key):
         g = self.g
-        return g.op("Add", g.op("MatMul", x, g.const(_np(w).T, hint="w")), g.const(_np(b), hint="b"))
+        return g.op("Add", g.op("MatMul", x, g.const(_np(w).T, hint="w", key=(key, "w"))),
+                    g.const(_np(b), hint="b", key=(key, "b")))
 
     def linear(self, x, w, b, key, folded=False):
         """x W^T + b: fp32 MatMul + Add, or int8 (the module docstring), input smoothed unless folded."""
         if not self.int8:
-            return self.float_linear(x, w, b)
+            return self.float_linear(x, w, b, key)
         g = self.g
         qp, smooth = quant.layer_params(self.calibration, *key, self.reduce_range, self.static)
-        w = w.detach().float() if smooth is None else w.detach().float() * smooth
-        q, scales = quant.quantize_weight(w)
-        qw, ws = g.const(q.numpy().T, np.int8, hint="qw"), g.const(scales.numpy(), hint="ws")
-        wz, bias = g.const(np.zeros(q.shape[0]), np.int8), g.const(_np(b), hint="b")
+        if (key, "qw") not in g.consts:  # quantized once, for both branches
+            ws = w.detach().float() if smooth is None else w.detach().float() * smooth
+            q, scales = quant.quantize_weight(ws)
+            g.const(q.numpy().T, np.int8, hint="qw", key=(key, "qw"))
+            g.const(scales.numpy(), hint="ws", key=(key, "ws"))
+            g.const(np.zeros(q.shape[0]), np.int8, hint="wz", key=(key, "wz"))
+            g.const(_np(b), hint="b", key=(key, "b"))
+            if smooth is not None:
+                g.const(1 / smooth.numpy(), hint="inv_smooth", key=(key, "inv_smooth"))
+        qw, ws, wz, bias = (g.consts[key, n] for n in ("qw", "ws", "wz", "b"))
         if smooth is not None and not folded:
-            x = g.op("Mul", x, g.const(1 / smooth.numpy(), hint="inv_smooth"))
+            x = g.op("Mul", x, g.consts[key, "inv_smooth"])
         if qp is None:  # ORT quantizes x from its own min and max, per call
             return g.op("DynamicQuantizeMatMul", x, qw, ws, wz, bias, domain=MS)
         scale, zero_point = qp
@@ -337,9 +424,9 @@ def _np(t):
     return t.detach().float().cpu().numpy()
 
 
-def _identity(x, name):
+def _node(op_type, inputs, outputs, **attrs):
     from onnx import helper
-    return helper.make_node("Identity", [x], [name])
+    return helper.make_node(op_type, inputs, outputs, **attrs)
 
 
 def export_dir(model, model_dir, out_dir, precisions=("fp32", "int8"), calibration=None, static=None,
@@ -348,9 +435,13 @@ def export_dir(model, model_dir, out_dir, precisions=("fp32", "int8"), calibrati
     export() for each precision into out_dir/EXPORT_FILES[precision], the checkpoint's fingerprint and the tokenizer
     files beside it (a deployer needs nothing else). Returns {precision: path}.
     """
-    from .text import copy_tokenizer_files
+    from .text import Tokenizer, copy_tokenizer_files
     os.makedirs(out_dir, exist_ok=True)
-    meta = {"ltp.fingerprint": fingerprint(model_dir)}
+    try:  # the longest input the tokenizer gives (its model_max_length, at most the positions the model has)
+        max_length = Tokenizer.from_dir(model_dir, model.cfg).max_length
+    except FileNotFoundError:  # no tokenizer in the checkpoint: the model's positions
+        max_length = model.cfg.max_tokens
+    meta = {"ltp.fingerprint": fingerprint(model_dir), "ltp.max_length": str(max_length)}
     paths = {}
     for p in precisions:
         paths[p] = os.path.join(out_dir, EXPORT_FILES[p])
@@ -365,3 +456,26 @@ def read_metadata(path):
     import onnx
     m = onnx.load(path, load_external_data=False)
     return {p.key: p.value for p in m.metadata_props}
+
+
+def graph_for(model, model_dir, precision, calibration=None, static=None, work_dir=None, int8_embeddings=True):
+    """
+    The graph file to run model in precision: the checkpoint's own model_dir/EXPORT_FILES[precision] when export.py
+    wrote it from these very files and settings (fingerprint and metadata equal), else a new export into work_dir.
+    Returns (path, exported: True when it was written now).
+    """
+    own = getattr(model, "quant", None)
+    if precision == "int8" and calibration is None:
+        calibration = own
+    if static is None:
+        static = own is not None and calibration == own
+    path = os.path.join(model_dir, EXPORT_FILES[precision])
+    if os.path.isfile(path):
+        meta = read_metadata(path)
+        names = ["input_ids"] + (["token_type_ids"] if model.cfg.type_vocab_size > 1 else []) + ["cu_seqlens"]
+        want = graph_metadata(model, precision, calibration, static, precision == "int8" and int8_embeddings, names)
+        if meta.get("ltp.fingerprint") == fingerprint(model_dir) and all(meta.get(k) == v for k, v in want.items()):
+            return path, False
+    path = os.path.join(work_dir, EXPORT_FILES[precision])
+    export(model, path, precision, calibration, static, int8_embeddings)
+    return path, True
