@@ -143,7 +143,7 @@ def export(model, path, precision="fp32", calibration=None, static=None, int8_em
     outs = [helper.make_tensor_value_info(outputs[0], TensorProto.FLOAT, out_shape),
             helper.make_tensor_value_info("kept", TensorProto.INT64, ["B", cfg.num_hidden_layers + 1])]
     graph = helper.make_graph(g.nodes, "ltp", inputs, outs, g.inits)
-    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid(MS, 1)] if precision == "int8" else [])
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)]
     onnx_model = helper.make_model(graph, opset_imports=opsets, producer_name="ltp")
     meta = graph_metadata(model, precision, calibration, static, int8 and int8_embeddings,
                           [i.name for i in inputs]) | (metadata or {})
@@ -214,7 +214,10 @@ class Writer:
         for l, layer in enumerate(enc.layers):
             x, lengths = self.layer(x, lengths, layer, l, self.prunes(l))
             kept.append(lengths)
-        kept = g.op("Concat", *[g.op("Unsqueeze", k, g.axes(1)) for k in kept], axis=1)   # (B, L+1)
+        if one:  # (1,) counts side by side
+            kept = g.op("Unsqueeze", g.op("Concat", *kept, axis=0), g.axes(0))               # (1, L+1)
+        else:
+            kept = g.op("Concat", *[g.op("Unsqueeze", k, g.axes(1)) for k in kept], axis=1)  # (B, L+1)
         if self.model.head is None:
             return g.op("Identity", x), kept
         # the first row of each sequence (token 0 is never pruned): row 0 alone, or the cumulative lengths
@@ -319,25 +322,49 @@ class Writer:
 
     def layer_one(self, x, lengths, layer, l, prunes):
         """A batch of one (PackedModel.layer with B = 1): every row live, so no padded view and no mask; the survivors'
-        rows are gathered by their indices."""
+        rows taken by the eq. 8 mask. A layer that cannot prune runs ORT's fused attention (fused_attention)."""
         g, cfg = self.g, self.cfg
         H, D, C = cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size
+        if not prunes:  # A is not needed: ORT's fused attention (Q|K|V, eq. 6, A V in one op) computes the same y
+            return self.after_attention(x, self.fused_attention(x, layer, l), layer, l), lengths
         qkv = self.linear(x, *self.qkv_weights(layer, l), (l, "qkv"))                        # (T, 3C)
         qkv = g.op("Transpose", g.op("Reshape", qkv, g.axes(0, 3 * H, D)), perm=[1, 0, 2])   # (3H, T, D)
         q, k, v = g.op("Split", qkv, g.axes(H, H, H), axis=0, outputs=3)                     # 3 x (H, T, D)
         probs = g.op("Softmax", self.scores(q, k), axis=-1)                                  # eq. 6, (H, T, T)
-        if prunes:
-            s = g.op("Div", g.op("ReduceSum", probs, g.axes(0, 1), keepdims=0),
-                     g.const(H * self.model.encoder.prune.score_length))                     # eq. 7, (T,)
-            theta = float(self.model.encoder.theta.detach()[l])
-            # eq. 8: s > theta, the first token always kept
-            m = g.op("Concat", g.const([True], np.bool_), g.op("Greater", g.op("Slice", s, g.axes(1), g.axes(2 ** 62)),
-                                                              g.const(theta)), axis=0)       # (T,) bool
-            rows = g.op("Squeeze", g.op("NonZero", m), g.axes(0))                             # (T',)
-            probs, x = g.op("Gather", probs, rows, axis=1), g.op("Gather", x, rows, axis=0)  # the survivors' rows
-            lengths = g.op("Shape", rows)                                                   # (1,)
+        s = g.op("Div", g.op("ReduceSum", probs, g.axes(0, 1), keepdims=0),
+                 g.const(H * self.model.encoder.prune.score_length))                     # eq. 7, (T,)
+        theta = float(self.model.encoder.theta.detach()[l])
+        # eq. 8: s > theta, the first token always kept
+        m = g.op("Concat", g.const([True], np.bool_), g.op("Greater", g.op("Slice", s, g.axes(1), g.axes(2 ** 62)),
+                                                          g.const(theta)), axis=0)       # (T,) bool
+        probs = g.op("Compress", probs, m, axis=1)                                      # the survivors' rows
+        x = g.op("Compress", x, m, axis=0)                                               # (T', C)
+        lengths = g.op("Shape", x, end=1)                                                # (1,) T
         y = g.op("Reshape", g.op("Transpose", g.op("MatMul", probs, v), perm=[1, 0, 2]), g.axes(-1, C))  # (T', C)
         return self.after_attention(x, y, layer, l), lengths
+
+    def fused_attention(self, x, layer, l):
+        """
+        One sequence's attention output y (T, C) where no decision reads A: com.microsoft Attention (fp32) or
+        QAttention (int8, its input quantized as the int8 linears quantize theirs), the Q|K|V product, eq. 6 and A V
+        in one op, as ORT's own BERT graph runs them.
+        """
+        g, H = self.g, self.cfg.num_attention_heads
+        w, b = self.qkv_weights(layer, l)
+        x3 = g.op("Unsqueeze", x, g.axes(0))                                                 # (1, T, C)
+        if not self.int8:
+            wt = g.const(_np(w).T, hint="w", key=((l, "qkv"), "w"))                          # (C, 3C), shared
+            y = g.op("Attention", x3, wt, g.const(_np(b), hint="b", key=((l, "qkv"), "b")), domain=MS, num_heads=H)
+            return g.op("Squeeze", y, g.axes(0))                                             # (T, C)
+        qw, ws, wz, bias, smooth, qp = self.int8_weights(w, b, (l, "qkv"))
+        if smooth is not None:
+            x3 = g.op("Mul", x3, smooth)
+        if qp is None:  # dynamic: ORT's own rule, as DynamicQuantizeMatMul's
+            xq, xs, xz = g.op("DynamicQuantizeLinear", x3, outputs=3)
+        else:
+            xq, xs, xz = self.quantize_static(x3, qp)
+        y = g.op("QAttention", xq, qw, bias, xs, ws, "", xz, wz, domain=MS, num_heads=H)
+        return g.op("Squeeze", y, g.axes(0))                                                 # (T, C)
 
     def keep_mask(self, probs, live, livef, j, l):
         """PackedModel.keep_mask: eq. 7's scores over the live query rows, eq. 8's threshold test, (B, N) bool."""
@@ -396,8 +423,23 @@ class Writer:
         if not self.int8:
             return self.float_linear(x, w, b, key)
         g = self.g
+        qw, ws, wz, bias, smooth, qp = self.int8_weights(w, b, key)
+        if smooth is not None and not folded:
+            x = g.op("Mul", x, smooth)
+        if qp is None:  # ORT quantizes x from its own min and max, per call
+            return g.op("DynamicQuantizeMatMul", x, qw, ws, wz, bias, domain=MS)
+        xq, xs, xz = self.quantize_static(x, qp)
+        return g.op("MatMulIntegerToFloat", xq, qw, xs, ws, xz, wz, bias, domain=MS)
+
+    def int8_weights(self, w, b, key):
+        """
+        A linear's int8 constants, made once for both branches: W s quantized per output channel, (K, N) int8, its
+        scales and zero points, the bias, the input's 1 / s (None without smoothing) and its static (scale, zero point)
+        (None: dynamic).
+        """
+        g = self.g
         qp, smooth = quant.layer_params(self.calibration, *key, self.reduce_range, self.static)
-        if (key, "qw") not in g.consts:  # quantized once, for both branches
+        if (key, "qw") not in g.consts:
             ws = w.detach().float() if smooth is None else w.detach().float() * smooth
             q, scales = quant.quantize_weight(ws)
             g.const(q.numpy().T, np.int8, hint="qw", key=(key, "qw"))
@@ -406,18 +448,17 @@ class Writer:
             g.const(_np(b), hint="b", key=(key, "b"))
             if smooth is not None:
                 g.const(1 / smooth.numpy(), hint="inv_smooth", key=(key, "inv_smooth"))
-        qw, ws, wz, bias = (g.consts[key, n] for n in ("qw", "ws", "wz", "b"))
-        if smooth is not None and not folded:
-            x = g.op("Mul", x, g.consts[key, "inv_smooth"])
-        if qp is None:  # ORT quantizes x from its own min and max, per call
-            return g.op("DynamicQuantizeMatMul", x, qw, ws, wz, bias, domain=MS)
+        return (*(g.consts[key, n] for n in ("qw", "ws", "wz", "b")), g.consts.get((key, "inv_smooth")), qp)
+
+    def quantize_static(self, x, qp):
+        """x at a calibrated (scale, zero point): (uint8 x, scale, zero point) names."""
+        g = self.g
         scale, zero_point = qp
         if self.reduce_range:  # trained with 7-bit activations: the kernel would use 0..255, so clip first
             lo, hi = quant.activation_range(True)
             x = g.op("Clip", x, g.const(scale * (lo - zero_point)), g.const(scale * (hi - zero_point)))
         xs, xz = g.const(scale), g.const(zero_point, np.uint8)
-        xq = g.op("QuantizeLinear", x, xs, xz)
-        return g.op("MatMulIntegerToFloat", xq, qw, xs, ws, xz, wz, bias, domain=MS)
+        return g.op("QuantizeLinear", x, xs, xz), xs, xz
 
 
 def _np(t):
