@@ -139,9 +139,14 @@ def test_bench_base_encoder_without_thresholds(tmp_path):
     assert [r["method"] for r in rows] == ["packed"] + ort and all(KEYS <= set(r) for r in rows)
 
 
+ORT_ROWS = ("ort", "ort-int8", "ltp-ort", "ltp-ort-int8")
+
+
 def test_bench_ort_rows(tmp_path):
     """ort (fp32) and ort-int8 rows at every batch size, whatever --precision, checked against the packed routine;
-    speedup_vs_ort recomputed from the rows: the best ORT row of the same batch size at the same or a lower precision."""
+    speedup_vs_ort recomputed from the rows: the best ORT row of the same batch size at the same or a lower precision.
+    ltp-ort and ltp-ort-int8, the pruned graph: the ltp fp32 rows' kept counts on every example (fp32: equal, and
+    the same relative FLOPs), their speedups against the unpruned ORT row of their own precision."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     make_checkpoint(tmp_path / "m", num_labels=2)
@@ -153,16 +158,29 @@ def test_bench_ort_rows(tmp_path):
          "--precision", "fp32,bf16"])
     result = json.loads(out.read_text())
     rows, s = result["rows"], result["setup"]
-    assert {(r["method"], r["precision"], r["batch_size"]) for r in rows if r["method"].startswith("ort")} == {
-        (m, p, b) for m, p in (("ort", "fp32"), ("ort-int8", "int8")) for b in (1, 4)}
+    assert {(r["method"], r["precision"], r["batch_size"]) for r in rows if r["method"] in ORT_ROWS} == {
+        (m, p, b) for m, p in (("ort", "fp32"), ("ort-int8", "int8"), ("ltp-ort", "fp32"), ("ltp-ort-int8", "int8"))
+        for b in (1, 4)}
+    graph = s["ltp_ort_vs_fp32"]
+    assert graph["kept_all_layers"] == 1.0 and graph["labels"] == 1.0 and graph["max_abs_logit_diff"] < 1e-5
+    assert 0 <= s["ltp_ort_int8_vs_fp32"]["kept_all_layers"] <= 1
+    by = {(r["method"], r["precision"], r["batch_size"]): r for r in rows}
+    for b in (1, 4):
+        assert by["ltp-ort", "fp32", b]["relative_flops"] == by["ltp", "fp32", b]["relative_flops"] < 1
+        assert by["ltp-ort", "fp32", b]["speedup_vs_ort_same_precision"] == pytest.approx(
+            by["ltp-ort", "fp32", b]["examples_per_s"] / by["ort", "fp32", b]["examples_per_s"])
+        assert by["ltp-ort-int8", "int8", b]["speedup_vs_ort_same_precision"] == pytest.approx(
+            by["ltp-ort-int8", "int8", b]["examples_per_s"] / by["ort-int8", "int8", b]["examples_per_s"])
+        assert by["ltp-ort-int8", "int8", b]["relative_bops"] < by["ltp-ort-int8", "int8", b]["relative_flops"]
     assert s["ort_max_abs_diff"]["ort"] < 1e-4 and s["ort_max_abs_diff"]["ort-int8"] < 2.0  # int8: reported, loose
     assert s["ort_fused_ops"]["Attention"] == 2 and s["onnxruntime"]
     int8_bops = unpruned_int8_bops(tmp_path / "m", ["--model", tmp_path / "m", "--input", inp])
     assert 0.25 < int8_bops < 1
     for r in rows:
         assert KEYS <= set(r)
-        assert r["relative_bops"] == (pytest.approx(int8_bops, rel=1e-12) if r["method"] == "ort-int8"
-                                      else r["relative_flops"]), r
+        if r["method"] != "ltp-ort-int8":  # (the pruned int8 graph's: above)
+            assert r["relative_bops"] == (pytest.approx(int8_bops, rel=1e-12) if r["method"] == "ort-int8"
+                                          else r["relative_flops"]), r
         ort = {x["method"]: x["examples_per_s"] for x in rows if x["batch_size"] == r["batch_size"]
                and x["method"] in ("ort", "ort-int8")}
         if r["method"] == "ort-int8":  # nothing below int8
@@ -174,6 +192,7 @@ def test_bench_ort_rows(tmp_path):
         assert r["speedup_vs_ort"] == (None if want is None else pytest.approx(want)), r
     md = (tmp_path / "bench.md").read_text()
     assert "| vs ort |" in md and "| ort | fp32 | 4 |" in md and "| ort-int8 | int8 | 1 |" in md
+    assert "| ltp-ort-int8 | int8 | 4 |" in md and "ltp-ort vs ltp fp32 (the torch routine), every example: kept counts equal in every layer on 100.00%" in md
     assert "ONNX Runtime" in md and "Attention" in md
 
 
