@@ -14,6 +14,8 @@ Learned Token Pruning on GLUE: Algorithm 1 of Kim et al. (KDD 2022), plus the fi
 
 Each stage directory is an HF-layout checkpoint (+ ltp.json with the thresholds) that infer.py reads;
 OUTPUT/metrics.jsonl gets one row per evaluation. Multi-process: torchrun --nproc_per_node 2 train.py ...
+The steps' maths is ltp/algorithm.py; this script is the loop around it (DDP, --resume, evaluation, metrics.jsonl,
+progress bars) and the command line.
 """
 import argparse
 import json
