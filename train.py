@@ -61,8 +61,7 @@ class Run:
 # the run: pre-flight, settings, data, then each stage in turn
 
 def main(args):
-    """The whole run: the processes (torchrun), the model source and the data, the settings, then each stage in
-    turn, each starting from the last one's output."""
+    """The whole run: processes, inputs, settings and data, then each stage from the last one's output."""
     task = glue.get_task(args.task)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     world, rank, device = start_processes(args)
@@ -100,8 +99,7 @@ def main(args):
 
 
 def start_processes(args):
-    """The processes of a torchrun (WORLD_SIZE, RANK; without them, one), this one's device and torch's CPU threads;
-    --precision auto becomes what runs. Returns (world, rank, device)."""
+    """torchrun's processes (one without it), this one's device, CPU threads, --precision auto resolved."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     device = torch.device(args.device)
@@ -117,8 +115,7 @@ def start_processes(args):
 
 
 def find_inputs(args):
-    """The data and the model source; offline, both fail within seconds with one clear line. Returns the first
-    stage's source as given (--init or --model) and its local directory."""
+    """The first stage's source (--init or --model) and its local directory, the GLUE files; offline: one line."""
     try:
         first_src = args.init or args.model
         src_dir = resolve(first_src)
@@ -130,8 +127,7 @@ def find_inputs(args):
 
 
 def fill_settings(args, cfg):
-    """The settings not given: --epochs for every stage not set on its own, --lr for fine-tuning too, then
-    algorithm.settings_for the task and the model. Returns them as a TrainConfig (args gets the same values)."""
+    """The settings not given (--epochs, --lr for fine-tuning, then algorithm.settings_for): a TrainConfig, and args."""
     for s in ("finetune", "soft", "hard"):
         if getattr(args, f"{s}_epochs") is None and args.epochs is not None:
             setattr(args, f"{s}_epochs", args.epochs)
@@ -145,8 +141,7 @@ def fill_settings(args, cfg):
 
 
 def read_data(args, task, src_dir, cfg):
-    """The task's training set (encoded, with the subsets --max-train-tokens and --max-train-examples ask for) and its
-    dev sets: (encoded examples, labels), and {"": dev (, "_mm": MNLI's mismatched dev)}."""
+    """(train examples, labels) with --max-train-tokens/--max-train-examples, and {"": dev (, "_mm": MNLI's)}."""
     tok = Tokenizer.from_dir(src_dir, cfg)
     if args.max_length:
         tok = Tokenizer(tok.tok, min(args.max_length, tok.max_length), tok.single_type)
@@ -169,8 +164,7 @@ def read_data(args, task, src_dir, cfg):
 # one stage: finetune, soft (step 1, then step 2 at its end) or hard (step 3)
 
 def run_stage(run, stage, src):
-    """Train one stage starting from checkpoint directory `src`; returns the stage's directory (None: stopped by
-    --max-steps). In order: seed, the model as the stage trains it, the optimizer, --resume, the loop, the end."""
+    """Train one stage from checkpoint `src`: its directory, or None when --max-steps stopped it."""
     args, ts = run.args, run.ts
     out = os.path.join(args.output_dir, stage)
     if args.resume and os.path.isfile(os.path.join(out, "DONE")):
@@ -197,8 +191,7 @@ def run_stage(run, stage, src):
 
 
 def seed_stage(seed, stage, rank):
-    """Every stage seeds its own RNG streams: the same result whether it runs alone or after another stage;
-    every process its own (dropout differs across processes); process 0's are those of a single process."""
+    """Each stage and process its own RNG streams: a stage alone or after another gives the same result."""
     seed = seed + ("finetune", "soft", "hard").index(stage) + 1000003 * rank
     torch.manual_seed(seed)
     random.seed(seed)
@@ -206,8 +199,7 @@ def seed_stage(seed, stage, rank):
 
 
 def stage_model(run, stage, src):
-    """The model of a stage, from checkpoint `src`, with the pruning it trains under, and the FLOPs budget R the stage
-    holds (None: a fixed lambda, or a baseline whose knob does not drift with the weights)."""
+    """The stage's model from `src`, pruning as the stage trains, and the budget R it holds (None: none to hold)."""
     # the model: a pretrained encoder gets a new head; later stages start from the previous stage
     model = ltp.load(src, num_labels=run.task.num_labels, new_head_ok=(stage == "finetune"))
     if run.task.labels:
@@ -234,8 +226,7 @@ def stage_model(run, stage, src):
 
 
 def setup_baseline(run, model):
-    """--method's hard stage from a fine-tuned model (algorithm.setup_baseline), its knob calibrated to --target-flops
-    when given. Returns the budget the hard stage holds after each epoch."""
+    """--method's hard stage (algorithm.setup_baseline), scaled to --target-flops when given; returns the budget."""
     args, ts = run.args, run.ts
     target = ts.target_flops if args.target_given else None
     try:
@@ -260,8 +251,7 @@ def load_teacher(args, task, device):
 
 
 def train_loop(run, stage, model, optimizer, base_lrs, teacher, budget, state_path, start, lam, share):
-    """The stage's training loop, from `start` = (epoch, batch) to its last epoch. Returns (step, lam) at the end;
-    None when --max-steps stopped it (its state saved for --resume)."""
+    """The loop from `start` = (epoch, batch) to the last epoch: (step, lam), or None when --max-steps stopped it."""
     args, ts, rank = run.args, run.ts, run.rank
     epochs = getattr(ts, f"{stage}_epochs")
     lengths = [len(e[0]) for e in run.examples]
@@ -315,9 +305,7 @@ def train_loop(run, stage, model, optimizer, base_lrs, teacher, budget, state_pa
 
 
 def train_step(run, stage, net, model, optimizer, teacher, global_ids, lam):
-    """One optimizer step on this process's share of the global batch `global_ids` (training examples): the task loss
-    (eq. 16's with --distill), plus eq. 12's lam L_reg in the soft stage. Returns the task loss, the forward's aux and
-    the examples this process trained on ([] when its share was empty)."""
+    """One step on this process's share of `global_ids`: (task loss, the forward's aux, its examples or [])."""
     args, world = run.args, run.world
     ids = global_ids[run.rank::world]  # this process's share of the global batch
     # a last batch smaller than the number of processes leaves some with nothing: they run one example
@@ -349,8 +337,7 @@ def train_step(run, stage, net, model, optimizer, teacher, global_ids, lam):
 
 
 def follow_budget(run, model, ids, step, total, lam, share):
-    """Eq. 14 after a soft step, on the hard model's FLOPs on this step's examples `ids` (all processes' together),
-    then the collapse guard. Returns lam, the guard's running mean and the figures for the progress bar."""
+    """Eq. 14 and the collapse guard after a soft step: lam, the guard's mean, the progress bar's figures."""
     sums = algorithm.hard_flops(model, [run.examples[i] for i in ids])
     if run.world > 1:  # DDP: F over the global batch
         dist.all_reduce(sums)
@@ -368,9 +355,7 @@ def follow_budget(run, model, ids, step, total, lam, share):
 
 
 def end_stage(run, stage, model, src, out, budget, step, lam):
-    """The end of a stage: after soft, step 2 (eq. 15 scales the thresholds to the budget, then the mask is
-    binarized, eq. 8); the checkpoint (process 0); after soft, that checkpoint read back and evaluated as infer.py
-    would (a collapsed one stops the run); then DONE."""
+    """After soft, step 2; the checkpoint; after soft, it is read back and evaluated (collapsed: stop); DONE."""
     args, rank = run.args, run.rank
     if stage == "soft":  # step 2: binarize the mask (eq. 8); the thresholds learn no more (eq. 15 may rescale them)
         if budget is not None:  # eq. 15: the binarized model meets the budget on training data
@@ -445,9 +430,7 @@ def log_eval(run, model, stage, step, epoch, lam):
 
 
 def sharded(fn, examples, world, rank):
-    """fn(examples) -> (logits, kept) over all of `examples`, each process running its share (examples rank, rank +
-    world, ...) and all_gather putting the pieces back in order: no process waits on another's whole pass, so a long
-    dev set cannot time a collective out. One process: fn(examples)."""
+    """fn(examples) -> (logits, kept), each process on its share, gathered back in order (no collective time-out)."""
     if world == 1:
         return fn(examples)
     ids = list(range(rank, len(examples), world))
@@ -474,9 +457,7 @@ def log_row(args, row):
 # --resume: state.pt (written atomically) and the flags a resumed run must share
 
 def save_state(model, optimizer, epoch, batch, path, rank, lam=0.0, collapsed_share=0.0):
-    """Everything --resume needs: weights (incl. theta), optimizer, RNG streams, data position, lambda (process 0:
-    state.pt); every other process writes its own RNG streams (state.rankR.pt) first, so that a state.pt always has
-    its processes' streams beside it."""
+    """What --resume needs (process 0: state.pt); the others first write their RNG streams (state.rankR.pt)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if rank != 0:
         atomic_write(rank_state_path(path, rank), lambda p: torch.save({"rng": rng_state(), "epoch": epoch,
@@ -489,9 +470,7 @@ def save_state(model, optimizer, epoch, batch, path, rank, lam=0.0, collapsed_sh
 
 
 def resume_stage(run, stage, path, model, optimizer, lam):
-    """--resume with a state.pt at `path`: its weights, optimizer and data position, lambda and the collapse guard's
-    running mean, and this process's RNG streams. Returns ((epoch, batch) where the stage goes on, lam, the running
-    mean); without a state.pt, ((0, 0), lam as given, 0.0)."""
+    """--resume from state.pt: ((epoch, batch), lam, the collapse guard's mean); none: ((0, 0), lam, 0.0)."""
     if not (run.args.resume and os.path.isfile(path)):
         return (0, 0), lam, 0.0
     saved = load_state(path)
@@ -532,9 +511,7 @@ RESUME_KEYS = ("task", "model", "init", "seed", "batch_size", "lr", "finetune_lr
 
 
 def check_resume(args, stages):
-    """--resume continues the run of OUTPUT/args.json only with the same RESUME_KEYS (its state.pt counts steps and
-    batches of that run); without --resume, stages already in the folder (finished or interrupted) start over, and
-    we say so."""
+    """--resume only with args.json's RESUME_KEYS; without it, stages already there start over, said aloud."""
     if not args.resume:
         there = [s for s in stages if any(os.path.isfile(os.path.join(args.output_dir, s, f)) for f in ("DONE", "state.pt"))]
         if there:
@@ -636,7 +613,7 @@ def add_training_args(p):
            "every hard-pruning epoch")
     a("--lam", type=nonneg_float, default=None,
       help="a fixed lambda of eq. 12 instead of the FLOPs budget, as the paper trains (larger prunes more; thresholds "
-           "then fixed after soft pruning); not on table A.1's scale (docs/fidelity.md, eq. 12). Not with --target-flops")
+           "then fixed after soft pruning); not on table A.1's scale (docs/fidelity.md, the lambda row). Not with --target-flops")
     a("--flops-lr", type=nonneg_float, default=None, help=f"eta of eq. 14, lambda's step per unit of FLOPs gap ({D.flops_lr})")
     a("--flops-warmup", type=number(float, 0, 1), default=None, help=f"share of the soft stage over which eq. 14's "
                                                                     f"budget falls from 1 to --target-flops ({D.flops_warmup}; 0: at once)")

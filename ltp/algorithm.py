@@ -24,6 +24,7 @@ from .distill import distill_loss
 from .flops import flops_summary, sequence_flops, unpruned_flops
 from .packed import PackedModel, pack
 from .pruning import PruneConfig, calibrate_scale, dual_ascent, init_thresholds, mask_regularizer, ramped_target
+from .text import collate
 
 
 @dataclass
@@ -273,7 +274,6 @@ def soft_predict(model, examples, batch_size=64):
     The soft-masked model (eqs. 9-11, what step 1 trains) on `examples`: logits (n, labels) and kept counts (n, L+1)
     in input order, a token counting as kept when its soft mask exceeds 0.5 (glue.predict runs the hard model).
     """
-    from .text import collate
     was_training = model.training
     model.eval()
     device = model.encoder.theta.device

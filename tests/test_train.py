@@ -193,6 +193,17 @@ def test_unknown_task_and_stage_are_usage_errors(tmp_path, capsys):
         assert len(err) == 1 and msg in err[0]
 
 
+def test_help_shows_the_defaults_of_algorithm_trainconfig_and_each_tasks_own(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    # TASK_OVERRIDES: WNLI fine-tunes 5 epochs, not the other small tasks' 10; CoLA soft-prunes 5
+    assert "fine-tuning epochs (3; mrpc, stsb, rte, cola: 10; wnli: 5)" in out
+    assert "soft pruning epochs (1; mrpc, stsb, rte, wnli: 10; cola: 5; table A.1: 1-10)" in out
+    assert "T of eq. 9 (0.001)" in out and "AdamW weight decay (0.1)" in out
+
+
 def test_epoch_batches_cover_every_example_once_and_are_deterministic():
     lengths = [int(x) for x in torch.randint(3, 60, (1000,), generator=torch.Generator().manual_seed(1))]
     b1 = epoch_batches(lengths, 32, seed=3, epoch=0)
