@@ -44,7 +44,7 @@ import ltp.ort
 from ltp import flops as fl
 from ltp import quant
 from ltp.cli import (ONEDNN, Parser, add_inference_args, int_list, load_model, nonneg_int, output_path, positive_int, read_inputs,
-                     run_cli, tune_allocator)
+                     refuse_overwrite, run_cli, tune_allocator)
 from ltp.packed import (PackedModel, forward_batches, make_batches, onednn_available, own_precision,
                         resolve_precision, sync)
 from ltp.pruning import describe
@@ -381,7 +381,7 @@ def plot(result, path):
     ax.set_title(f"{result['setup']['model_name']}, {result['setup']['data']}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ltp.checkpoint.atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))  # whole, or not at all
     print(f"wrote {path}", file=sys.stderr)
 
 
@@ -440,10 +440,21 @@ def load_inputs(args):
     texts, _ = read_inputs(args)
     if args.max_examples:
         texts = texts[:args.max_examples]
+    check_outputs(args, args.model)  # before the model loads: a local --model's files
     model = load_model(args.model, args.final_threshold, need_head=False).to(dev)
     path = ltp.checkpoint.resolve(args.model)
+    if path != args.model:  # a hub or packaged model's files, once resolved
+        check_outputs(args, path)
     tok = ltp.Tokenizer.from_dir(path, model.cfg)
     return model, path, tok.encode(texts), allocator
+
+
+def check_outputs(args, model_dir):
+    """No output file is an input, whatever path spells it (ltp.cli.refuse_overwrite): --json, --markdown and --plot
+    (or its default beside --json) against --input (or the GLUE files under --data-dir) and model_dir's files."""
+    plot_path = args.plot or (os.path.splitext(args.json)[0] + ".png" if args.json else None)  # write_outputs' default
+    refuse_overwrite([("--json", args.json), ("--markdown", args.markdown), ("--plot", plot_path)],
+                     [("--data-dir", args.data_dir) if args.task else ("--input", args.input), ("--model", model_dir)])
 
 
 def packed_models(args, model, path):
@@ -464,6 +475,8 @@ def packed_models(args, model, path):
     int8_activations = quant.describe(calibration, pms["int8"].static) if "int8" in precisions else None
     if "int8" in precisions:
         print(f"int8: {int8_activations}", file=sys.stderr)
+        if calibration is None:
+            print(quant.calibration_hint(path), file=sys.stderr)
     recheck = (PackedModel(model, onednn=onednn, precision="bf16", recheck=args.recheck)
                if args.recheck and "bf16" in precisions else None)
     if recheck is not None and not recheck.rechecking():

@@ -28,7 +28,7 @@ from tqdm import tqdm
 import ltp
 from ltp import glue, quant, stream
 from ltp.cli import (ONEDNN, Parser, add_inference_args, check_task_head, load_model, nonneg_int, output_path, positive_int,
-                     read_inputs, run_cli, tune_allocator)
+                     read_inputs, refuse_overwrite, run_cli, tune_allocator)
 from ltp.explain import layer_scores, plot_pruning
 from ltp.flops import flops_totals
 from ltp.packed import PackedModel, forward_windows
@@ -75,7 +75,10 @@ def main(args):
     """The outline of a run: flags, input, model, output, the streaming loop, the summary, --explain."""
     check_flags(args)
     source, src_path, labels, total = open_source(args)
+    check_outputs(args, args.model)  # before the model loads: a local --model's files
     model, tok, pm, calibration, path = build_model(args)
+    if path != args.model:  # a hub or packaged model's files, once resolved
+        check_outputs(args, path)
     partial, done = open_output(args, src_path, pm, path)
     done, tally = run_windows(args, model, tok, pm, source, total, labels, partial, done)
     if not done:  # stdin gave no line (a file was refused in open_source)
@@ -115,6 +118,14 @@ def check_flags(args):
         raise ValueError("--resume needs --input FILE (stdin cannot be read again from the start)")
 
 
+def check_outputs(args, model_dir):
+    """No output file is an input, whatever path spells it (ltp.cli.refuse_overwrite): --output (with the .partial
+    files that become it) and --plot against --input (or the GLUE files under --data-dir) and model_dir's files."""
+    out = [] if args.output == "-" else [("--output", args.output + ext) for ext in ("", ".partial", ".partial.json")]
+    refuse_overwrite(out + [("--plot", args.plot)],
+                     [("--data-dir", args.data_dir) if args.task else ("--input", args.input), ("--model", model_dir)])
+
+
 def open_source(args):
     """
     The input as (source, src_path, labels, total): a GLUE split (small: read whole, with its labels) or a text
@@ -143,6 +154,8 @@ def build_model(args):
     path = ltp.checkpoint.resolve(args.model)
     tok = ltp.Tokenizer.from_dir(path, model.cfg)
     calibration = quant.load_calibration(path, model.cfg) if args.precision == "int8" else None
+    if args.precision == "int8" and calibration is None:
+        say(quant.calibration_hint(path))
     pm = PackedModel(model, onednn=ONEDNN[args.onednn], precision=args.precision,
                      recheck=args.recheck, calibration=calibration,
                      static=None if args.int8_scales is None else args.int8_scales == "static")

@@ -31,11 +31,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import ltp
-from ltp import algorithm, glue, quant
+from ltp import algorithm, glue, packed, quant
 from ltp.algorithm import TASK_OVERRIDES, TrainConfig, size_overrides
-from ltp.checkpoint import atomic_write, resolve, rng_state, set_rng_state
+from ltp.checkpoint import atomic_write, resolve, rng_state, save_calibration, set_rng_state
 from ltp.checks import read_json
-from ltp.cli import Parser, int_list, nonneg_float, nonneg_int, number, positive_float, positive_int, run_cli
+from ltp.cli import (Parser, check_model_dir, claim_stages, int_list, nonneg_float, nonneg_int, number, positive_float,
+                     positive_int, run_cli, writable_dir)
 from ltp.flops import linear_bits
 from ltp.packed import own_precision, resolve_precision
 from ltp.pruning import PruneConfig
@@ -69,11 +70,11 @@ def main(args):
     first_src, src_dir = find_inputs(args)
     cfg = ltp.Config.from_json(os.path.join(src_dir, "config.json"))
     ts = fill_settings(args, cfg)
-    try:
-        os.makedirs(args.output_dir, exist_ok=True)
-    except OSError as e:
-        raise SystemExit(f"error: --output-dir {args.output_dir}: cannot create it ({e.strerror})")
-    check_resume(args, stages)
+    check_later_inputs(args, stages)
+    writable_dir(args.output_dir, "--output-dir")
+    check_resume(args, stages, rank)
+    if world > 1:  # --overwrite: process 0 has removed the old stages before any process writes
+        dist.barrier()
     (examples, labels), dev_sets = read_data(args, task, src_dir, cfg)
     if rank == 0:  # written once the data has been read: a run that fails on its input leaves no args.json
         write_settings(args, stages, examples, dev_sets)
@@ -96,6 +97,8 @@ def main(args):
     # the end of the run
     if world > 1:
         dist.destroy_process_group()
+    if stages and out is not None and rank == 0:  # the run is complete: int8 on its checkpoint is calibrated
+        calibrate_checkpoint(src, run.calib, device)
 
 
 def start_processes(args):
@@ -119,10 +122,14 @@ def find_inputs(args):
     try:
         first_src = args.init or args.model
         src_dir = resolve(first_src)
-        glue.ensure(args.task, args.data_dir, splits=("train", "dev"))
+        # every split the run reads (MNLI's mismatched dev too), so that none is missing after the first stage
+        splits = [s for s in ("train", "dev", "dev_mismatched") if s in glue.TASKS[args.task].splits]
+        glue.ensure(args.task, args.data_dir, splits=splits)
     except (FileNotFoundError, RuntimeError) as e:  # the download's own line already says what to pass
-        raise SystemExit(f"error: {e}" + ("" if "offline?" in str(e) else " (offline? pass --model with a local model "
-                                          "directory and --data-dir with the GLUE TSV files)"))
+        flag = "--init " if args.init and str(e).startswith(f"{args.init}:") else ""
+        raise SystemExit(f"error: {flag}{e}" + ("" if "offline?" in str(e) else " (offline? pass --model with a local "
+                                                "model directory and --data-dir with the GLUE TSV files)"))
+    check_model_dir(src_dir, "--init" if args.init else "--model")
     return first_src, src_dir
 
 
@@ -510,13 +517,12 @@ RESUME_KEYS = ("task", "model", "init", "seed", "batch_size", "lr", "finetune_lr
                "quantize", "distill", "teacher", "distill_alpha")
 
 
-def check_resume(args, stages):
-    """--resume only with args.json's RESUME_KEYS; without it, stages already there start over, said aloud."""
+def check_resume(args, stages, rank=0):
+    """--resume only with args.json's RESUME_KEYS; without it, a stage already in the folder (finished or interrupted)
+    is refused, or removed first with --overwrite (ltp.cli.claim_stages; process 0 removes)."""
     if not args.resume:
-        there = [s for s in stages if any(os.path.isfile(os.path.join(args.output_dir, s, f)) for f in ("DONE", "state.pt"))]
-        if there:
-            print(f"{args.output_dir}: stage(s) {', '.join(there)} already there (finished or interrupted): running "
-                  f"them again from the start (--resume continues instead)", file=sys.stderr)
+        claim_stages(args.output_dir, stages, args.resume, args.overwrite, keep={"--init": args.init,
+                     "--teacher": args.teacher}, remove=rank == 0)
         return
     path = os.path.join(args.output_dir, "args.json")
     if not os.path.isfile(path):
@@ -529,6 +535,26 @@ def check_resume(args, stages):
         raise SystemExit(f"error: --resume: {path} was written with " + ", ".join(
             f"--{k.replace('_', '-')} {old[k]} (now {getattr(args, k)})" for k in changed)
             + "; resume with the same flags, or give another --output-dir")
+
+
+def check_later_inputs(args, stages):
+    """What a later stage reads, checked before the first step (a wrong path found at the hard stage loses the stages
+    before it): --distill's teacher, --teacher or the run's own finetune stage when this run does not make it."""
+    if args.distill and "hard" in stages and (args.teacher or "finetune" not in stages):
+        path = args.teacher or os.path.join(args.output_dir, "finetune")
+        if not os.path.isdir(path):
+            raise SystemExit(f"error: --distill: teacher {path} not found (run the finetune stage, or give --teacher DIR)")
+        check_model_dir(path, "--teacher")
+
+
+def calibrate_checkpoint(path, calib, device):
+    """The run's last checkpoint gets its int8 calibration, quant.json, as scripts/calibrate.py writes it (smoothing
+    alpha 0.8) but on eq. 15's sample of the training set; a quantization-aware checkpoint keeps its own."""
+    if os.path.isfile(os.path.join(path, quant.QUANT_JSON)):
+        return
+    model = ltp.load(path).to(device)
+    out = save_calibration(path, packed.calibrate(model, calib, alpha=0.8), model.cfg)
+    print(f"[int8] wrote {out}: the linears' inputs over {len(calib)} training examples, smoothing alpha 0.8")
 
 
 def write_settings(args, stages, examples, dev_sets):
@@ -649,6 +675,9 @@ def add_run_args(p):
       help="also evaluate on dev every N steps (rows in metrics.jsonl; 0: after each epoch only)")
     a("--seed", type=nonneg_int, default=0, help="seed of the data order, init and dropout")
     a("--resume", action="store_true", help="continue an interrupted run in --output-dir")
+    a("--overwrite", action="store_true",
+      help="start over: remove the stages of --stages already in --output-dir (finished or interrupted) and their "
+           "metrics rows first (without --resume or --overwrite, such a stage is refused)")
     a("--device", default="cpu", help="cpu or cuda")
     a("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
       help="bf16: the training forward and backward under torch.autocast (weights, thresholds, the regulariser and "
@@ -686,6 +715,8 @@ def check_args(p, args):
         p.error(f"--device {args.device}: no CUDA device available")
     if args.lam is not None and args.target_flops is not None:
         p.error("give --lam (the paper's fixed lambda) or --target-flops (a FLOPs budget), not both")
+    if args.resume and args.overwrite:
+        p.error("give --resume (continue the run) or --overwrite (start it over), not both")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from . import quant
-from .checks import check_ltp_json, read_json
+from .checks import check_ltp_json, check_quant_json, read_json
 from .model import Config, Model
 
 # Our parameter name -> HF name, without the "roberta." / "bert." prefix that task models add.
@@ -233,6 +233,17 @@ def save(model, path):
     if model.prune.mode != "off":
         d = {**model.prune.__dict__, "thresholds": model.encoder.theta.detach().cpu().tolist()}
         atomic_write(os.path.join(path, "ltp.json"), write_json(d))
+
+
+def save_calibration(path, calibration, cfg=None):
+    """
+    An int8 calibration (packed.calibrate's result) into checkpoint folder `path` as quant.json, checked first
+    (checks.check_quant_json) and written atomically; what infer.py and bench.py read for int8. Returns the file.
+    """
+    out = os.path.join(path, quant.QUANT_JSON)
+    check_quant_json(calibration, out, cfg)
+    atomic_write(out, lambda p: open(p, "w").write(json.dumps(calibration, indent=1) + "\n"))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

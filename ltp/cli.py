@@ -4,12 +4,15 @@ loading with manual thresholds, and one error path. Nothing here runs at import.
 """
 import argparse
 import contextlib
+import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 
 from . import glue, pruning
-from .checkpoint import PACKAGED, load
+from .checkpoint import PACKAGED, atomic_write, load
 from .pruning import PruneConfig
 from .stream import iter_lines
 
@@ -158,6 +161,128 @@ def output_path(path, flag):
         if os.path.isdir(path):
             raise ValueError(f"{flag} {path}: is a folder, not a file")
     return path
+
+
+def refuse_overwrite(outputs, inputs):
+    """
+    Refuse, before anything is written, an output file that is one of the run's inputs, whatever path spells it:
+    the same file is the same inode on the same device (os.path.samefile), so a symlink or a hard link to an input
+    counts. outputs and inputs: {flag: path} or (flag, path) pairs; an input folder (a model directory) stands for
+    every file under it; None, '-' and outputs that do not exist yet are skipped. Example, with a.txt and its hard
+    link b.txt: refuse_overwrite({"--output": "b.txt"}, {"--input": "a.txt"}) -> ValueError "--output b.txt is
+    --input a.txt (the same file): writing it would destroy the input; choose another --output".
+    """
+    have = {}  # (device, inode) of every input file -> (flag, path as given, the file)
+    for flag, path in pairs(inputs):
+        for f in files_under(path):
+            st = os.stat(f)
+            have.setdefault((st.st_dev, st.st_ino), (flag, path, f))
+    for flag, path in pairs(outputs):
+        if not path or path == "-" or not os.path.isfile(path):
+            continue
+        st = os.stat(path)
+        if (st.st_dev, st.st_ino) in have:
+            in_flag, in_path, f = have[(st.st_dev, st.st_ino)]
+            what = f"{in_flag} {in_path}" if f == in_path else f"{f}, a file of {in_flag} {in_path}"
+            raise ValueError(f"{flag} {path} is {what} (the same file): writing it would destroy the input; "
+                             f"choose another {flag}")
+
+
+def pairs(d):
+    """(flag, path) pairs from a dict or an iterable of pairs (paths as str, pathlib paths allowed)."""
+    return [(flag, os.fspath(p) if p is not None else None) for flag, p in (d.items() if isinstance(d, dict) else d)]
+
+
+def files_under(path):
+    """The regular files a path stands for: itself, or every file under a folder (symlinks followed); [] if absent."""
+    if not path or path == "-":
+        return []
+    if os.path.isfile(path):
+        return [path]
+    return [os.path.join(d, n) for d, _, names in os.walk(path, followlinks=True) for n in names
+            if os.path.isfile(os.path.join(d, n))]
+
+
+def check_model_dir(path, flag):
+    """A local model directory a run will read later, checked now: config.json and model.safetensors in a folder."""
+    if not os.path.isdir(path):
+        raise ValueError(f"{flag} {path}: no such model directory")
+    for name in ("config.json", "model.safetensors"):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise ValueError(f"{flag} {path}: not a model directory (no {name})")
+    return path
+
+
+def writable_dir(path, flag):
+    """An output folder, created now and tried with a scratch file, or one line naming the flag: an unwritable folder
+    would otherwise fail at the first checkpoint, after the first stage's training."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot create it ({e.strerror})") from None
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write in it ({e.strerror})") from None
+    return path
+
+
+STAGE_ROWS = {"finetune": ("finetune",), "soft": ("soft", "binarize"), "hard": ("hard",)}  # metrics.jsonl's "stage"
+
+
+def claim_stages(out_dir, stages, resume, overwrite, keep=(), remove=True):
+    """
+    The stage folders a training run is about to write (OUT_DIR/<stage>): one that holds a finished (DONE) or an
+    interrupted (state.pt) stage is refused unless resume (the run goes on from it) or overwrite: then, before any
+    step, it is removed with its rows of OUT_DIR/metrics.jsonl (STAGE_ROWS), said in one line (remove=False: another
+    process removes them). keep: {flag: path} inputs of the run (--init, --teacher) that must not be removed with a
+    stage. Returns the folders removed. Example: OUT/finetune/DONE, neither flag -> ValueError "OUT/finetune holds a
+    finished stage (DONE): rerun with --resume to continue the run, or --overwrite to remove it and start over".
+    """
+    there = [(s, os.path.join(out_dir, s)) for s in stages]
+    there = [(s, d, "DONE" if os.path.isfile(os.path.join(d, "DONE")) else "state.pt") for s, d in there
+             if any(os.path.isfile(os.path.join(d, f)) for f in ("DONE", "state.pt"))]
+    if not there or resume:
+        return []
+    if not overwrite:
+        said = ", ".join(f"{d} holds {'a finished' if f == 'DONE' else 'an interrupted'} stage ({f})" for _, d, f in there)
+        raise ValueError(f"{said}: rerun with --resume to continue the run, or --overwrite to remove "
+                         f"{'it' if len(there) == 1 else 'them'} and start over")
+    for flag, path in pairs(keep):
+        for _, d, _ in there:
+            if path and os.path.exists(path) and is_under(path, d):
+                raise ValueError(f"--overwrite would remove {d}, which holds {flag} {path}: copy it elsewhere first")
+    if not remove:
+        return [d for _, d, _ in there]
+    rows = drop_rows(os.path.join(out_dir, "metrics.jsonl"), [r for s, _, _ in there for r in STAGE_ROWS[s]])
+    for _, d, _ in there:
+        shutil.rmtree(d)
+    print(f"--overwrite: removed {', '.join(d for _, d, _ in there)}"
+          + (f" and their {rows} rows of {os.path.join(out_dir, 'metrics.jsonl')}" if rows else "")
+          + ": starting over", file=sys.stderr)
+    return [d for _, d, _ in there]
+
+
+def is_under(path, folder):
+    """Whether path is folder or lies inside it (both resolved: symlinks followed)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def drop_rows(path, stages):
+    """Remove from a metrics.jsonl the rows whose "stage" is in stages (written atomically); returns how many."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    try:
+        keep = [l for l in lines if not l.strip() or json.loads(l).get("stage") not in stages]
+    except (json.JSONDecodeError, AttributeError):
+        raise ValueError(f"{path}: a line is not a JSON object (a row of train.py's metrics)") from None
+    if len(keep) < len(lines):
+        atomic_write(path, lambda p: open(p, "w", encoding="utf-8").write("".join(keep)))
+    return len(lines) - len(keep)
 
 
 def run_cli(main, args, name):

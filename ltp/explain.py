@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from .checkpoint import atomic_write
 from .pruning import importance_score
 
 
@@ -76,7 +77,7 @@ def plot_pruning(rows, path, title):
     axes[-1].set_xlabel("token position (the tokenizer's tokens)")
     add_key(fig, axes, im, rows, R)
     fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=130)
+    atomic_write(path, lambda p: fig.savefig(p, dpi=130, format="png"))  # never a half-drawn file under the name
 
 
 def score_ratio(r):

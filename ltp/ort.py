@@ -1,9 +1,12 @@
 """
-ONNX Runtime (ORT), the runtime a CPU user deploys a BERT-class model with: bench.py's ort and ort-int8 rows.
-The checkpoint's transformers model is exported to ONNX, fused by onnxruntime.transformers.optimizer (Attention,
-SkipLayerNormalization, BiasGelu, EmbedLayerNormalization) and quantized to int8 by quantize_dynamic.
+ONNX Runtime (ORT), the runtime a CPU user deploys a BERT-class model with.
+- The unpruned references, bench.py's ort and ort-int8 rows: the checkpoint's transformers model exported to ONNX,
+  fused by onnxruntime.transformers.optimizer (Attention, SkipLayerNormalization, BiasGelu, EmbedLayerNormalization)
+  and quantized to int8 by quantize_dynamic. Inputs are padded batches (B, N) int64, as text.collate makes them.
+- The pruned model itself (ltp/export.py writes its graph): PackedSession runs it on packed batches, as PackedModel
+  does (infer.py --engine ort, bench.py's ltp-ort and ltp-ort-int8 rows).
 onnx, onnxruntime and transformers are imported inside the functions: importing ltp never needs them.
-Inputs are padded batches (B, N) int64, as text.collate makes them; letters B, N, C as in model.py.
+Letters B, N, C as in model.py.
 """
 import contextlib
 import logging
@@ -101,7 +104,8 @@ def build(model_dir, cfg, has_head, work_dir):
 
 
 def session(path, threads):
-    """An ORT CPU session: intra-op threads as torch's (the same cores as the other rows), one inter-op thread."""
+    """An ORT CPU session: intra-op threads as torch's (the same cores as the other rows; 0 = ORT's default), one
+    inter-op thread."""
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -119,3 +123,41 @@ def run(sess, batch):
     """
     feed = {i.name: batch[i.name].numpy() for i in sess.get_inputs()}
     return torch.from_numpy(sess.run(None, feed)[0])
+
+
+def require():
+    """onnxruntime and onnx, or one line saying how to install them (the onnx extra)."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(f"ONNX Runtime is not installed ({e.name} missing): pip install onnx onnxruntime "
+                           f"(or pip install -e '.[onnx]')") from None
+
+
+class PackedSession:
+    """
+    An exported pruned graph (ltp/export.py) run like a PackedModel: sess(ids, cu_seqlens, type_ids) -> (out, kept)
+    torch tensors, the same shapes, so packed.forward_batches, infer.py and bench.py run it as they run the torch
+    routine. model: the ltp.Model it was exported from (its head and config say what the outputs are).
+    Example: PackedSession("runs/sst2-quick/hard/model.onnx", model, threads=2)(ids, cu) -> logits (B, 2), kept (B, 7).
+    """
+
+    onednn = None  # the PackedModel attributes that infer.py and bench.py read
+    rechecked = 0
+
+    def __init__(self, path, model, threads=0, precision="fp32", static=False):
+        self.model, self.cfg, self.path = model, model.cfg, path
+        self.precision, self.static = precision, static
+        self.sess = session(path, threads)
+        self.names = [i.name for i in self.sess.get_inputs()]
+
+    def rechecking(self):
+        return False
+
+    def __call__(self, ids, cu_seqlens, type_ids=None):
+        feed = {"input_ids": ids.cpu().numpy(), "cu_seqlens": cu_seqlens.cpu().numpy()}
+        if "token_type_ids" in self.names:
+            feed["token_type_ids"] = (torch.zeros_like(ids) if type_ids is None else type_ids).cpu().numpy()
+        out, kept = self.sess.run(None, feed)
+        return torch.from_numpy(out), torch.from_numpy(kept)

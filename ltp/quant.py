@@ -317,6 +317,14 @@ def load_calibration(model_dir, cfg=None):
     return check_quant_json(d, path, cfg)
 
 
+def calibration_hint(model_dir):
+    """For int8 on a checkpoint without quant.json (a hub model, or one calibrate never saw): what that costs and the
+    command that calibrates it, in one line."""
+    return (f"int8: {model_dir} has no {QUANT_JSON}, so its activations run unsmoothed with dynamic scales (less "
+            f"accurate than calibrated int8); calibrate it once with: python scripts/calibrate.py --model {model_dir} "
+            f"--task TASK --data-dir GLUE_DIR (train.py writes it at the end of a run)")
+
+
 def describe(calibration, static=False):
     """One line on how the int8 activations are scaled, for the scripts' summaries."""
     bits = 7 if needs_reduce_range() else 8

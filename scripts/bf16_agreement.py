@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import ltp  # noqa: E402
 from ltp import glue  # noqa: E402
-from ltp.cli import load_model  # noqa: E402
+from ltp.cli import load_model, refuse_overwrite  # noqa: E402
 from ltp.model import activation  # noqa: E402
 from ltp.packed import Linear, PackedModel, forward_batches, make_batches  # noqa: E402
 
@@ -65,6 +65,11 @@ class Emulated(PackedModel):
 
 
 def main(args):
+    try:  # no output is one of the inputs, whatever path spells it
+        refuse_overwrite([("--out", f"{args.out}.{x}") for x in ("json", "md") if args.out],
+                         {"--model": args.model, "--data-dir": args.data_dir})
+    except ValueError as e:
+        sys.exit(str(e))
     torch.set_num_threads(args.threads)
     model = load_model(args.model, args.final_threshold)
     examples = glue.read_split(args.task, args.data_dir, "dev")

@@ -9,7 +9,6 @@ then does not depend on its batch); without it, int8 runs unsmoothed with dynami
   python scripts/calibrate.py --model runs/sst2-quick/hard --task sst2 --data-dir ../shared/glue [--examples 1024]
 """
 import argparse
-import json
 import os
 import random
 import sys
@@ -17,7 +16,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import ltp  # noqa: E402
-from ltp import checks, glue, quant  # noqa: E402
+from ltp import glue  # noqa: E402
 from ltp.cli import load_model, positive_int  # noqa: E402
 from ltp.packed import calibrate  # noqa: E402
 
@@ -38,9 +37,7 @@ def main():
     encoded, _ = glue.encode_split(tok, glue.read_split(args.task, args.data_dir, args.split))
     sample = random.Random(args.seed).sample(encoded, min(args.examples, len(encoded)))
     alpha = None if args.alpha == "none" else float(args.alpha)
-    ranges = checks.check_quant_json(calibrate(model, sample, alpha=alpha), "calibration", model.cfg)
-    out = os.path.join(args.model, quant.QUANT_JSON)
-    ltp.checkpoint.atomic_write(out, lambda f: open(f, "w").write(json.dumps(ranges, indent=1) + "\n"))
+    out = ltp.checkpoint.save_calibration(args.model, calibrate(model, sample, alpha=alpha), model.cfg)
     print(f"wrote {out}: the linears' inputs over {len(sample)} {args.task} {args.split} examples, smoothing alpha {alpha}")
 
 

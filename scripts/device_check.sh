@@ -65,7 +65,7 @@ run() {
         done
         step train "$py" train.py --task sst2 --model $D/model --init $D/model --data-dir $D/glue --output-dir /tmp/ltp-train \
             --stages soft,hard --max-train-examples $train_n --soft-epochs 1 --hard-epochs 1 --target-flops 0.6 \
-            --device $dev --precision bf16
+            --device $dev --precision bf16 --overwrite
         step bench-0.005 "$py" bench.py --model $D/model --task sst2 --data-dir $D/glue --device $dev --final-threshold 0.005 \
             --recheck 0.005 --batch-sizes 32,1 --precision fp32,bf16 --skip-topk "${few[@]}" \
             --json "$out/bench_cuda_0.005.json" --plot "$out/bench_cuda_0.005.png"

@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import ltp  # noqa: E402
 from ltp import glue, quant  # noqa: E402
-from ltp.cli import load_model  # noqa: E402
+from ltp.cli import load_model, refuse_overwrite  # noqa: E402
 from ltp.packed import PackedModel, calibrate, forward_batches, make_batches  # noqa: E402
 
 
@@ -39,6 +39,11 @@ def main():
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = p.parse_args()
+    try:  # no output is one of the inputs, whatever path spells it
+        refuse_overwrite([("--out", f"{args.out}.{x}") for x in ("json", "md") if args.out],
+                         {"--model": args.model, "--data-dir": args.data_dir})
+    except ValueError as e:
+        sys.exit(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model, args.final_threshold)

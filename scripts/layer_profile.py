@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import ltp  # noqa: E402
 from ltp import glue, quant  # noqa: E402
-from ltp.cli import load_model, tune_allocator  # noqa: E402
+from ltp.cli import load_model, refuse_overwrite, tune_allocator  # noqa: E402
 from ltp.packed import PackedModel, forward_batches, make_batches  # noqa: E402
 
 
@@ -68,6 +68,11 @@ def main():
     p.add_argument("--top", type=int, default=12, help="operators listed")
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = p.parse_args()
+    try:  # no output is one of the inputs, whatever path spells it
+        refuse_overwrite([("--out", f"{args.out}.{x}") for x in ("json", "md") if args.out],
+                         {"--model": args.model, "--data-dir": args.data_dir})
+    except ValueError as e:
+        sys.exit(str(e))
     torch.set_num_threads(args.threads)
     tune_allocator()
     model = load_model(args.model, args.final_threshold)

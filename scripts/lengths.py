@@ -26,6 +26,7 @@ import torch
 
 import ltp
 from ltp import glue
+from ltp.cli import refuse_overwrite
 from ltp.text import Tokenizer, collate
 from plotting import pyplot
 
@@ -174,6 +175,11 @@ def main(argv=None):
     p.add_argument("--edges", default="10,20,30,45", help="flops-by-length: bucket edges in tokens")
     p.add_argument("--sample", type=int, default=4000, help="flops-by-length: training examples sampled")
     args = p.parse_intermixed_args(argv)
+    try:  # no output is one of the inputs, whatever path spells it
+        refuse_overwrite([("--out", f"{args.out}.{x}") for x in ("md", "png") if args.out],
+                         [("--model", args.model), ("--data-dir", args.data_dir)] + [("checkpoint", m) for m in args.models])
+    except ValueError as e:
+        sys.exit(str(e))
     torch.set_num_threads(args.threads)
     for task in args.task.split(","):
         if task not in glue.TASKS:

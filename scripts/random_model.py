@@ -8,10 +8,12 @@ a benchmark depend on the shapes and the token counts, not on the weights' value
 """
 import argparse
 import os
+import sys
 
 import torch
 
 import ltp
+from ltp.cli import refuse_overwrite
 
 SHAPES = {"roberta-base": dict(model_type="roberta", num_hidden_layers=12, hidden_size=768, num_attention_heads=12,
                                intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1)}
@@ -26,6 +28,11 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     src = ltp.checkpoint.resolve(args.tokenizer_from)
+    try:  # no output is one of the inputs, whatever path spells it
+        refuse_overwrite([("--out", os.path.join(args.out, f)) for f in ("config.json", "model.safetensors",
+                                                                         *ltp.text.TOKENIZER_FILES)], {"--tokenizer-from": src})
+    except ValueError as e:
+        sys.exit(str(e))
     vocab = ltp.Config.from_json(os.path.join(src, "config.json"))
     os.makedirs(args.out, exist_ok=True)
     ltp.text.copy_tokenizer_files(src, args.out)

@@ -246,3 +246,20 @@ def test_timed_passes_run_outside_the_peak_memory_probe(monkeypatch):
     times, mem = bench.time_in_turns(runs, 3, "cpu")
     assert [c for c in calls if c[0] == "a"] == [("a", 8, False)] + [("a", None, False)] * 3 + [("a", None, True)]
     assert len(times["a"]) == len(times["b"]) == 3 and mem == {"a": 1.0, "b": 1.0}
+
+
+def test_an_output_that_is_an_input_is_refused(tmp_path):
+    """--json, --markdown or --plot (by default beside --json) naming the input or a file of the model: one line naming
+    both, before any model is loaded or measured; the file stays as it was."""
+    make_checkpoint(tmp_path / "m", num_labels=2)
+    inp = tmp_path / "in.png"  # a text input whose name --json's default plot takes
+    inp.write_text("the movie was great\n")
+    tok = tmp_path / "m" / "tokenizer.json"
+    kept = tok.read_bytes()
+    for flag, out, msg in (("--json", inp, f"--json {inp} is --input {inp} (the same file)"),
+                           ("--markdown", tok, f"--markdown {tok} is {tok}, a file of --model {tmp_path / 'm'} (the same"),
+                           ("--json", tmp_path / "in.json", f"--plot {inp} is --input {inp} (the same file)")):
+        with pytest.raises(ValueError) as e:
+            run(["--model", tmp_path / "m", "--input", inp, "--skip-topk", "--skip-ort", flag, out])
+        assert str(e.value).startswith(msg), str(e.value)
+    assert inp.read_text() == "the movie was great\n" and tok.read_bytes() == kept

@@ -170,3 +170,25 @@ def test_check_task_head():
         check_task_head(m, "qnli", "m")
     m.cfg.id2label = None  # a head of unnamed labels (LABEL_0, LABEL_1): any two-label task
     check_task_head(m, "qnli", "m")
+
+
+def test_refuse_overwrite_compares_files_not_names(tmp_path):
+    """ltp.cli.refuse_overwrite: the same inode is the same file (a symlink, a hard link, another spelling); a folder
+    input stands for every file under it; an output not there yet, '-' and None pass."""
+    from ltp.cli import refuse_overwrite
+    (tmp_path / "m" / "sub").mkdir(parents=True)
+    (tmp_path / "m" / "sub" / "vocab.txt").write_text("x")
+    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "other.txt").write_text("a")  # the same bytes, another file
+    os.link(tmp_path / "a.txt", tmp_path / "b.txt")
+    os.symlink(tmp_path / "m" / "sub" / "vocab.txt", tmp_path / "v.txt")
+    inputs = {"--input": str(tmp_path / "a.txt"), "--model": str(tmp_path / "m")}
+    refuse_overwrite({"--output": tmp_path / "other.txt", "--json": tmp_path / "new.json", "--plot": None}, inputs)
+    refuse_overwrite([("--output", "-")], [("--input", "-")])
+    for out, says in ((tmp_path / "b.txt", f"is --input {tmp_path / 'a.txt'} (the same file)"),
+                      (f"{tmp_path}/./a.txt", f"is --input {tmp_path / 'a.txt'} (the same file)"),
+                      (tmp_path / "v.txt", f"is {tmp_path / 'm' / 'sub' / 'vocab.txt'}, a file of --model {tmp_path / 'm'}")):
+        with pytest.raises(ValueError) as e:
+            refuse_overwrite([("--output", out)], inputs)
+        assert str(e.value) == (f"--output {out} {says}" + ("" if "(the same file)" in says else " (the same file)")
+                                + ": writing it would destroy the input; choose another --output")

@@ -312,3 +312,27 @@ def test_explain_plot_errors(tmp_path, monkeypatch):
         run(["--model", tmp_path / "m", "--input", inp, "--output", tmp_path / "o.jsonl", "--explain", 1,
              "--plot", tmp_path / "p.png"])
     assert not (tmp_path / "p.png").exists()
+
+
+def test_an_output_that_is_the_input_is_refused_and_the_input_kept(tmp_path):
+    """--output naming the input file (the same name, a symlink, a hard link: the same inode) or a file of the model
+    exits 1 with one line naming both, before anything is written: the input stays byte for byte."""
+    make_checkpoint(tmp_path / "m")
+    inp = write_input(tmp_path)
+    data = inp.read_bytes()
+    os.symlink(inp, tmp_path / "link.txt")
+    os.link(inp, tmp_path / "hard.txt")
+    said = "(the same file): writing it would destroy the input; choose another --output"
+    r = cli("--model", tmp_path / "m", "--input", inp, "--output", inp)  # as a user runs it: status 1, one line
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [f"infer.py: error: --output {inp} is --input {inp} {said}"]
+    from ltp.cli import run_cli
+    for out in (tmp_path / "link.txt", tmp_path / "hard.txt"):  # the same error path, in this process
+        with pytest.raises(SystemExit) as e:
+            run_cli(infer.main, infer.get_parser().parse_args(["--model", str(tmp_path / "m"), "--input", str(inp),
+                                                               "--output", str(out)]), "infer.py")
+        assert e.value.code == f"infer.py: error: --output {out} is --input {inp} {said}"
+    assert inp.read_bytes() == data and not any(os.path.exists(f"{p}.partial") for p in (inp, "link.txt", "hard.txt"))
+    config = (tmp_path / "m" / "config.json").read_bytes()
+    with pytest.raises(ValueError, match=r"--output .*m/config.json is .*m/config.json, a file of --model .*m \(the same"):
+        run(["--model", tmp_path / "m", "--input", inp, "--output", tmp_path / "m" / "config.json"])
+    assert (tmp_path / "m" / "config.json").read_bytes() == config

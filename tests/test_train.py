@@ -6,11 +6,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import ltp
+import ltp.glue
 from ltp.text import epoch_batches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -329,7 +331,7 @@ def test_collapsed_run_is_detected_and_stops(tmp_path):
     assert not (tmp_path / "out" / "soft" / "DONE").exists()
 
 
-def test_resume_refuses_other_flags_and_a_rerun_says_it_starts_over(tmp_path, capsys):
+def test_resume_refuses_other_flags_and_a_rerun_without_resume_or_overwrite(tmp_path, capsys):
     make_glue(tmp_path / "glue")
     make_model(tmp_path / "m")
     run(tmp_path, tmp_path / "out", "--stages", "finetune", "--max-steps", "2")
@@ -339,15 +341,122 @@ def test_resume_refuses_other_flags_and_a_rerun_says_it_starts_over(tmp_path, ca
                                          r"\(now 0.01\), --finetune-lr 0.001 \(now 0.01\); resume with the same flags"):
         run(tmp_path, tmp_path / "out", "--stages", "finetune", "--resume", "--batch-size", "4", "--lr", "1e-2")
     assert (tmp_path / "out" / "finetune" / "state.pt").read_bytes() == state  # refused before any step
+    # neither --resume nor --overwrite: the interrupted stage is refused before any step, naming the folder and both flags
+    with pytest.raises(ValueError, match=r"out/finetune holds an interrupted stage \(state.pt\): rerun with --resume "
+                                         r"to continue the run, or --overwrite to remove it and start over"):
+        run(tmp_path, tmp_path / "out", "--stages", "finetune", "--max-steps", "2")
+    assert (tmp_path / "out" / "finetune" / "state.pt").read_bytes() == state
     # flags that do not shape the result may change (--eval-every, --save-every, --threads)
     run(tmp_path, tmp_path / "out", "--stages", "finetune", "--resume", "--eval-every", "3")
-    capsys.readouterr()
-    run(tmp_path, tmp_path / "out", "--stages", "finetune")  # no --resume: the finished stage runs again, said aloud
-    assert "stage(s) finetune already there (finished or interrupted): running them again" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"out/finetune holds a finished stage \(DONE\)"):
+        run(tmp_path, tmp_path / "out", "--stages", "finetune")
     umask = os.umask(0o022)
     os.umask(umask)
     for name in ("model.safetensors", "config.json", "state.pt"):  # the umask's mode, not safetensors' 0o600
         assert os.stat(tmp_path / "out" / "finetune" / name).st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def tree(path):
+    """Every file under path and its bytes: what a run left, to compare byte for byte."""
+    return {os.path.relpath(os.path.join(d, n), path): open(os.path.join(d, n), "rb").read()
+            for d, _, names in os.walk(path) for n in names}
+
+
+def without_clock(rows):
+    """metrics.jsonl's rows without the wall-clock keys ("time", "seconds"), the only ones a rerun may change."""
+    return [{k: v for k, v in json.loads(l).items() if k not in ("time", "seconds")} for l in rows.splitlines()]
+
+
+def test_a_finished_run_survives_the_same_command_and_overwrite_starts_over(tmp_path, capsys):
+    """The same command twice: the second is refused before any step, naming the folders and both flags, and the
+    first run stays byte for byte; --overwrite removes the stages (and their metrics rows) and trains them again to
+    the same weights and figures; a stage folder that holds an input of the run is not removed."""
+    make_glue(tmp_path / "glue")
+    make_model(tmp_path / "m")
+    out = tmp_path / "out"
+    run(tmp_path, out, "--stages", "finetune,soft", "--epochs", "1")
+    first = tree(out)
+    with pytest.raises(ValueError) as e:
+        run(tmp_path, out, "--stages", "finetune,soft", "--epochs", "1")
+    assert str(e.value) == (f"{out / 'finetune'} holds a finished stage (DONE), {out / 'soft'} holds a finished stage "
+                            f"(DONE): rerun with --resume to continue the run, or --overwrite to remove them and start over")
+    assert tree(out) == first
+    capsys.readouterr()
+    run(tmp_path, out, "--stages", "finetune,soft", "--epochs", "1", "--overwrite")
+    rows = len(first["metrics.jsonl"].splitlines())
+    assert (f"--overwrite: removed {out / 'finetune'}, {out / 'soft'} and their {rows} rows of {out / 'metrics.jsonl'}: "
+            f"starting over") in capsys.readouterr().err
+    again = tree(out)
+    assert again.keys() == first.keys()
+    for name in first:  # state.pt (torch.save's zip) and args.json (--overwrite itself) are compared by content below
+        if not name.endswith(("state.pt", "args.json", "metrics.jsonl")):
+            assert again[name] == first[name], name
+    assert without_clock(again["metrics.jsonl"]) == without_clock(first["metrics.jsonl"])
+    args = [json.loads(t["args.json"]) for t in (first, again)]
+    assert args[1].pop("overwrite") is True and args[0].pop("overwrite") is False and args[0] == args[1]
+    # one stage over: the fine-tuned rows stay where they were, the soft ones come again
+    run(tmp_path, out, "--stages", "soft", "--epochs", "1", "--overwrite")
+    assert without_clock(open(out / "metrics.jsonl").read()) == without_clock(first["metrics.jsonl"])
+    with pytest.raises(ValueError, match=r"--overwrite would remove .*out/soft, which holds --init .*out/soft: copy it"):
+        run(tmp_path, out, "--stages", "soft", "--init", str(out / "soft"), "--overwrite")
+    assert (out / "soft" / "DONE").exists()
+
+
+def test_paths_a_later_stage_reads_are_checked_before_the_first_step(tmp_path):
+    """--teacher (read by the hard stage) and --init, missing or not a model: one line naming the flag and the path,
+    and no stage has started (no folder, no metrics)."""
+    make_glue(tmp_path / "glue")
+    make_model(tmp_path / "m")
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"--distill: teacher .*no-teacher not found \(run the finetune stage, or give "
+                                         r"--teacher DIR\)"):
+        run(tmp_path, out, "--distill", "--teacher", str(tmp_path / "no-teacher"))
+    assert not out.exists()
+    with pytest.raises(ValueError, match=r"--teacher .*empty: not a model directory \(no config.json\)"):
+        run(tmp_path, out, "--distill", "--teacher", str(tmp_path / "empty"))
+    with pytest.raises(SystemExit, match=r"--init .*no-init: no such model directory"):
+        run(tmp_path, out, "--init", str(tmp_path / "no-init"))
+    with pytest.raises(ValueError, match=r"--init .*empty: not a model directory \(no config.json\)"):
+        run(tmp_path, out, "--init", str(tmp_path / "empty"))
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not __import__("ltp.quant").quant.int8_available("cpu"), reason="no int8 kernels")
+def test_a_run_calibrates_its_last_checkpoint_for_int8(tmp_path, capsys):
+    """The run's last checkpoint gets quant.json from eq. 15's training sample (smoothing alpha 0.8, as
+    scripts/calibrate.py), written after its last metrics row; infer.py and bench.py's int8 rows then use it with no
+    other command. A model without one still runs int8, dynamically, and says once how to calibrate it."""
+    import bench
+    import infer
+    from ltp.packed import calibrate
+    make_glue(tmp_path / "glue")
+    make_model(tmp_path / "m")
+    out = tmp_path / "out"
+    run(tmp_path, out, "--epochs", "1")
+    assert [os.path.isfile(out / s / "quant.json") for s in ("finetune", "soft", "hard")] == [False, False, True]
+    last = json.loads(open(out / "metrics.jsonl").read().splitlines()[-1])
+    assert (last["stage"], last.get("event")) == ("hard", "done")  # no row after the calibration
+    model = ltp.load(str(out / "hard"))
+    tok = ltp.Tokenizer.from_dir(str(out / "hard"), model.cfg)
+    enc, _ = ltp.glue.encode_split(tok, ltp.glue.read_split("sst2", str(tmp_path / "glue"), "train"))
+    ids = sorted(np.random.default_rng(0).permutation(len(enc))[:1024].tolist())  # eq. 15's sample (--seed 0)
+    assert json.load(open(out / "hard" / "quant.json")) == json.loads(json.dumps(calibrate(model, [enc[i] for i in ids])))
+    capsys.readouterr()
+    dev = ["--task", "sst2", "--data-dir", str(tmp_path / "glue"), "--precision", "int8"]
+    infer.main(infer.get_parser().parse_args(["--model", str(out / "hard"), *dev, "--output", str(tmp_path / "p.jsonl")]))
+    err = capsys.readouterr().err
+    assert "dynamic per call, smoothing alpha 0.8 (quant.json, 48 examples)" in err and "scripts/calibrate.py" not in err
+    setup = bench.main(bench.get_parser().parse_args(["--model", str(out / "hard"), *dev, "--batch-sizes", "8",
+                                                      "--repeats", "1", "--peak-repeats", "1", "--skip-topk", "--skip-ort",
+                                                      "--threads", "1"]))["setup"]
+    assert setup["int8_activations"].endswith("smoothing alpha 0.8 (quant.json, 48 examples)")
+    capsys.readouterr()
+    plain = out / "finetune"  # not the run's last checkpoint: nobody calibrated it
+    infer.main(infer.get_parser().parse_args(["--model", str(plain), *dev, "--output", str(tmp_path / "q.jsonl")]))
+    err = capsys.readouterr().err
+    assert "no smoothing (no quant.json)" in err
+    assert err.count(f"python scripts/calibrate.py --model {plain} --task TASK --data-dir GLUE_DIR") == 1
 
 
 def test_resume_state_loads_without_pickle_and_a_tampered_one_is_refused(tmp_path):
