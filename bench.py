@@ -24,7 +24,7 @@ Methods (one row per method, batch size and precision, --precision fp32,bf16):
                     (ort rows need the bench extra, pip install -e '.[bench]'; --skip-ort leaves them out)
 Throughput is the median of --repeats full passes after a warm-up (the passes go round the methods, so a
 change of the machine's load hits all alike), model time only (inputs tokenized, padded or packed beforehand).
-Useful GFLOP/s counts real tokens only (pruning.sequence_flops). speedup_vs_ort: against the best ORT row of the
+Useful GFLOP/s counts real tokens only (flops.sequence_flops). speedup_vs_ort: against the best ORT row of the
 same batch size in the same or a lower precision (int8 < bf16 < fp32; the ort row against ort-int8);
 speedup_vs_ort_same_precision: against the unpruned ORT row of the row's own precision (fp32: ort, int8: ort-int8).
 relative_bops (fig. 7's measure, flops.relative_bops): bit operations against the unpruned model in FP16 on the same
@@ -735,7 +735,7 @@ def write_outputs(args, result):
 
 
 def precision_list(s):
-    """An argparse type: a comma list of fp32 / bf16 / auto, e.g. 'fp32,bf16'."""
+    """An argparse type: a comma list of fp32 / bf16 / int8 / auto, e.g. 'fp32,bf16'."""
     out = [x.strip() for x in s.split(",")]
     bad = [x for x in out if x not in ("fp32", "bf16", "int8", "auto")]
     if bad:

@@ -4,7 +4,9 @@ and written back in the same layout, with our pruning settings in ltp.json and i
 """
 import json
 import os
+import random
 
+import numpy as np
 import torch
 
 from . import quant
@@ -242,3 +244,26 @@ def save_calibration(path, calibration, cfg=None):
     check_quant_json(calibration, out, cfg)
     atomic_write(out, lambda p: open(p, "w").write(json.dumps(calibration, indent=1) + "\n"))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG streams of a resumable training run (train.py's state.pt)
+
+def rng_state():
+    """Every RNG stream as tensors and plain numbers, so that a state file loads with weights_only=True (no pickle code)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    st = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+          "python": list(random.getstate())}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(s):
+    """Restore what rng_state returned."""
+    torch.set_rng_state(s["torch"])
+    kind, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])

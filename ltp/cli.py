@@ -60,7 +60,8 @@ ONEDNN = {"auto": None, "on": True, "off": False}  # --onednn (add_inference_arg
 
 
 def add_inference_args(p):
-    """The flags infer.py and bench.py share, defined once."""
+    """The flags infer.py and bench.py share, defined once (each adds its own --precision: one value in infer.py,
+    a list in bench.py; and --int8-scales, with its own help)."""
     p.add_argument("--model", required=True, help="model directory (config.json, model.safetensors, tokenizer, ltp.json)")
     p.add_argument("--input", default=None, help="text/TSV file, one example per line (tab between a pair), or - for stdin")
     p.add_argument("--task", default=None, choices=list(glue.TASKS), help="read a GLUE split instead of --input (e.g. sst2)")
@@ -71,9 +72,10 @@ def add_inference_args(p):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device")
     p.add_argument("--threads", type=nonneg_int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--onednn", default="auto", choices=["auto", "on", "off"],
-                   help="linear kernel of the packed routine: oneDNN prepacked weights, F.linear, or auto (oneDNN for small matmuls)")
+                   help="linear kernel of the packed routine: oneDNN prepacked weights, F.linear, or auto (oneDNN where "
+                        "available, at every size: packed.PackedModel)")
     p.add_argument("--recheck", type=nonneg_float, default=0.0, metavar="MARGIN",
-                   help="bf16 with thresholds: run again in fp32 the sequences with an eq. 7 score within MARGIN (relative) "
+                   help="bf16 or int8 with thresholds: run again in fp32 the sequences with an eq. 7 score within MARGIN (relative) "
                         "of its threshold, so that the kept tokens are fp32's (0.005: 99%% of SST-2 dev agree, 0 = off)")
     return p
 

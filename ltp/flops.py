@@ -1,6 +1,7 @@
 """
 FLOPs accounting: one count, shared by training, evaluation, infer.py and bench.py.
-`kept` is always the list [n_0, n_1, ..., n_L] of one sequence: tokens entering layer 1, then surviving each layer.
+A sequence's `kept` is the list [n_0, n_1, ..., n_L]: tokens entering layer 1, then surviving each layer; a batch's
+is (B, L+1) of them (flops_totals, flops_summary, relative_bops).
 What is counted is the work the pruned model needs for one unpadded sequence (layer_flops): every matmul on the
 tokens it must run on, and no more. So the count depends on the model and the input only, not on the batch, the
 kernels or the batching; relative FLOPs divide it by the unpruned model's on the same unpadded lengths (section

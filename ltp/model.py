@@ -5,6 +5,9 @@ then classification heads. Reading and writing Hugging Face checkpoints is check
 
 Shapes use one set of letters: B batch, N tokens, H heads, D head dim, C hidden, L layers.
 The pruning maths itself lives in pruning.py; this file only decides where it is applied.
+Files: this one and pruning.py run the encoder, with or without LTP; Config.from_json also needs checks.py
+(which needs pruning.py), the baselines' ranking baselines.py (+ flops.py), and checkpoint.py reads and writes
+Hugging Face checkpoints (+ quant.py).
 """
 import math
 from dataclasses import dataclass, field, fields
@@ -13,8 +16,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .baselines import rank_mask
-from .checks import check_config_json, read_json
 from .pruning import PruneConfig, hard_mask, importance_score, init_thresholds, soft_mask
 
 
@@ -67,6 +68,7 @@ class Config:
 
     @classmethod
     def from_json(cls, path):
+        from .checks import check_config_json, read_json  # checks.py: only to read a config.json
         d = read_json(path)
         check_config_json(d, path)  # types and ranges of the keys we use (checks.py)
         known = {f.name for f in fields(cls)} - {"extra"}
@@ -114,7 +116,8 @@ def activation(name, x):
 
 
 class Layer(nn.Module):
-    """One post-LN transformer encoder layer, section 3.1 eqs. 1-5. Parameter names follow HF."""
+    """One post-LN transformer encoder layer, section 3.1 eqs. 1-5. query / key / value are HF's names; attn_out,
+    ln1, fc1, fc2 and ln2 are short ones (checkpoint.py: RENAME maps them to HF's)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -190,6 +193,7 @@ class Encoder(nn.Module):
             if prune.mode == "hard" and prune.method == "threshold":
                 m = hard_mask(s, self.theta[l], live)                            # eq. 8 (cumulative)
             elif prune.mode == "hard":  # the rank-based baselines of section 4.2 (baselines.py)
+                from .baselines import rank_mask  # imported here: LTP itself needs model.py and pruning.py only
                 m = rank_mask(prune, s, live, kept[0], l, len(self.layers))
             else:  # eq. 9; cumulative: times the soft live mask so far; paper: one sigmoid per layer
                 m = soft_mask(s, self.theta[l], prune.temperature, live if prune.soft_mask == "cumulative" else real)

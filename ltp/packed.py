@@ -1,10 +1,10 @@
 """
 Packed inference with Learned Token Pruning (section 4.5): the pruned tokens really leave.
 
-A batch is one tensor of real tokens x (T, C), sequence after sequence, plus offsets
+A batch is one tensor of real tokens x (P, C), sequence after sequence, plus offsets
 cu_seqlens (B+1,) (sequence b owns rows cu_seqlens[b]:cu_seqlens[b+1]). No padding token ever
 goes through a linear layer, a LayerNorm or the FFN. Per layer:
-  1. Q, K, V of the T live tokens: one fused matmul (T, C) -> (T, 3C)
+  1. Q, K, V of the P live tokens: one fused matmul (P, C) -> (P, 3C)
   2. attention per sequence: one index_select gathers the packed rows into a padded view (B, N, 3C)
      (N = longest live sequence), padded keys get -inf, probabilities A (B, H, N, N)
   3. eq. 7 importance scores and the eq. 8 threshold test (pruning.importance_score / hard_mask,
@@ -23,7 +23,7 @@ attention products are ~7% of the time, so buckets would save ~1% (measured; dat
 This computes what Encoder.forward computes with prune.mode "hard" (there pruned tokens are
 zeroed and masked, not removed), up to float rounding; tests/test_packed.py checks it.
 Inference only: call it under torch.inference_mode(). Letters: B, N, H, D, C as in model.py,
-T = live tokens in the batch, L layers.
+P = packed live tokens in the batch (T is eq. 9's temperature elsewhere), L layers.
 """
 import math
 import sys
@@ -47,7 +47,7 @@ Linear = namedtuple("Linear", "w b packed key int8")
 
 def pack(encoded, device=None):
     """
-    A list of (ids, type_ids) (text.Tokenizer.encode) -> ids (T,), type_ids (T,), cu_seqlens (B+1,).
+    A list of (ids, type_ids) (text.Tokenizer.encode) -> ids (P,), type_ids (P,), cu_seqlens (B+1,).
     Example: [([5, 6, 7], [0, 0, 0]), ([5, 7], [0, 0])] -> ids [5, 6, 7, 5, 7], cu_seqlens [0, 3, 5].
     """
     assert all(len(i) > 0 for i, _ in encoded), "every sequence needs at least one token"
@@ -208,7 +208,7 @@ class PackedModel:
     # work, under 20%); at 64 or fewer (batch 1) they are few shapes already, where padding would cost most.
     ROW_BUCKET = 16
     # model.activation's names as oneDNN post-ops (attribute, algorithm), applied inside the linear's kernel while
-    # its output is still in registers: one pass over the (T, 4C) FFN activations fewer. fp32: equal to the unfused
+    # its output is still in registers: one pass over the (P, 4C) FFN activations fewer. fp32: equal to the unfused
     # F.gelu / F.relu to the bit on the shapes tried, tanh-GELU within 5e-7; bf16: GELU before the rounding to bf16.
     POST_OPS = {"gelu": ("gelu", "none"), "gelu_new": ("gelu", "tanh"), "relu": ("relu", "")}
 
@@ -236,26 +236,26 @@ class PackedModel:
 
     def __call__(self, ids, cu_seqlens, type_ids=None):
         """
-        ids, type_ids: (T,) packed token ids; cu_seqlens: (B+1,) offsets, starting at 0.
+        ids, type_ids: (P,) packed token ids; cu_seqlens: (B+1,) offsets, starting at 0.
         Returns (out, kept): out = logits (B, num_labels) when the model has a head, else the packed last
-        hidden states of the surviving tokens (T_L, C), in order (sequence b's first token, its [CLS] / <s>,
+        hidden states of the surviving tokens (P_L, C), in order (sequence b's first token, its [CLS] / <s>,
         is row cumsum(kept[:, -1])[b] - kept[b, -1]); kept (B, L+1) long: tokens entering layer 1, then
         surviving each layer (as aux["kept"]).
         Example: two sequences of 3 and 2 tokens: ids (5,), cu_seqlens [0, 3, 5]; kept might be [[3, 3, 2], [2, 1, 1]].
         """
         enc = self.model.encoder
-        prune = enc.prune.mode != "off"
+        prunes = enc.prune.mode != "off"
         dev = ids.device
-        T, B = ids.shape[0], cu_seqlens.shape[0] - 1
+        P, B = ids.shape[0], cu_seqlens.shape[0] - 1
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]                         # (B,)
-        seq = torch.repeat_interleave(torch.arange(B, device=dev), lengths, output_size=T)  # (T,) its sequence
-        pos = torch.arange(T, device=dev) - cu_seqlens[:-1][seq]           # (T,) index inside its sequence
-        x = self.embed(ids, pos, type_ids)                                 # (T, C)
+        seq = torch.repeat_interleave(torch.arange(B, device=dev), lengths, output_size=P)  # (P,) its sequence
+        pos = torch.arange(P, device=dev) - cu_seqlens[:-1][seq]           # (P,) index inside its sequence
+        x = self.embed(ids, pos, type_ids)                                 # (P, C)
         # (B,) a score came near its threshold (recheck)
         near_threshold = torch.zeros(B, dtype=torch.bool, device=dev) if self.rechecking() else None
         kept = [lengths]
         for l, w in enumerate(self.layers):
-            x, lengths = self.layer(x, lengths, w, l if prune else None, kept[0], near_threshold)
+            x, lengths = self.layer(x, lengths, w, l if prunes else None, kept[0], near_threshold)
             kept.append(lengths)
         kept = torch.stack(kept, 1)                                        # (B, L+1)
         if self.model.head is not None:
@@ -270,8 +270,8 @@ class PackedModel:
         self.rechecked += redo.shape[0]
         n = (cu_seqlens[1:] - cu_seqlens[:-1])[redo]                     # (R,) their lengths
         cu = F.pad(n.cumsum(0), (1, 0))                                    # (R+1,) their offsets in the sub-batch
-        seq = torch.repeat_interleave(torch.arange(redo.shape[0], device=ids.device), n)  # (T',) sequence of each row
-        rows = cu_seqlens[redo][seq] + torch.arange(seq.shape[0], device=ids.device) - cu[seq]  # (T',) rows in ids
+        seq = torch.repeat_interleave(torch.arange(redo.shape[0], device=ids.device), n)  # (P',) sequence of each row
+        rows = cu_seqlens[redo][seq] + torch.arange(seq.shape[0], device=ids.device) - cu[seq]  # (P',) rows in ids
         out2, kept2 = self.fp32(ids[rows], cu, None if type_ids is None else type_ids[rows])
         if self.model.head is not None:
             out = out.clone()
@@ -292,24 +292,24 @@ class PackedModel:
         # positions restart at every sequence (plus RoBERTa's offset pad_token_id + 1, see Config.position_offset)
         x = (e.word_embeddings(ids) + e.position_embeddings(pos + self.cfg.position_offset)
              + e.token_type_embeddings(type_ids))  # the order of Embeddings.forward, for the same rounding
-        return e.LayerNorm(x)  # (T, C)
+        return e.LayerNorm(x)  # (P, C)
 
     def layer(self, x, lengths, w, l, initial_lengths, near_threshold=None):
         """
-        Layer l (0-based; None = no pruning), weights w, on packed tokens x (T, C) of sequences with `lengths` (B,);
-        initial_lengths (B,) the lengths before any pruning. Returns the survivors' x (T', C) and their lengths (B,).
+        Layer l (0-based; None = no pruning), weights w, on packed tokens x (P, C) of sequences with `lengths` (B,);
+        initial_lengths (B,) the lengths before any pruning. Returns the survivors' x (P', C) and their lengths (B,).
         near_threshold (B,) bool or None: set, in place, for the sequences with a score within self.recheck of the
         threshold.
         """
         cfg, dev = self.cfg, x.device
-        T = x.shape[0]
+        P = x.shape[0]
         B, H, D = lengths.shape[0], cfg.num_attention_heads, cfg.head_dim
-        N = T if B == 1 else int(lengths.max())  # the longest live sequence (one sequence: its rows, no read-back)
+        N = P if B == 1 else int(lengths.max())  # the longest live sequence (one sequence: its rows, no read-back)
         if N == 1:  # one live token per sequence (late layers under LTP): the softmax over a single key is exactly 1,
             # so A V = V, and eq. 8 keeps token 0 whatever its score; only V is computed, the same y
             return self.after_attention(x, self.linear(x.to(self.dtype), w["v"]), w), lengths
-        dense = T == B * N  # all sequences have the same length: the packed rows already are the padded view
-        qkv = self.linear(x.to(self.dtype), w["qkv"])                      # (T, 3C), bf16 in bf16
+        dense = P == B * N  # all sequences have the same length: the packed rows already are the padded view
+        qkv = self.linear(x.to(self.dtype), w["qkv"])                      # (P, 3C), bf16 in bf16
         if B == 1:  # one sequence: every row is live, no mask needed (importance_score / hard_mask take None)
             live = None
         else:
@@ -340,9 +340,9 @@ class PackedModel:
         # The pruned tokens leave now: the survivors' rows of A V (all live keys stay keys here) and of x go on.
         # A V is computed for every query row first (about N / 12C of a layer's FLOPs: 0.5% for MiniLM on SST-2,
         # 5.5% at 512 tokens and C = 768), cheaper than sorting the survivors to the front to gather their rows of A.
-        slots = m.view(-1).nonzero().squeeze(1)                            # (T',) survivors in the padded view
-        y = self.merge_heads(probs, v).index_select(0, slots)              # (T', C), in packed order
-        rows = slots if B == 1 else (start[:, None] + j).view(-1)[slots]   # (T',) their rows in x (one sequence: the same)
+        slots = m.view(-1).nonzero().squeeze(1)                            # (P',) survivors in the padded view
+        y = self.merge_heads(probs, v).index_select(0, slots)              # (P', C), in packed order
+        rows = slots if B == 1 else (start[:, None] + j).view(-1)[slots]   # (P',) their rows in x (one sequence: the same)
         return self.after_attention(x.index_select(0, rows), y, w), n_out
 
     def keep_mask(self, probs, live, l, initial_lengths, near_threshold):
@@ -375,14 +375,14 @@ class PackedModel:
 
     def after_attention(self, x, y, w):
         """
-        Eqs. 3-5 on packed rows, as Layer.after_attention: x (T, C) the layer input (fp32), y (T, C) the heads'
+        Eqs. 3-5 on packed rows, as Layer.after_attention: x (P, C) the layer input (fp32), y (P, C) the heads'
         concatenation (in the linears' dtype). The sums with x are fp32, so are the LayerNorms.
         """
         ln1, ln2 = w["ln1"], w["ln2"]
         x = F.layer_norm(self.linear(y, w["out"]) + x, ln1.normalized_shape, ln1.weight, ln1.bias,
                          ln1.eps)                                                                 # eq. 3
         # eq. 4 as Layer.after_attention computes it, W_2 sigma(W_1 x + b_1) + b_2; fc1's output goes to fc2
-        # with its bucket padding: no second pad of the (T, 4C) activations
+        # with its bucket padding: no second pad of the (P, 4C) activations
         h = self.linear(self.linear(x.to(self.dtype), w["fc1"], act=self.cfg.hidden_act, trim=False), w["fc2"])
         return F.layer_norm(h[:x.shape[0]] + x, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)  # eq. 5
 

@@ -113,9 +113,8 @@ def mask_regularizer(masks, real):
     """
     Eq. 12: L_reg = 1/L sum_l ||M~^(l)(x)||_1 / N_real, over real tokens only (padding never counts), N_real the
     batch's real tokens. So L_reg is the mean soft kept fraction in [0, 1], whatever the batch size or
-    sentence length. The paper's L_reg is the un-normalised norm, a count of kept tokens, so its lambda
-    (0.001-0.2, table A.1) is on another scale: the same number weighs the regulariser less here, by a factor of
-    the tokens counted (tens for one SST-2 sentence), and table A.1's values do not carry over.
+    sentence length. The paper's L_reg is the un-normalised norm, a count of kept tokens: lambda's scale differs
+    (docs/fidelity.md, the lambda row).
     Eq. 13, its gradient, with that normalisation (the paper prints it without 1/(L N_real); its own 1/L of eq.
     12 is dropped there too): d L_reg / d theta^(l) = 1/(L N_real) sum_i d M~^(l)(x_i) / d theta^(l)
     = -1/(L N_real) sum_i M~ (1 - M~) / T, for one sigmoid per layer with the scores held fixed. Autograd computes

@@ -1,5 +1,5 @@
 """
-Tokenization with the `tokenizers` library, in each family's format, and batching.
+Tokenization with the `tokenizers` library, in each family's format, and batching (collate, epoch_batches).
 
 RoBERTa: <s> A </s>            and  <s> A </s></s> B </s>     (one token type)
 BERT:    [CLS] A [SEP]         and  [CLS] A [SEP] B [SEP]      (token types 0 ... 0 1 ... 1)
@@ -9,6 +9,7 @@ Too-long inputs are truncated to the model's maximum length the way `transformer
 import os
 import shutil
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -108,3 +109,19 @@ def collate(encoded, pad_id):
         mask[b, :len(i)] = 1
         types[b, :len(t)] = torch.tensor(t)
     return ids, mask, types
+
+
+def epoch_batches(lengths, batch_size, seed, epoch):
+    """
+    Length-bucketed batches (dynamic padding) of example indices, deterministic in (seed, epoch): shuffle, cut into
+    chunks of 50 batches, sort each chunk by length, split into batches, shuffle the batch order.
+    Example: lengths [3, 9, 4, 8], batch_size 2, seed 0, epoch 0 -> [[3, 1], [0, 2]] (each batch sorted by length).
+    """
+    rng = np.random.default_rng([seed, epoch])
+    idx = rng.permutation(len(lengths))
+    chunk = batch_size * 50
+    batches = []
+    for c in range(0, len(idx), chunk):
+        part = sorted(idx[c:c + chunk], key=lambda i: lengths[i])
+        batches += [part[b:b + batch_size] for b in range(0, len(part), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
