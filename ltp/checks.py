@@ -77,7 +77,7 @@ def check_ltp_json(d, path, num_layers):
     """
     rules = {"mode": choice("off", "soft", "hard"), "method": choice("threshold", "topk", "fixed"),
              "soft_mask": choice("cumulative", "paper"), "temperature": number(0, low_open=True),
-             "final_threshold": number(0), "score_length": integer(1), "keep_ratio": number(0, 1, low_open=True),
+             "final_threshold": number(0), "score_length": integer(1), "keep_ratio": number(-1, 1),
              "lengths": lambda v: None if v is None else list_of(integer(1), num_layers)(v),
              "thresholds": list_of(number(), num_layers)}
     assert set(rules) == {f.name for f in fields(PruneConfig)} | {"thresholds"}  # a new knob needs its rule

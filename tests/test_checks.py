@@ -31,7 +31,7 @@ def edit_json(path, **changes):
     ({"temperature": "1e-3"}, "key 'temperature' must be a finite number"),
     ({"temperature": 0}, "key 'temperature' must be > 0"),
     ({"score_length": 1.5}, "key 'score_length' must be an integer >= 1"),
-    ({"keep_ratio": 1.5}, "key 'keep_ratio' must be > 0 and <= 1"),
+    ({"keep_ratio": 1.5}, "key 'keep_ratio' must be >= -1 and <= 1"),
     ({"method": "fixed", "lengths": [4, 2]}, "key 'lengths' must be a list of 3 values"),
     ({"method": "fixed", "lengths": None}, "method 'fixed' needs lengths"),
 ])
@@ -41,6 +41,15 @@ def test_bad_ltp_json_is_refused_naming_the_key(tmp_path, changes, message):
     with pytest.raises(ValueError) as e:
         ltp.load(str(tmp_path / "m"))
     assert str(e.value).startswith(f"{tmp_path / 'm' / 'ltp.json'}: {message}")
+
+
+def test_a_top_k_checkpoint_with_a_non_positive_retain_ratio_loads():
+    """--keep-ratio takes -1..1 (a non-positive ratio keeps the first token only, fidelity.md), so its ltp.json must
+    load: train.py's end-of-run calibration and infer.py read it back."""
+    from ltp.checks import check_ltp_json
+    prune, theta = check_ltp_json({"mode": "hard", "method": "topk", "keep_ratio": -0.25, "thresholds": [0.1, 0.2]},
+                                  "ltp.json", 2)
+    assert prune.method == "topk" and prune.keep_ratio == -0.25 and theta == [0.1, 0.2]
 
 
 def test_bad_config_json_and_tokenizer_files(tmp_path):
