@@ -15,22 +15,12 @@ from ltp.pruning import init_thresholds
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train  # noqa: E402
-from test_train import WORDS, make_model  # noqa: E402
+from test_train import make_glue, make_model  # noqa: E402
 
 
 def make_fixed_glue(root, n_train=64, n_dev=16, words=6):
     """A tiny SST-2 folder whose sentences all have `words` words ([CLS] + 6 + [SEP] = 8 tokens)."""
-    d = os.path.join(root, "SST-2")
-    os.makedirs(d)
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", n_train), ("dev", n_dev)):
-        with open(os.path.join(d, f"{split}.tsv"), "w") as f:
-            f.write("sentence\tlabel\n")
-            for i in range(n):
-                ws = [WORDS[int(j)] for j in torch.randint(len(WORDS), (words,), generator=g)]
-                label = int(sum(w in ("good", "great", "fine", "fun", "superb") for w in ws) > words / 3)
-                f.write(" ".join(ws) + f" \t{label}\n")
-    return root
+    return make_glue(root, n_train, n_dev, words)
 
 
 def readme_example():

@@ -22,8 +22,9 @@ import train  # noqa: E402
 WORDS = "good bad great awful fine movie film plot actor boring fun dull superb weak".split()
 
 
-def make_glue(root, n_train=48, n_dev=16):
-    """A tiny SST-2 folder in the official layout: header 'sentence<TAB>label'."""
+def make_glue(root, n_train=48, n_dev=16, words=None):
+    """A tiny SST-2 folder in the official layout: header 'sentence<TAB>label'; sentences of 2-11 words, or all of
+    `words` words."""
     d = os.path.join(root, "SST-2")
     os.makedirs(d)
     g = torch.Generator().manual_seed(0)
@@ -31,10 +32,10 @@ def make_glue(root, n_train=48, n_dev=16):
         with open(os.path.join(d, f"{split}.tsv"), "w") as f:
             f.write("sentence\tlabel\n")
             for i in range(n):
-                k = int(torch.randint(2, 12, (1,), generator=g))
-                words = [WORDS[int(j)] for j in torch.randint(len(WORDS), (k,), generator=g)]
-                label = int(sum(w in ("good", "great", "fine", "fun", "superb") for w in words) > k / 3)
-                f.write(" ".join(words) + f" \t{label}\n")
+                k = words or int(torch.randint(2, 12, (1,), generator=g))
+                ws = [WORDS[int(j)] for j in torch.randint(len(WORDS), (k,), generator=g)]
+                label = int(sum(w in ("good", "great", "fine", "fun", "superb") for w in ws) > k / 3)
+                f.write(" ".join(ws) + f" \t{label}\n")
     return root
 
 
