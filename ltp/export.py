@@ -207,8 +207,11 @@ class Writer:
         g, enc = self.g, self.model.encoder
         self.one, self.view = one, None
         cu = "cu_seqlens"
-        lengths = g.op("Sub", g.op("Slice", cu, g.axes(1), g.axes(2 ** 62)), g.op("Slice", cu, g.axes(0), g.axes(-1)),
-                       hint="lengths")                                                     # (B,)
+        if one:  # the sequence's length is the batch's
+            lengths = g.op("Shape", "input_ids")                                           # (1,)
+        else:
+            lengths = g.op("Sub", g.op("Slice", cu, g.axes(1), g.axes(2 ** 62)), g.op("Slice", cu, g.axes(0), g.axes(-1)),
+                           hint="lengths")                                                 # (B,)
         x = self.embed(cu)                                                                 # (T, C)
         kept = [lengths]
         for l, layer in enumerate(enc.layers):
@@ -263,10 +266,9 @@ class Writer:
         if not (self.int8 and self.int8_embeddings):
             return g.op("Gather", g.const(_np(table), hint="word_embeddings", key="word"), ids, axis=0)
         q, scales = quant.quantize_weight(table.detach().float())
-        q = g.const(q.numpy(), np.int8, hint="word_embeddings_q", key="word_q")
-        rows = g.op("Cast", g.op("Gather", q, ids, axis=0), to=1)
+        rows = g.op("Gather", g.const(q.numpy(), np.int8, hint="word_embeddings_q", key="word_q"), ids, axis=0)
         step = g.op("Gather", g.const(scales.numpy(), hint="word_embeddings_scale", key="word_s"), ids, axis=0)  # (T,)
-        return g.op("Mul", rows, g.op("Unsqueeze", step, g.axes(1)))
+        return g.op("DequantizeLinear", rows, step, axis=0)                                # (T, C) = q * step
 
     def layer(self, x, lengths, layer, l, prunes):
         """PackedModel.layer in ONNX: layer l on x (T, C), lengths (B,) -> the survivors' x (T', C) and their lengths
