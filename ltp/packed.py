@@ -27,7 +27,6 @@ P = packed live tokens in the batch (T is eq. 9's temperature elsewhere), L laye
 """
 import math
 import sys
-import time
 from collections import namedtuple
 
 import torch
@@ -37,6 +36,7 @@ from . import quant
 from .baselines import rank_mask
 from .model import activation
 from .pruning import hard_mask, importance_score
+from .timing import Stopwatch
 
 # One linear layer's weights as the packed routine holds them: W and b (fp32 or bf16; None in int8), packed = the
 # kernel's own layout (oneDNN prepacked, fbgemm int8, or None for F.linear), key = (layer, its input's name), the
@@ -420,12 +420,6 @@ def make_batches(encoded, batch_size, sort=True, device=None):
     return out
 
 
-def sync(device):
-    """Wait for the device's queued work (cuda), so that a timer reads the real time."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def forward_batches(pm, batches, n, progress=False):
     """
     Run a PackedModel over make_batches' batches; returns (out, kept, seconds) in input order: out (n, num_labels)
@@ -435,15 +429,12 @@ def forward_batches(pm, batches, n, progress=False):
     from tqdm import tqdm
     device = batches[0][1].device
     outs, kepts = [], []
-    sync(device)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
+    with Stopwatch(device) as clock, torch.inference_mode():
         for idx, ids, types, cu in tqdm(batches, desc="infer", unit="batch", disable=not progress, file=sys.stderr):
             out, kept = pm(ids, cu, types)
             outs.append(out if pm.model.head is not None else None)
             kepts.append(kept)
-    sync(device)
-    seconds = time.perf_counter() - t0
+    seconds = clock.seconds
     order = torch.tensor([i for b in batches for i in b[0]])  # example index of each row of the batches
     kepts = torch.cat(kepts).cpu()
     kept = kepts.new_zeros(n, kepts.shape[1])

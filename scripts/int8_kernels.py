@@ -17,16 +17,15 @@ row counts, median wall time of one pass, with
 import argparse
 import os
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from ltp import quant  # noqa: E402
+from ltp.timing import timed  # noqa: E402
 
 
 def ort_sessions(ws, bs, threads, work_dir):
@@ -55,14 +54,7 @@ def ort_sessions(ws, bs, threads, work_dir):
 
 
 def median_ms(fn, repeats=30):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return 1e3 * timed(fn, "cpu", repeats, warmup=3)[0]  # CPU kernels only: the clock of bench.py's rows
 
 
 def main():

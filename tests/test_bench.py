@@ -11,6 +11,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 import ltp
+import ltp.timing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -260,9 +261,9 @@ def test_timed_passes_run_outside_the_peak_memory_probe(monkeypatch):
 
         def __exit__(self, *exc):
             probing.pop()
-    monkeypatch.setattr(bench, "PeakMemory", Probe)
+    monkeypatch.setattr(ltp.timing, "PeakMemory", Probe)
     runs = {k: (lambda part=None, k=k: calls.append((k, part, bool(probing)))) for k in ("a", "b")}
-    times, mem = bench.time_in_turns(runs, 3, "cpu")
+    times, mem = ltp.timing.time_in_turns(runs, 3, "cpu")
     assert [c for c in calls if c[0] == "a"] == [("a", 8, False)] + [("a", None, False)] * 3 + [("a", None, True)]
     assert len(times["a"]) == len(times["b"]) == 3 and mem == {"a": 1.0, "b": 1.0}
 

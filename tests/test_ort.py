@@ -57,7 +57,7 @@ def test_ort_matches_packed(tmp_path, kind):
         ids, types, cu = make_batches(batch, len(batch), sort=False)[0][1:]
         with torch.inference_mode():
             out, kept = pm(ids, cu, types)
-        if not head:  # the first token of each sequence, as bench.check_same_model compares
+        if not head:  # the first token of each sequence, as ltp.benchmark.check_same_model compares
             out = out[kept[:, -1].cumsum(0) - kept[:, -1]]
         i, mask, t = ltp.collate(batch, cfg.pad_token_id)
         feed = {"input_ids": i, "attention_mask": mask, "token_type_ids": t}

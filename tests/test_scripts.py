@@ -440,3 +440,48 @@ def test_stats_golden_values():
     assert verdict([-1.0, -1.5, -1.5], "QAT+KD", "QAT") == "QAT+KD worse"
     assert verdict([-0.5, 0, 0.5], "QAT+KD", "LTP fp32") == "not distinguishable"
     assert verdict([3.0], "QAT+KD", "QAT") == "too few seeds"
+
+
+def script(name, *args):
+    """Run scripts/NAME as a subprocess with this checkout's ltp first on the path; returns the CompletedProcess."""
+    import subprocess
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", name), *map(str, args)], env=env,
+                          capture_output=True, text=True)
+
+
+def test_topk_latency_writes_a_row_per_length_and_retain(tmp_path):
+    """scripts/topk_latency.py (appendix A.2, what bench.py records as `topk`): one row per length x retain, in that
+    order, with the ratio of the two latencies, and the same rows as the Markdown table; a bad retain: one line."""
+    r = script("topk_latency.py", "--runs", 2, "--lengths", "8,16", "--retains", "0.25,0.5", "--threads", 1,
+               "--json", tmp_path / "t.json")
+    assert r.returncode == 0, r.stderr
+    result = json.load(open(tmp_path / "t.json"))
+    assert {k: result[k] for k in ("device", "threads", "batch", "runs")} == {"device": "cpu", "threads": 1, "batch": 32, "runs": 2}
+    rows = result["topk"]
+    assert [(t["length"], t["retain"]) for t in rows] == [(8, 0.25), (8, 0.5), (16, 0.25), (16, 0.5)]
+    for t in rows:
+        assert set(t) == {"length", "retain", "topk_us", "threshold_us", "topk_over_threshold"}
+        assert t["topk_us"] > 0 and t["threshold_us"] > 0
+        assert t["topk_over_threshold"] == pytest.approx(t["topk_us"] / t["threshold_us"])
+    table = [l for l in r.stdout.splitlines() if l.startswith("| ") and l[2].isdigit()]
+    assert [l.split("|")[1:3] for l in table] == [[" 8 ", " 25% "], [" 8 ", " 50% "], [" 16 ", " 25% "], [" 16 ", " 50% "]]
+    bad = script("topk_latency.py", "--retains", "0,0.5")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "topk_latency.py: error: argument --retains: 0.0 is not a retain ratio in (0, 1] (see --help)"]
+
+
+def test_peak_gflops_writes_every_rate_and_the_best(tmp_path):
+    """scripts/peak_gflops.py (bench.py's `peak_gflops`): F.linear's rate, oneDNN's where it runs, "best" their
+    maximum, "bf16" with --bf16; --shape other than M,K,N: one line, exit 1, no file."""
+    r = script("peak_gflops.py", "--repeats", 1, "--shape", "64,32,48", "--bf16", "--threads", 1, "--json", tmp_path / "p.json")
+    assert r.returncode == 0, r.stderr
+    result = json.load(open(tmp_path / "p.json"))
+    assert result["shape"] == [64, 32, 48] and result["threads"] == 1 and result["device"] == "cpu"
+    rates = result["peak_gflops"]
+    assert set(rates) >= {"F.linear", "best", "bf16"} and set(rates) <= {"F.linear", "onednn_prepacked", "mkldnn_tensor", "best", "bf16"}
+    assert rates["best"] == max(v for k, v in rates.items() if k not in ("best", "bf16")) and min(rates.values()) > 0
+    assert r.stdout.startswith("Peak GEMM (64x32x48, 1 threads on cpu;") and f"best {rates['best']:.0f}" in r.stdout
+    bad = script("peak_gflops.py", "--shape", "64,32", "--json", tmp_path / "q.json")
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == ["peak_gflops.py: error: --shape 64,32: three sizes, M,K,N"]
+    assert not (tmp_path / "q.json").exists()
