@@ -198,3 +198,29 @@ def test_export_command_infer_engine_ort_and_the_readme_example(tmp_path, capsys
     labels, kept = json.loads(r.stdout.strip().splitlines()[-1])
     want = [rows["torch"][i] for i in (0, 1, 3)]
     assert labels == [x["label"] for x in want] and kept == [x["kept"] for x in want]
+
+
+def test_ort_alone_times_each_graph_in_a_session_of_its_own(tmp_path, capsys):
+    """scripts/ort_alone.py: a row per graph and batch size, the ratios against the unpruned graph of the same
+    precision computed from the rows, the Markdown table printed and the rows in --json."""
+    pytest.importorskip("transformers")
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import ort_alone
+    m = tmp_path / "m"
+    make_checkpoint(m, num_labels=2)
+    (m / "ltp.json").write_text(json.dumps({"mode": "hard", "thresholds": [0.02, 0.04]}))
+    texts = tmp_path / "in.txt"
+    texts.write_text("the movie was great\nnot fun\na plot\tthe plot\nbad bad bad bad bad movie was not fun\n")
+    rows = ort_alone.main(ort_alone.get_parser().parse_args(
+        ["--model", str(m), "--input", str(texts), "--batch-sizes", "1,2", "--repeats", "2", "--threads", "1",
+         "--json", str(tmp_path / "alone.json")]))
+    assert [(r["method"], r["batch_size"]) for r in rows] == [
+        (m_, b) for b in (1, 2) for m_ in ("ort", "ort-int8", "ltp-ort", "ltp-ort-int8")]
+    by = {(r["method"], r["batch_size"]): r for r in rows}
+    for b in (1, 2):
+        for m_, ref in ort_alone.SAME.items():
+            assert by[m_, b]["speedup_vs_ort_same_precision"] == pytest.approx(
+                by[m_, b]["examples_per_s"] / by[ref, b]["examples_per_s"])
+        assert len(by["ort", b]["seconds"]) == 2
+    assert json.loads((tmp_path / "alone.json").read_text()) == json.loads(json.dumps(rows))
+    assert "| batch | ort | ltp-ort | ltp-ort / ort |" in capsys.readouterr().out
