@@ -151,6 +151,19 @@ def check_task_head(model, task_name, path):
                          f"{list(task.labels)}")
 
 
+def add_device_args(p):
+    """--device and --threads, as the machine probes (scripts/peak_gflops.py, scripts/topk_latency.py) take them."""
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's own)")
+    return p
+
+
+def write_json(path, obj):
+    """obj as indented JSON at path, written whole or not at all (checkpoint.atomic_write). Example: write_json(
+    "runs/x.json", {"rows": []}) leaves runs/x.json holding '{\n  "rows": []\n}\n'."""
+    atomic_write(path, lambda p: open(p, "w").write(json.dumps(obj, indent=2) + "\n"))
+
+
 def output_path(path, flag):
     """Make an output file's folder now, before any work, or fail with one line naming the flag (- = stdout)."""
     if path and path != "-" and os.path.dirname(path):

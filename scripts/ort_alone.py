@@ -8,7 +8,6 @@ alike. Prints a Markdown table of examples/s with the ratio to the unpruned grap
 
   python scripts/ort_alone.py --model runs/sst2-quick/hard --task sst2 --data-dir ../shared/glue --batch-sizes 1,8,32
 """
-import json
 import os
 import statistics
 import sys
@@ -23,7 +22,7 @@ import ltp.export  # noqa: E402
 import ltp.ort  # noqa: E402
 from ltp import quant  # noqa: E402
 from ltp.benchmark import hf_batches  # noqa: E402
-from ltp.cli import Parser, add_inference_args, int_list, load_model, output_path, positive_int, read_inputs, run_cli  # noqa: E402
+from ltp.cli import Parser, add_inference_args, int_list, load_model, output_path, positive_int, read_inputs, run_cli, write_json  # noqa: E402
 from ltp.packed import make_batches  # noqa: E402
 from ltp.timing import Stopwatch  # noqa: E402
 
@@ -43,7 +42,7 @@ def main(args):
         rows = [row for bs in args.batch_sizes for row in measure(graphs, model, encoded, bs, args)]
     print(table(rows))
     if args.json:
-        ltp.checkpoint.atomic_write(args.json, lambda p: open(p, "w").write(json.dumps(rows, indent=2) + "\n"))
+        write_json(args.json, rows)
     return rows
 
 

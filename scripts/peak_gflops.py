@@ -5,7 +5,6 @@ with --bf16 also "bf16", the best rate on bf16 operands. Prints one line; --json
 
   python scripts/peak_gflops.py --threads 2 [--bf16] [--shape 2048,768,3072] [--json runs/peak.json]
 """
-import json
 import os
 import sys
 
@@ -14,7 +13,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import ltp  # noqa: E402
-from ltp.cli import Parser, int_list, output_path, positive_int, run_cli  # noqa: E402
+from ltp.cli import Parser, add_device_args, int_list, output_path, positive_int, run_cli, write_json  # noqa: E402
 from ltp.probes import peak_gflops  # noqa: E402
 
 
@@ -32,14 +31,13 @@ def main(args):
           + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()) + " GFLOP/s.")
     if args.json:
         result = {"shape": [M, K, N], "device": args.device, "threads": torch.get_num_threads(), "peak_gflops": rates}
-        ltp.checkpoint.atomic_write(args.json, lambda p: open(p, "w").write(json.dumps(result, indent=2) + "\n"))
+        write_json(args.json, result)
     return rates
 
 
 def get_parser():
     p = Parser(description="This machine's peak GEMM rate (GFLOP/s), fp32 and optionally bf16.")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's own)")
+    add_device_args(p)
     p.add_argument("--shape", type=int_list, default=[2048, 768, 3072], help="M,K,N of the product (bench.py's)")
     p.add_argument("--repeats", type=positive_int, default=10, help="timed runs of each measurement (median)")
     p.add_argument("--bf16", action="store_true", help="also the bf16 rate")

@@ -6,7 +6,6 @@ bench.py records as `topk` without --skip-topk). Prints the Markdown table; --js
   python scripts/topk_latency.py --threads 2 [--runs 1000] [--lengths 128,256,512,1024] [--json runs/topk.json]
 """
 import argparse
-import json
 import os
 import sys
 
@@ -15,7 +14,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import ltp  # noqa: E402
-from ltp.cli import Parser, int_list, output_path, positive_int, run_cli  # noqa: E402
+from ltp.cli import Parser, add_device_args, int_list, output_path, positive_int, run_cli, write_json  # noqa: E402
 from ltp.probes import topk_vs_threshold  # noqa: E402
 from ltp.report import topk_table  # noqa: E402
 
@@ -40,14 +39,13 @@ def main(args):
     if args.json:
         result = {"device": args.device, "threads": torch.get_num_threads(), "batch": args.batch, "runs": args.runs,
                   "topk": rows}
-        ltp.checkpoint.atomic_write(args.json, lambda p: open(p, "w").write(json.dumps(result, indent=2) + "\n"))
+        write_json(args.json, result)
     return rows
 
 
 def get_parser():
     p = Parser(description="Appendix A.2: mean latency of torch.topk against the threshold test on random scores.")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's own)")
+    add_device_args(p)
     p.add_argument("--runs", type=positive_int, default=1000, help="runs averaged per measurement (bench.py's --topk-runs)")
     p.add_argument("--batch", type=positive_int, default=32, help="sequences per score tensor")
     p.add_argument("--lengths", type=int_list, default=[128, 256, 512, 1024], help="comma list of sequence lengths")
