@@ -36,7 +36,7 @@ from ltp.cli import (ONEDNN, Parser, add_inference_args, check_task_head, load_m
                      read_inputs, refuse_overwrite, run_cli, tune_allocator)
 from ltp.explain import layer_scores, plot_pruning
 from ltp.flops import flops_totals
-from ltp.packed import PackedModel, forward_windows, own_precision
+from ltp.packed import PackedModel, forward_windows, int8_settings, own_precision
 from ltp.pruning import describe
 from ltp.stream import count_lines, iter_lines
 
@@ -184,8 +184,7 @@ def ort_model(args, model, path, calibration, static):
     exported now into a temporary folder; run by ONNX Runtime like the packed routine (ltp.ort.PackedSession).
     """
     precision = args.precision or own_precision(model)
-    own = getattr(model, "quant", None)
-    static = static if static is not None else own is not None and (calibration is None or calibration == own)
+    calibration, static = int8_settings(model, calibration, static) if precision == "int8" else (None, False)
     t0 = time.perf_counter()
     tmp = tempfile.TemporaryDirectory(prefix="ltp-infer-")  # a graph exported for this run only
     graph, exported = ltp.export.graph_for(model, path, precision, calibration, static, tmp.name)

@@ -14,7 +14,7 @@ import torch
 
 from . import flops as fl
 from . import export, ort, quant
-from .packed import forward_batches, make_batches
+from .packed import forward_batches, int8_settings, make_batches
 from .pruning import PruneConfig
 from .text import collate
 from .timing import time_in_turns
@@ -141,13 +141,11 @@ def load_ltp_ort(model, path, int8_scales=None):
         return {}
     calibration = quant.load_calibration(path, model.cfg)
     static = None if int8_scales is None else int8_scales == "static"
-    own = getattr(model, "quant", None)
     sessions = {}
     with tempfile.TemporaryDirectory() as d:
         for m, p in LTP_ORT_METHODS.items():
-            cal = (calibration or own) if p == "int8" else None
-            st = (own is not None and cal == own) if static is None else static
-            export.export(model, os.path.join(d, m + ".onnx"), p, cal, st and p == "int8")
+            cal, st = int8_settings(model, calibration, static) if p == "int8" else (None, False)
+            export.export(model, os.path.join(d, m + ".onnx"), p, cal, st)
             sessions[m] = ort.PackedSession(os.path.join(d, m + ".onnx"), model, torch.get_num_threads(), p, st)
     return sessions
 

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from . import quant
+from .packed import int8_settings
 
 OPSET = 20  # Gelu (with approximate="tanh" for gelu_new) and LayerNormalization are standard ops from opset 20
 MS = "com.microsoft"  # ORT's contrib ops: the int8 linears
@@ -123,16 +124,12 @@ def export(model, path, precision="fp32", calibration=None, static=None, int8_em
                          f"thresholds (method 'threshold') are exported")
     if precision not in EXPORT_FILES:
         raise ValueError(f"precision {precision!r}: fp32 or int8")
-    own = getattr(model, "quant", None)
-    if precision == "int8" and calibration is None:
-        calibration = own
-    if static is None:
-        static = own is not None and calibration == own
+    int8 = precision == "int8"
+    calibration, static = int8_settings(model, calibration, static) if int8 else (None, False)
     if static and calibration is None:
         raise ValueError("int8 static scales need a calibration (quant.json: scripts/calibrate.py)")
     g = Graph()
-    int8 = precision == "int8"
-    writer = Writer(g, model, int8, calibration if int8 else None, static and int8, int8_embeddings)
+    writer = Writer(g, model, int8, calibration, static, int8_embeddings)
     outputs = writer.forward()
     cfg = model.cfg
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["T"])]
@@ -507,16 +504,13 @@ def graph_for(model, model_dir, precision, calibration=None, static=None, work_d
     wrote it from these very files and settings (fingerprint and metadata equal), else a new export into work_dir.
     Returns (path, exported: True when it was written now).
     """
-    own = getattr(model, "quant", None)
-    if precision == "int8" and calibration is None:
-        calibration = own
-    if static is None:
-        static = own is not None and calibration == own
+    int8 = precision == "int8"
+    calibration, static = int8_settings(model, calibration, static) if int8 else (None, False)
     path = os.path.join(model_dir, EXPORT_FILES[precision])
     if os.path.isfile(path):
         meta = read_metadata(path)
         names = ["input_ids"] + (["token_type_ids"] if model.cfg.type_vocab_size > 1 else []) + ["cu_seqlens"]
-        want = graph_metadata(model, precision, calibration, static, precision == "int8" and int8_embeddings, names)
+        want = graph_metadata(model, precision, calibration, static, int8 and int8_embeddings, names)
         if meta.get("ltp.fingerprint") == fingerprint(model_dir) and all(meta.get(k) == v for k, v in want.items()):
             return path, False
     path = os.path.join(work_dir, EXPORT_FILES[precision])

@@ -86,6 +86,18 @@ def own_precision(model):
     return "int8" if own and quant.int8_available(model.encoder.theta.device) else "fp32"
 
 
+def int8_settings(model, calibration=None, static=None):
+    """
+    (calibration, static) of an int8 run of model, as given or the model's own: a quantization-aware checkpoint
+    (model.quant) runs with its calibration and static scales, the ones it was trained with; another calibration,
+    or none, runs with dynamic scales unless static is asked for. The one rule PackedModel, ltp/export.py, infer.py
+    and bench.py follow.
+    """
+    own = getattr(model, "quant", None)
+    calibration = own if calibration is None else calibration
+    return calibration, (own is not None and calibration == own) if static is None else static
+
+
 def onednn_available(device, dtype=torch.float32):
     """
     oneDNN's prepacked-weight linear exists on CPU builds with MKL-DNN (not on cuda); in bf16 only on CPUs with
@@ -141,13 +153,9 @@ class PackedModel:
     def __init__(self, model, onednn=None, precision=None, recheck=0.0, calibration=None, static=None):
         self.model, self.cfg = model, model.cfg
         dev = model.encoder.theta.device
-        own = getattr(model, "quant", None)  # a quantization-aware checkpoint's calibration (quant.json with "qat")
         if precision is None:  # the model's own: int8 with its static scales where it was trained for int8, else fp32
             precision = own_precision(model)
-        if static is None:  # the scales it was trained with; dynamic for a model calibrated after training
-            static = own is not None and (calibration is None or calibration == own)
-        if precision == "int8" and calibration is None:
-            calibration = own
+        calibration, static = int8_settings(model, calibration, static)  # (used in int8 only)
         self.precision = resolve_precision(precision, dev)
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32  # the linears' inputs
         if self.precision == "int8":

@@ -49,10 +49,8 @@ def main(args):
 def build_graphs(model, path, d):
     """{method: (graph path, packed input?)}: ORT's fused unpruned graphs and the pruned model's own (with quant.json)."""
     refs, _ = ltp.ort.build(path, model.cfg, model.head is not None, d)
-    cal = quant.load_calibration(path, model.cfg) or getattr(model, "quant", None)
-    static = getattr(model, "quant", None) is not None
-    for m, p in (("ltp-ort", "fp32"), ("ltp-ort-int8", "int8")):
-        ltp.export.export(model, os.path.join(d, m + ".onnx"), p, cal if p == "int8" else None, static and p == "int8")
+    for m, p in (("ltp-ort", "fp32"), ("ltp-ort-int8", "int8")):  # int8: quant.json's calibration, the default scales
+        ltp.export.export(model, os.path.join(d, m + ".onnx"), p, quant.load_calibration(path, model.cfg))
     return {"ort": (refs["ort"], False), "ort-int8": (refs["ort-int8"], False),
             "ltp-ort": (os.path.join(d, "ltp-ort.onnx"), True), "ltp-ort-int8": (os.path.join(d, "ltp-ort-int8.onnx"), True)}
 
