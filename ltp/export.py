@@ -14,11 +14,15 @@ layer 1, then surviving each layer. Per layer, as PackedModel.layer:
      and live (a fixed threshold per layer, stored in the graph: never a top-k)
   5. the survivors leave: Compress of A V's rows and of x's rows by the eq. 8 mask, then W_o, LayerNormalization,
      the FFN and LayerNormalization on the survivors only. lengths (B,) become the mask's row sums.
-A model that does not prune (no ltp.json) runs the same graph with the mask = live (the padding rows dropped).
-The rank-based baselines (top-k, fixed lengths) are not exported: they rank, which this graph never does.
+A layer that cannot prune (no ltp.json, or theta_l < 0: scores are >= 0) leaves steps 4-5's test out, the mask =
+live (the padding rows dropped). A batch of one sequence runs its own branch (an If on B, as PackedModel's B = 1):
+no padded view and no live mask, and in the layers that cannot prune ORT's fused Attention / QAttention, since no
+decision reads A there. The rank-based baselines (top-k, fixed lengths) are not exported: they rank, which this
+graph never does.
 
 int8: the four linears of every layer as ORT's int8 operators, everything else fp32 (q k^T, softmax, eqs. 7-8, A V,
-LayerNorm, the residual stream, the embeddings and the head), as PackedModel(precision="int8"):
+LayerNorm, the residual stream and the head), as PackedModel(precision="int8"), but for the word embedding table,
+stored int8 per row unless int8_embeddings=False (a quarter of the file's largest tensor):
   weights int8 symmetric per output channel (quant.quantize_weight, the same integers as the torch routine);
   inputs uint8 per tensor, either dynamic (com.microsoft DynamicQuantizeMatMul: ORT picks each call's scale from
   the input's min and max, as quantize_dynamic does) or static (QuantizeLinear at the calibrated scale, then
