@@ -3,8 +3,10 @@ ONNX Runtime's graphs each alone in the process, as a deployer runs one: ORT's u
 ltp/ort.py) and the pruned model's own (ltp-ort, ltp-ort-int8, ltp/export.py). bench.py keeps every session open
 and takes turns; on a 2-core machine the idle sessions' thread pools then cost the running one (measured: up to
 1.3x on the pruned graph at batch 32, whose many small operators wait on their pool more often). Here each timed
-pass opens its session, warms it up and closes it; the methods still take turns, so the machine's drift hits all
-alike. Prints a Markdown table of examples/s with the ratio to the unpruned graph of the same precision.
+pass opens its session, warms it up and closes it; the methods take turns, a round at a time, so the machine's drift
+hits all alike. Prints a Markdown table of examples/s (over the median pass) with the speed-up over the unpruned graph
+of the same precision: the median over the rounds of each round's ratio, the two graphs' passes of one round timed
+side by side (a shared 2-core machine's speed moves by tens of percent over minutes; a round's pair moves together).
 
   python scripts/ort_alone.py --model runs/sst2-quick/hard --task sst2 --data-dir ../shared/glue --batch-sizes 1,8,32
 """
@@ -27,6 +29,7 @@ from ltp.packed import make_batches  # noqa: E402
 from ltp.timing import Stopwatch  # noqa: E402
 
 SAME = {"ltp-ort": "ort", "ltp-ort-int8": "ort-int8"}  # each pruned graph against the unpruned one of its precision
+TURNS = ("ort", "ltp-ort", "ort-int8", "ltp-ort-int8")
 
 
 def main(args):
@@ -56,13 +59,14 @@ def build_graphs(model, path, d):
 
 
 def measure(graphs, model, encoded, bs, args):
-    """Rows of one batch size: per method the median over --repeats passes, each in a session of its own."""
+    """Rows of one batch size: per method the median over --repeats rounds of a pass each, in a session of its own."""
     feeds = {False: [{k: v.numpy() for k, v in b.items()} for b in hf_batches(encoded, bs, True, model.cfg, "cpu")],
              True: [{"input_ids": ids.numpy(), "token_type_ids": t.numpy(), "cu_seqlens": cu.numpy()}
                     for _, ids, t, cu in make_batches(encoded, bs)]}
     times = {m: [] for m in graphs}
     for _ in range(args.repeats):
-        for m, (graph, packed) in graphs.items():
+        for m in TURNS:  # each pruned graph right after the unpruned one it is compared with
+            graph, packed = graphs[m]
             sess = ltp.ort.session(graph, args.threads)
             names = {i.name for i in sess.get_inputs()}
             batches = [{k: v for k, v in f.items() if k in names} for f in feeds[packed]]
@@ -75,10 +79,16 @@ def measure(graphs, model, encoded, bs, args):
             del sess
     rate = {m: len(encoded) / statistics.median(t) for m, t in times.items()}
     rows = [{"method": m, "batch_size": bs, "examples_per_s": rate[m], "seconds": times[m],
-             "speedup_vs_ort_same_precision": rate[m] / rate[SAME[m]] if m in SAME else None} for m in graphs]
+             "speedup_vs_ort_same_precision": paired_speedup(times[SAME[m]], times[m]) if m in SAME else None}
+            for m in graphs]
     for r in rows:
         print(f"  {r['method']:13s} batch {bs:4d}: {r['examples_per_s']:8.1f} examples/s", file=sys.stderr)
     return rows
+
+
+def paired_speedup(reference, pruned):
+    """The median over rounds of reference / pruned seconds, the two passes of each round paired."""
+    return statistics.median(r / p for r, p in zip(reference, pruned))
 
 
 def table(rows):
@@ -96,7 +106,7 @@ def get_parser():
     p = Parser(description="ONNX Runtime's unpruned graphs and the pruned model's, each alone in the process.")
     add_inference_args(p)
     p.add_argument("--batch-sizes", type=int_list, default=[1, 8, 32], help="comma-separated batch sizes")
-    p.add_argument("--repeats", type=positive_int, default=5, help="timed passes per method and batch size (median)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="rounds: timed passes per method and batch size")
     p.add_argument("--max-examples", type=int, default=0, help="use only the first N examples (0 = all)")
     p.add_argument("--json", default=None, help="write the rows here")
     return p
