@@ -24,7 +24,7 @@ import ltp.export  # noqa: E402
 import ltp.ort  # noqa: E402
 from ltp import quant  # noqa: E402
 from ltp.benchmark import hf_batches  # noqa: E402
-from ltp.cli import Parser, add_inference_args, int_list, load_model, output_path, positive_int, read_inputs, run_cli, write_json  # noqa: E402
+from ltp.cli import Parser, add_inference_args, fix_mmap_threshold, int_list, load_model, output_path, positive_int, read_inputs, run_cli, write_json  # noqa: E402
 from ltp.packed import make_batches  # noqa: E402
 from ltp.timing import Stopwatch  # noqa: E402
 
@@ -113,6 +113,7 @@ def get_parser():
 
 
 if __name__ == "__main__":
+    fix_mmap_threshold()  # before onnxruntime is imported: the same allocator state for every pass (its docstring)
     args = get_parser().parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
