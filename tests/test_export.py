@@ -153,6 +153,16 @@ def test_without_onnxruntime_one_line(monkeypatch):
         ltp.ort.require()
 
 
+def pruned_checkpoint_and_texts(tmp_path):
+    """A tiny two-label checkpoint with thresholds that prune, and four lines to run it on (the scripts' tests)."""
+    m = tmp_path / "m"
+    make_checkpoint(m, num_labels=2)
+    (m / "ltp.json").write_text(json.dumps({"mode": "hard", "thresholds": [0.02, 0.04]}))
+    texts = tmp_path / "in.txt"
+    texts.write_text("the movie was great\nnot fun\na plot\tthe plot\nbad bad bad bad bad movie was not fun\n")
+    return m, texts
+
+
 def test_export_command_infer_engine_ort_and_the_readme_example(tmp_path, capsys):
     """export.py writes both graphs, the tokenizer and the fingerprint; infer.py --engine ort gives the torch engine's
     rows (labels and kept counts equal) from the checkpoint's own file, exports afresh when the file is stale; the
@@ -160,11 +170,7 @@ def test_export_command_infer_engine_ort_and_the_readme_example(tmp_path, capsys
     sys.path.insert(0, ROOT)
     import export
     import infer
-    m = tmp_path / "m"
-    make_checkpoint(m, num_labels=2)
-    (m / "ltp.json").write_text(json.dumps({"mode": "hard", "thresholds": [0.02, 0.04]}))
-    texts = tmp_path / "in.txt"
-    texts.write_text("the movie was great\nnot fun\na plot\tthe plot\nbad bad bad bad bad movie was not fun\n")
+    m, texts = pruned_checkpoint_and_texts(tmp_path)
     export.main(export.parse_args(["--model", str(m), "--output-dir", str(tmp_path / "deploy"), "--check-examples", "8"]))
     out = capsys.readouterr().out
     assert "packed routine (fp32): kept counts equal on 9 of 9 sequences" in out and "packed routine (int8)" in out
@@ -206,11 +212,7 @@ def test_ort_alone_times_each_graph_in_a_session_of_its_own(tmp_path, capsys):
     pytest.importorskip("transformers")
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     import ort_alone
-    m = tmp_path / "m"
-    make_checkpoint(m, num_labels=2)
-    (m / "ltp.json").write_text(json.dumps({"mode": "hard", "thresholds": [0.02, 0.04]}))
-    texts = tmp_path / "in.txt"
-    texts.write_text("the movie was great\nnot fun\na plot\tthe plot\nbad bad bad bad bad movie was not fun\n")
+    m, texts = pruned_checkpoint_and_texts(tmp_path)
     rows = ort_alone.main(ort_alone.get_parser().parse_args(
         ["--model", str(m), "--input", str(texts), "--batch-sizes", "1,2", "--repeats", "2", "--threads", "1",
          "--json", str(tmp_path / "alone.json")]))
@@ -244,11 +246,7 @@ def test_batch1_ceiling_runs_on_a_checkpoint(tmp_path, capsys):
     both precisions, bounds between 1/2 and the FLOPs ratio's neighbourhood, the table and --json."""
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     import batch1_ceiling as bc
-    m = tmp_path / "m"
-    make_checkpoint(m, num_labels=2)
-    (m / "ltp.json").write_text(json.dumps({"mode": "hard", "thresholds": [0.02, 0.04]}))
-    texts = tmp_path / "in.txt"
-    texts.write_text("the movie was great\nnot fun\na plot\tthe plot\nbad bad bad bad bad movie was not fun\n")
+    m, texts = pruned_checkpoint_and_texts(tmp_path)
     out = bc.main(bc.get_parser().parse_args(["--model", str(m), "--input", str(texts), "--rows", "1,2,8",
                                               "--repeats", "2", "--threads", "1", "--sweep-mb", "1",
                                               "--json", str(tmp_path / "c.json")]))
