@@ -7,6 +7,8 @@ pass opens its session, warms it up and closes it; the methods take turns, a rou
 hits all alike. Prints a Markdown table of examples/s (over the median pass) with the speed-up over the unpruned graph
 of the same precision: the median over the rounds of each round's ratio, the two graphs' passes of one round timed
 side by side (a shared 2-core machine's speed moves by tens of percent over minutes; a round's pair moves together).
+Run as a script it first fixes glibc's mmap threshold (ltp.cli.fix_mmap_threshold), so that a batch size's figures
+do not depend on the batch sizes timed before it in the process.
 
   python scripts/ort_alone.py --model runs/sst2-quick/hard --task sst2 --data-dir ../shared/glue --batch-sizes 1,8,32
 """
