@@ -6,10 +6,10 @@ cost what reading their weights costs, and the speed-up at batch 1 falls short o
 
 1. The probe: ORT runs a chain of the model's L layers' Q|K|V products, and one of their W_o + FFN products (random
    weights of the model's shapes; fp32 MatMul + Add, int8 DynamicQuantizeMatMul as the exported graphs run them), on
-   M rows for each M of --rows; microseconds per layer, the median of --repeats runs. A pass over the model reads
-   every layer's weights once a sentence, so a layer's weights are still cached at its next call only if all the
-   model's linears fit in the last-level cache: where they do not (fp32 MiniLM: 40.5 MiB against a 32 MiB L3), each
-   timed run follows a sweep through --sweep-mb of memory, so its weights come from memory as in the model.
+   M rows for each M of --rows; microseconds per layer, the median of --repeats runs. Between two calls of a layer, a
+   pass over the model reads all its other linears' weights: before each timed run the probe reads as many bytes,
+   so the weights stay cached where the model's linears fit the caches (int8 MiniLM, 10.1 MiB) and come from memory
+   where they do not (fp32 MiniLM, 40.5 MiB, on a 32 MiB L3), without the probe knowing the cache's size.
 2. The bound: the checkpoint's kept counts per example (the packed routine, fp32), and for each example the linears'
    time unpruned (every layer at the input's length n) over pruned (layer l's Q|K|V at k_{l-1} rows, W_o and the
    FFN at k_l, its survivors), summed over the examples. With costs proportional to rows, this is the linears' FLOPs
@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 import ltp  # noqa: E402
 import ltp.ort  # noqa: E402
-from ltp.cli import Parser, add_inference_args, int_list, load_model, output_path, positive_int, read_inputs, run_cli, write_json  # noqa: E402
+from ltp.cli import Parser, add_inference_args, int_list, load_model, nonneg_int, output_path, positive_int, read_inputs, run_cli, write_json  # noqa: E402
 from ltp.packed import PackedModel, forward_batches, make_batches  # noqa: E402
 
 PARTS = ("qkv", "rest")  # a layer's Q|K|V product; its W_o and FFN products
@@ -49,16 +49,14 @@ def main(args):
     with torch.inference_mode():
         _, kept, _ = forward_batches(PackedModel(model), make_batches(encoded, 32), len(encoded))
     kept = kept.tolist()
-    cfg, llc = model.cfg, last_level_cache_mb()
-    result = {"model": args.model, "examples": len(kept), "threads": args.threads, "llc_mb": llc, "rows": args.rows,
+    cfg = model.cfg
+    result = {"model": args.model, "examples": len(kept), "threads": args.threads, "rows": args.rows,
               "mean_kept": [round(float(v), 2) for v in np.mean(kept, axis=0)], "precisions": {}}
     for precision in ("fp32", "int8"):
-        mb = linear_bytes(cfg, precision) / 2 ** 20
-        cold = llc is None or mb > llc
-        costs = probe(cfg, precision, args.rows, args.threads, args.repeats, args.sweep_mb if cold else 0)
+        costs = probe(cfg, precision, args.rows, args.threads, args.repeats)
         unpruned, pruned = linear_time(kept, interpolate(args.rows, costs))
         flops = linear_time(kept, {"qkv": lambda m: 3 * m, "rest": lambda m: 9 * m})
-        result["precisions"][precision] = {"linears_mb": round(mb, 1), "weights_from_memory": cold,
+        result["precisions"][precision] = {"linears_mb": round(linear_bytes(cfg, precision) / 2 ** 20, 1),
                                            "us_per_layer": costs, "ceiling": unpruned / pruned,
                                            "flops_ratio": flops[0] / flops[1]}
     print(table(result))
@@ -67,24 +65,12 @@ def main(args):
     return result
 
 
-def linear_bytes(cfg, precision):
-    """The bytes of a model's four linears' weights in all layers: L (4 C^2 + 2 C I) at 4 (fp32) or 1 (int8) bytes."""
+def linear_bytes(cfg, precision, parts=PARTS):
+    """The bytes of the weights of a model's linears in all layers: L (4 C^2 + 2 C I) at 4 (fp32) or 1 (int8) bytes,
+    or those of some parts: Q|K|V's 3 C^2, the rest's C^2 + 2 C I."""
     C, I = cfg.hidden_size, cfg.intermediate_size
-    return cfg.num_hidden_layers * (4 * C * C + 2 * C * I) * (4 if precision == "fp32" else 1)
-
-
-def last_level_cache_mb():
-    """The largest CPU cache in MiB, from Linux's sysfs (None where it cannot be read)."""
-    sizes = []
-    base = "/sys/devices/system/cpu/cpu0/cache"
-    for d in os.listdir(base) if os.path.isdir(base) else []:
-        try:
-            with open(os.path.join(base, d, "size")) as f:
-                s = f.read().strip()
-        except OSError:
-            continue
-        sizes.append(int(s[:-1]) * {"K": 1 / 1024, "M": 1, "G": 1024}[s[-1]] if s[-1] in "KMG" else int(s) / 2 ** 20)
-    return max(sizes) if sizes else None
+    per_layer = {"qkv": 3 * C * C, "rest": C * C + 2 * C * I}
+    return cfg.num_hidden_layers * sum(per_layer[p] for p in parts) * (4 if precision == "fp32" else 1)
 
 
 def chain(cfg, precision, part):
@@ -122,22 +108,21 @@ def chain(cfg, precision, part):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)])
 
 
-def probe(cfg, precision, rows, threads, repeats, sweep_mb):
+def probe(cfg, precision, rows, threads, repeats):
     """{part: {M: microseconds per layer}}: the median of `repeats` runs of each chain on M rows, each run after a
-    sweep through sweep_mb MiB (0: none, the weights stay cached between runs)."""
+    read of the bytes of the model's other linears (the module docstring)."""
     sessions = {p: ltp.ort.session(chain(cfg, precision, p).SerializeToString(), threads) for p in PARTS}
-    sweep = np.ones(sweep_mb * 2 ** 18, np.float32)
-    out = np.empty_like(sweep)
     rng = np.random.default_rng(1)
     costs = {p: {} for p in PARTS}
-    for m in rows:
-        x = {"x": rng.standard_normal((m, cfg.hidden_size)).astype(np.float32)}
-        for p, sess in sessions.items():
+    for p, sess in sessions.items():
+        others = np.ones(linear_bytes(cfg, precision, [q for q in PARTS if q != p]) // 4, np.float32)
+        for m in rows:
+            x = {"x": rng.standard_normal((m, cfg.hidden_size)).astype(np.float32)}
             for _ in range(3):
                 sess.run(None, x)
             times = []
             for _ in range(repeats):
-                np.copyto(out, sweep)
+                others.sum()  # the rest of a pass over the model
                 t = time.perf_counter()
                 sess.run(None, x)
                 times.append(time.perf_counter() - t)
@@ -172,8 +157,8 @@ def linear_time(kept, cost):
 
 
 def table(result):
-    lines = [f"Linears per layer in ONNX Runtime, us ({result['threads']} threads; last-level cache "
-             f"{result['llc_mb']} MiB; mean kept per layer {result['mean_kept']}):", "",
+    lines = [f"Linears per layer in ONNX Runtime, us ({result['threads']} threads; mean kept per layer "
+             f"{result['mean_kept']}):", "",
              "| rows | fp32 Q\\|K\\|V | fp32 W_o + FFN | int8 Q\\|K\\|V | int8 W_o + FFN |", "|---:|---:|---:|---:|---:|"]
     P = result["precisions"]
     for m in result["rows"]:
@@ -181,8 +166,7 @@ def table(result):
                                                 for part in PARTS) + " |")
     lines.append("")
     for p, r in P.items():
-        lines.append(f"{p}: linears {r['linears_mb']} MiB ({'read from memory' if r['weights_from_memory'] else 'cached'}"
-                     f"); at batch 1 they allow {r['ceiling']:.2f}x over the unpruned model (their FLOPs: "
+        lines.append(f"{p}: linears {r['linears_mb']} MiB; at batch 1 they allow {r['ceiling']:.2f}x over the unpruned model (their FLOPs: "
                      f"{r['flops_ratio']:.2f}x)")
     return "\n".join(lines)
 
@@ -193,9 +177,7 @@ def get_parser():
     p.add_argument("--rows", type=int_list, default=[1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128],
                    help="row counts to time the linears at")
     p.add_argument("--repeats", type=positive_int, default=30, help="timed runs per row count (median)")
-    p.add_argument("--sweep-mb", type=positive_int, default=64,
-                   help="MiB swept between runs where the linears do not fit the last-level cache")
-    p.add_argument("--max-examples", type=int, default=0, help="use only the first N examples (0 = all)")
+    p.add_argument("--max-examples", type=nonneg_int, default=0, help="use only the first N examples (0 = all)")
     p.add_argument("--json", default=None, help="write the costs and the bounds here")
     return p
 

@@ -248,7 +248,7 @@ def test_batch1_ceiling_runs_on_a_checkpoint(tmp_path, capsys):
     import batch1_ceiling as bc
     m, texts = pruned_checkpoint_and_texts(tmp_path)
     out = bc.main(bc.get_parser().parse_args(["--model", str(m), "--input", str(texts), "--rows", "1,2,8",
-                                              "--repeats", "2", "--threads", "1", "--sweep-mb", "1",
+                                              "--repeats", "2", "--threads", "1",
                                               "--json", str(tmp_path / "c.json")]))
     assert out["examples"] == 4 and len(out["mean_kept"]) == 3
     for p in ("fp32", "int8"):
