@@ -26,7 +26,7 @@ import ltp.export  # noqa: E402
 import ltp.ort  # noqa: E402
 from ltp import quant  # noqa: E402
 from ltp.benchmark import hf_batches  # noqa: E402
-from ltp.cli import Parser, add_inference_args, fix_mmap_threshold, int_list, load_model, output_path, positive_int, read_inputs, run_cli, write_json  # noqa: E402
+from ltp.cli import Parser, add_inference_args, fix_mmap_threshold, int_list, load_model, nonneg_int, output_path, positive_int, read_inputs, run_cli, write_json  # noqa: E402
 from ltp.packed import make_batches  # noqa: E402
 from ltp.timing import Stopwatch  # noqa: E402
 
@@ -109,7 +109,7 @@ def get_parser():
     add_inference_args(p)
     p.add_argument("--batch-sizes", type=int_list, default=[1, 8, 32], help="comma-separated batch sizes")
     p.add_argument("--repeats", type=positive_int, default=5, help="rounds: timed passes per method and batch size")
-    p.add_argument("--max-examples", type=int, default=0, help="use only the first N examples (0 = all)")
+    p.add_argument("--max-examples", type=nonneg_int, default=0, help="use only the first N examples (0 = all)")
     p.add_argument("--json", default=None, help="write the rows here")
     return p
 
