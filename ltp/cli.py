@@ -11,7 +11,7 @@ import shutil
 import sys
 import tempfile
 
-from . import glue, pruning
+from . import checkpoint, glue, pruning
 from .checkpoint import PACKAGED, atomic_write, load
 from .pruning import PruneConfig
 from .stream import iter_lines
@@ -165,6 +165,17 @@ def check_task_head(model, task_name, path):
     if task.labels and names != [f"LABEL_{i}" for i in range(len(names))] and names != list(task.labels):
         raise ValueError(f"{path}: the model's labels {names} (config.json id2label) are not {task_name}'s "
                          f"{list(task.labels)}")
+
+
+def load_encoded(args):
+    """The probes' common start: --task or --input (at most --max-examples of them), the model (heads optional) and
+    its checkpoint directory, the texts tokenized. Returns (model, path, encoded)."""
+    from .text import Tokenizer
+    texts, _ = read_inputs(args)
+    texts = texts[:args.max_examples] if args.max_examples else texts
+    model = load_model(args.model, args.final_threshold, need_head=False)
+    path = checkpoint.resolve(args.model)
+    return model, path, Tokenizer.from_dir(path, model.cfg).encode(texts)
 
 
 def add_device_args(p):

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 import ltp  # noqa: E402
 import ltp.ort  # noqa: E402
-from ltp.cli import Parser, add_inference_args, int_list, load_model, nonneg_int, output_path, positive_int, read_inputs, run_cli, write_json  # noqa: E402
+from ltp.cli import Parser, add_inference_args, int_list, load_encoded, nonneg_int, output_path, positive_int, run_cli, write_json  # noqa: E402
 from ltp.packed import PackedModel, forward_batches, make_batches  # noqa: E402
 
 PARTS = ("qkv", "rest")  # a layer's Q|K|V product; its W_o and FFN products
@@ -42,10 +42,7 @@ PARTS = ("qkv", "rest")  # a layer's Q|K|V product; its W_o and FFN products
 def main(args):
     ltp.ort.require()
     output_path(args.json, "--json")
-    texts, _ = read_inputs(args)
-    texts = texts[:args.max_examples] if args.max_examples else texts
-    model = load_model(args.model, args.final_threshold, need_head=False)
-    encoded = ltp.Tokenizer.from_dir(ltp.checkpoint.resolve(args.model), model.cfg).encode(texts)
+    model, _, encoded = load_encoded(args)
     with torch.inference_mode():
         _, kept, _ = forward_batches(PackedModel(model), make_batches(encoded, 32), len(encoded))
     kept = kept.tolist()

@@ -26,7 +26,7 @@ import ltp.export  # noqa: E402
 import ltp.ort  # noqa: E402
 from ltp import quant  # noqa: E402
 from ltp.benchmark import hf_batches  # noqa: E402
-from ltp.cli import Parser, add_inference_args, fix_mmap_threshold, int_list, load_model, nonneg_int, output_path, positive_int, read_inputs, run_cli, write_json  # noqa: E402
+from ltp.cli import Parser, add_inference_args, fix_mmap_threshold, int_list, load_encoded, nonneg_int, output_path, positive_int, run_cli, write_json  # noqa: E402
 from ltp.packed import make_batches  # noqa: E402
 from ltp.timing import Stopwatch  # noqa: E402
 
@@ -37,11 +37,7 @@ TURNS = ("ort", "ltp-ort", "ort-int8", "ltp-ort-int8")
 def main(args):
     ltp.ort.require()
     output_path(args.json, "--json")
-    texts, _ = read_inputs(args)
-    texts = texts[:args.max_examples] if args.max_examples else texts
-    model = load_model(args.model, args.final_threshold, need_head=False)
-    path = ltp.checkpoint.resolve(args.model)
-    encoded = ltp.Tokenizer.from_dir(path, model.cfg).encode(texts)
+    model, path, encoded = load_encoded(args)
     with tempfile.TemporaryDirectory() as d:
         graphs = build_graphs(model, path, d)
         rows = [row for bs in args.batch_sizes for row in measure(graphs, model, encoded, bs, args)]
