@@ -26,9 +26,13 @@ Methods (one row per method, batch size and precision, --precision fp32,bf16):
                     (ort rows need the bench extra, pip install -e '.[bench]'; --skip-ort leaves them out)
 Throughput is the median of --repeats full passes after a warm-up (the passes go round the methods, so a
 change of the machine's load hits all alike), model time only (inputs tokenized, padded or packed beforehand).
+The ONNX Runtime rows are timed in a process of their own (benchmark.in_fresh_process), in rounds among themselves, one
+session open at a time: the torch rows want glibc to keep large blocks (cli.tune_allocator), which slowed the pruned
+int8 graph at batch 32 to 0.6x its speed; their outputs are then checked here.
 Useful GFLOP/s counts real tokens only (flops.sequence_flops). speedup_vs_ort: against the best ORT row of the
 same batch size in the same or a lower precision (int8 < bf16 < fp32; the ort row against ort-int8);
-speedup_vs_ort_same_precision: against the unpruned ORT row of the row's own precision (fp32: ort, int8: ort-int8).
+speedup_vs_ort_same_precision: against the unpruned ORT row of the row's own precision (fp32: ort, int8: ort-int8);
+speedup_vs_ort_paired (ltp-ort rows): the same ratio as the median of the rounds' paired ratios.
 relative_bops (fig. 7's measure, flops.relative_bops): bit operations against the unpruned model in FP16 on the same
 lengths; int8 rows (packed, ltp, ort-int8: int8 linears, float attention products) count their linears at 8 x 8
 bits, every float precision at 16 x 16 (fp32 as FP16, like fig. 7's baselines), so float rows equal relative_flops.
@@ -37,6 +41,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 
 import torch
 
@@ -60,9 +65,10 @@ def main(args):
     pms, recheck, int8_activations = packed_models(args, model, path)
     print("measuring the peak GEMM rate ...", file=sys.stderr)
     peak = peak_gflops(args.device, args.peak_repeats, bf16="bf16" in pms)
-    hf, sessions, checks = load_references(args, model, path, pms, encoded)
-    rows, ltp_out = benchmark.measure_rows(model, encoded, pms, recheck, hf, sessions, args.batch_sizes, args.repeats,
-                                           args.device, args.recheck)
+    with tempfile.TemporaryDirectory() as work:  # the ONNX Runtime rows' graph files, for the run's length
+        hf, graphs, checks = load_references(args, model, path, pms, encoded, work)
+        rows, ltp_out = benchmark.measure_rows(model, encoded, pms, recheck, hf, graphs, args.batch_sizes, args.repeats,
+                                               args.device, args.recheck)
     # the peak again at the end: the machine's load may have changed meanwhile; report the better of the two
     end = peak_gflops(args.device, args.peak_repeats, bf16="bf16" in pms)
     peak = {k: max(v, end.get(k, 0.0)) for k, v in peak.items()} | {"best_start": peak["best"], "best_end": end["best"]}
@@ -154,11 +160,11 @@ def packed_models(args, model, path):
     return pms, recheck, int8_activations
 
 
-def load_references(args, model, path, pms, encoded):
+def load_references(args, model, path, pms, encoded, work_dir):
     """
-    transformers' model and the ONNX Runtime sessions from the same directory (unless --skip-hf / --skip-ort), each
-    checked against the packed routine with pruning off. Returns them (None and {} when left out) and the setup's
-    keys of those checks.
+    transformers' model and ONNX Runtime's graphs (files in work_dir) from the same directory (unless --skip-hf /
+    --skip-ort), each checked against the packed routine with pruning off. Returns them (None and {} when left out)
+    and the setup's keys of those checks.
     """
     dev, prune = args.device, model.prune
     hf = None if args.skip_hf else benchmark.load_hf(path, model.head is not None, args.hf_attn, dev)
@@ -167,19 +173,21 @@ def load_references(args, model, path, pms, encoded):
         model.prune = ltp.PruneConfig(mode="off")
         hf_diff = {p: benchmark.check_same_model(hf, pms[p], encoded, dev) for p in pms if p != "int8"}
         model.prune = prune
-    sessions, ort_info = {}, {}
+    graphs, ort_info = {}, {}
     if not args.skip_ort:  # checked against the fp32 packed routine, pruning off
         model.prune = ltp.PruneConfig(mode="off")
         fp32 = pms.get("fp32") or PackedModel(model, onednn=ONEDNN[args.onednn])
-        sessions, ort_info = benchmark.load_ort(path, fp32, encoded, dev)
+        graphs, ort_info = benchmark.load_ort(path, fp32, encoded, dev, work_dir)
         model.prune = prune
-        if sessions:
-            sessions |= benchmark.load_ltp_ort(model, path, args.int8_scales)
-    return hf, sessions, {
+        if graphs:
+            graphs |= benchmark.load_ltp_ort(model, path, work_dir, args.int8_scales)
+    return hf, graphs, {
         "hf_attention": args.hf_attn if hf is not None else None,
         "hf_max_abs_diff": hf_diff,  # per precision: transformers vs the packed routine, pruning off, 4 examples
         # ort_max_abs_diff: per ort method, ONNX Runtime vs the fp32 packed routine, pruning off, 4 examples
-        **({"onnxruntime": None, "ort_fused_ops": {}, "ort_max_abs_diff": {}} | ort_info)}
+        **({"onnxruntime": None, "ort_fused_ops": {}, "ort_max_abs_diff": {}} | ort_info),
+        "ort_timing": ("a process of their own (benchmark.in_fresh_process): glibc mmap threshold 128 KiB, one session "
+                       "open at a time, rounds of ort, ltp-ort, ort-int8, ltp-ort-int8") if graphs else None}
 
 
 def run_setup(args, model, path, encoded, pms):

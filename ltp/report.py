@@ -58,6 +58,11 @@ def markdown(result):
                      f"{f(r['speedup_vs_hf_sorted'], '.2f')} | "
                      f"{f(r.get('speedup_vs_hf_sorted_fp32'), '.2f')} | {f(r.get('speedup_vs_ort'), '.2f')} | "
                      f"{f(r.get('speedup_vs_ort_same_precision'), '.2f')} | {r['peak_memory_mb']:.0f} |")
+    paired = [r for r in result["rows"] if r.get("speedup_vs_ort_paired") is not None]
+    if paired:
+        lines += ["", "The pruned graphs against ONNX Runtime's unpruned graph of their precision, the median of the rounds' "
+                  "ratios (each round times the two side by side): " + "; ".join(
+                      f"{r['method']} batch {r['batch_size']} {r['speedup_vs_ort_paired']:.2f}" for r in paired) + "."]
     if result.get("topk"):
         lines += [""] + topk_table(result["topk"])
     return "\n".join(lines) + "\n"

@@ -1,14 +1,12 @@
 """
 ONNX Runtime's graphs each alone in the process, as a deployer runs one: ORT's unpruned fused graph (ort, ort-int8,
-ltp/ort.py) and the pruned model's own (ltp-ort, ltp-ort-int8, ltp/export.py). bench.py keeps every session open
-and takes turns; on a 2-core machine the idle sessions' thread pools then cost the running one (measured: up to
-1.3x on the pruned graph at batch 32, whose many small operators wait on their pool more often). Here each timed
-pass opens its session, warms it up and closes it; the methods take turns, a round at a time, so the machine's drift
-hits all alike. Prints a Markdown table of examples/s (over the median pass) with the speed-up over the unpruned graph
-of the same precision: the median over the rounds of each round's ratio, the two graphs' passes of one round timed
-side by side (a shared 2-core machine's speed moves by tens of percent over minutes; a round's pair moves together).
-Run as a script it first fixes glibc's mmap threshold (ltp.cli.fix_mmap_threshold), so that a batch size's figures
-do not depend on the batch sizes timed before it in the process.
+ltp/ort.py) and the pruned model's own (ltp-ort, ltp-ort-int8, ltp/export.py), timed as bench.py's process for them
+times them (ltp.benchmark.time_ort: each pass in a session of its own; the graphs take turns, a round at a time, so
+the machine's drift hits all alike), without the torch rows. Prints a Markdown table of examples/s (over the median
+pass) with the speed-up over the unpruned graph of the same precision: the median over the rounds of each round's
+ratio, the two graphs' passes of one round timed side by side (a shared 2-core machine's speed moves by tens of
+percent over minutes; a round's pair moves together). Run as a script it first fixes glibc's mmap threshold
+(ltp.cli.fix_mmap_threshold), so that a batch size's figures do not depend on the batch sizes timed before it.
 
   python scripts/ort_alone.py --model runs/sst2-quick/hard --task sst2 --data-dir ../shared/glue --batch-sizes 1,8,32
 """
@@ -21,17 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
-import ltp  # noqa: E402
-import ltp.export  # noqa: E402
 import ltp.ort  # noqa: E402
-from ltp import quant  # noqa: E402
-from ltp.benchmark import hf_batches  # noqa: E402
+from ltp.benchmark import SAME, load_ltp_ort, paired_speedup, time_ort  # noqa: E402
 from ltp.cli import Parser, add_inference_args, fix_mmap_threshold, int_list, load_encoded, nonneg_int, output_path, positive_int, run_cli, write_json  # noqa: E402
-from ltp.packed import make_batches  # noqa: E402
-from ltp.timing import Stopwatch  # noqa: E402
-
-SAME = {"ltp-ort": "ort", "ltp-ort-int8": "ort-int8"}  # each pruned graph against the unpruned one of its precision
-TURNS = ("ort", "ltp-ort", "ort-int8", "ltp-ort-int8")
 
 
 def main(args):
@@ -40,7 +30,8 @@ def main(args):
     model, path, encoded = load_encoded(args)
     with tempfile.TemporaryDirectory() as d:
         graphs = build_graphs(model, path, d)
-        rows = [row for bs in args.batch_sizes for row in measure(graphs, model, encoded, bs, args)]
+        timed = time_ort(graphs, encoded, model.cfg, args.batch_sizes, args.repeats, args.threads)
+    rows = [row(m, bs, timed, len(encoded)) for bs in args.batch_sizes for m in graphs]
     print(table(rows))
     if args.json:
         write_json(args.json, rows)
@@ -50,43 +41,15 @@ def main(args):
 def build_graphs(model, path, d):
     """{method: (graph path, packed input?)}: ORT's fused unpruned graphs and the pruned model's own (with quant.json)."""
     refs, _ = ltp.ort.build(path, model.cfg, model.head is not None, d)
-    for m, p in (("ltp-ort", "fp32"), ("ltp-ort-int8", "int8")):  # int8: quant.json's calibration, the default scales
-        ltp.export.export(model, os.path.join(d, m + ".onnx"), p, quant.load_calibration(path, model.cfg))
-    return {"ort": (refs["ort"], False), "ort-int8": (refs["ort-int8"], False),
-            "ltp-ort": (os.path.join(d, "ltp-ort.onnx"), True), "ltp-ort-int8": (os.path.join(d, "ltp-ort-int8.onnx"), True)}
+    return {m: (p, False) for m, p in refs.items()} | load_ltp_ort(model, path, d)
 
 
-def measure(graphs, model, encoded, bs, args):
-    """Rows of one batch size: per method the median over --repeats rounds of a pass each, in a session of its own."""
-    feeds = {False: [{k: v.numpy() for k, v in b.items()} for b in hf_batches(encoded, bs, True, model.cfg, "cpu")],
-             True: [{"input_ids": ids.numpy(), "token_type_ids": t.numpy(), "cu_seqlens": cu.numpy()}
-                    for _, ids, t, cu in make_batches(encoded, bs)]}
-    times = {m: [] for m in graphs}
-    for _ in range(args.repeats):
-        for m in TURNS:  # each pruned graph right after the unpruned one it is compared with
-            graph, packed = graphs[m]
-            sess = ltp.ort.session(graph, args.threads)
-            names = {i.name for i in sess.get_inputs()}
-            batches = [{k: v for k, v in f.items() if k in names} for f in feeds[packed]]
-            for f in batches[:8]:  # warm-up: the arena, the kernels' first calls
-                sess.run(None, f)
-            with Stopwatch("cpu") as clock:
-                for f in batches:
-                    sess.run(None, f)
-            times[m].append(clock.seconds)
-            del sess
-    rate = {m: len(encoded) / statistics.median(t) for m, t in times.items()}
-    rows = [{"method": m, "batch_size": bs, "examples_per_s": rate[m], "seconds": times[m],
-             "speedup_vs_ort_same_precision": paired_speedup(times[SAME[m]], times[m]) if m in SAME else None}
-            for m in graphs]
-    for r in rows:
-        print(f"  {r['method']:13s} batch {bs:4d}: {r['examples_per_s']:8.1f} examples/s", file=sys.stderr)
-    return rows
-
-
-def paired_speedup(reference, pruned):
-    """The median over rounds of reference / pruned seconds, the two passes of each round paired."""
-    return statistics.median(r / p for r, p in zip(reference, pruned))
+def row(m, bs, timed, n):
+    """One graph's row at batch size bs: examples/s over the median pass, the pruned graphs' paired speed-up."""
+    seconds = timed[m, bs][0]
+    r = {"method": m, "batch_size": bs, "examples_per_s": n / statistics.median(seconds), "seconds": seconds,
+         "speedup_vs_ort_same_precision": paired_speedup(timed[SAME[m], bs][0], seconds) if m in SAME else None}
+    return r
 
 
 def table(rows):

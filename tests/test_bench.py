@@ -154,7 +154,7 @@ def test_bench_ort_rows(tmp_path):
     inp = tmp_path / "in.txt"
     inp.write_text("the movie was great\nnot fun\na plot\tthe plot\nbad bad bad bad bad movie\n" * 2)
     out = tmp_path / "bench.json"
-    run(["--model", tmp_path / "m", "--input", inp, "--final-threshold", 0.02, "--batch-sizes", "1,4", "--repeats", 1,
+    run(["--model", tmp_path / "m", "--input", inp, "--final-threshold", 0.02, "--batch-sizes", "1,4", "--repeats", 3,
          "--peak-repeats", 1, "--skip-topk", "--json", out, "--markdown", tmp_path / "bench.md", "--threads", 1,
          "--precision", "fp32,bf16"])
     result = json.loads(out.read_text())
@@ -173,8 +173,12 @@ def test_bench_ort_rows(tmp_path):
         assert by["ltp-ort-int8", "int8", b]["speedup_vs_ort_same_precision"] == pytest.approx(
             by["ltp-ort-int8", "int8", b]["examples_per_s"] / by["ort-int8", "int8", b]["examples_per_s"])
         assert by["ltp-ort-int8", "int8", b]["relative_bops"] < by["ltp-ort-int8", "int8", b]["relative_flops"]
+        for m, p, ref in (("ltp-ort", "fp32", "ort"), ("ltp-ort-int8", "int8", "ort-int8")):  # a round's pair: one ratio
+            ratios = sorted(r / q for r, q in zip(by[ref, p, b]["seconds"], by[m, p, b]["seconds"]))
+            assert len(ratios) == 3 and by[m, p, b]["speedup_vs_ort_paired"] == pytest.approx(ratios[1])
     assert s["ort_max_abs_diff"]["ort"] < 1e-4 and s["ort_max_abs_diff"]["ort-int8"] < 2.0  # int8: reported, loose
-    assert s["ort_fused_ops"]["Attention"] == 2 and s["onnxruntime"]
+    assert s["ort_fused_ops"]["Attention"] == 2 and s["onnxruntime"] and "process of their own" in s["ort_timing"]
+    assert "ltp-ort-int8 batch 4 " in (tmp_path / "bench.md").read_text()  # the paired ratios' line
     int8_bops = unpruned_int8_bops(tmp_path / "m", ["--model", tmp_path / "m", "--input", inp])
     assert 0.25 < int8_bops < 1
     for r in rows:
