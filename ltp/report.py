@@ -27,6 +27,8 @@ def markdown(result):
         lines.append(f"ONNX Runtime {s['onnxruntime']}, fused: "
                      + ", ".join(f"{v} {k}" for k, v in s["ort_fused_ops"].items())
                      + "; vs packed (no pruning, fp32), max abs difference: " + ", ".join(f"{m} {v:.2e}" for m, v in s["ort_max_abs_diff"].items()) + ".")
+        if s.get("ort_timing"):
+            lines.append(f"ONNX Runtime rows timed in {s['ort_timing']}.")
     for m in LTP_ORT_METHODS:
         a = result["setup"].get(m.replace("-", "_") + "_vs_fp32")
         if a:
@@ -60,9 +62,12 @@ def markdown(result):
                      f"{f(r.get('speedup_vs_ort_same_precision'), '.2f')} | {r['peak_memory_mb']:.0f} |")
     paired = [r for r in result["rows"] if r.get("speedup_vs_ort_paired") is not None]
     if paired:
+        per_batch = {}
+        for r in paired:
+            per_batch.setdefault(r["batch_size"], []).append(f"{r['method']} {r['speedup_vs_ort_paired']:.2f}")
         lines += ["", "The pruned graphs against ONNX Runtime's unpruned graph of their precision, the median of the rounds' "
-                  "ratios (each round times the two side by side): " + "; ".join(
-                      f"{r['method']} batch {r['batch_size']} {r['speedup_vs_ort_paired']:.2f}" for r in paired) + "."]
+                  "ratios (each round times the two side by side): "
+                  + "; ".join(f"batch {b}: {', '.join(v)}" for b, v in per_batch.items()) + "."]
     if result.get("topk"):
         lines += [""] + topk_table(result["topk"])
     return "\n".join(lines) + "\n"

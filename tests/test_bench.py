@@ -178,7 +178,7 @@ def test_bench_ort_rows(tmp_path):
             assert len(ratios) == 3 and by[m, p, b]["speedup_vs_ort_paired"] == pytest.approx(ratios[1])
     assert s["ort_max_abs_diff"]["ort"] < 1e-4 and s["ort_max_abs_diff"]["ort-int8"] < 2.0  # int8: reported, loose
     assert s["ort_fused_ops"]["Attention"] == 2 and s["onnxruntime"] and "process of their own" in s["ort_timing"]
-    assert "ltp-ort-int8 batch 4 " in (tmp_path / "bench.md").read_text()  # the paired ratios' line
+    assert "; batch 4: ltp-ort " in (tmp_path / "bench.md").read_text()  # the paired ratios' line
     int8_bops = unpruned_int8_bops(tmp_path / "m", ["--model", tmp_path / "m", "--input", inp])
     assert 0.25 < int8_bops < 1
     for r in rows:
