@@ -24,11 +24,12 @@ Methods (one row per method, batch size and precision, --precision fp32,bf16):
                     and outputs on every example: setup's ltp_ort_vs_fp32)
   ltp-ort-int8      the same graph with the four linears of every layer in int8 (the int8 rows' quant.json, if any)
                     (ort rows need the bench extra, pip install -e '.[bench]'; --skip-ort leaves them out)
-Throughput is the median of --repeats full passes after a warm-up (the passes go round the methods, so a
-change of the machine's load hits all alike), model time only (inputs tokenized, padded or packed beforehand).
-The ONNX Runtime rows are timed in a process of their own (benchmark.in_fresh_process), in rounds among themselves, one
-session open at a time: the torch rows want glibc to keep large blocks (cli.tune_allocator), which slowed the pruned
-int8 graph at batch 32 to 0.6x its speed; their outputs are then checked here.
+Throughput is the median of --repeats full passes after a warm-up, model time only (inputs tokenized, padded or
+packed beforehand). The torch rows' passes go round the methods, so a change of the machine's load hits them alike.
+The ONNX Runtime rows are timed first, in a process of their own (benchmark.in_fresh_process: the torch rows want
+glibc to keep large blocks, cli.tune_allocator, which slows the pruned graphs), in rounds among themselves, one
+session open at a time; their outputs are then checked here. So torch rows against ORT rows compare two stretches of
+the machine's time, minutes apart; the ORT rows against each other, and the torch rows likewise, one stretch.
 Useful GFLOP/s counts real tokens only (flops.sequence_flops). speedup_vs_ort: against the best ORT row of the
 same batch size in the same or a lower precision (int8 < bf16 < fp32; the ort row against ort-int8);
 speedup_vs_ort_same_precision: against the unpruned ORT row of the row's own precision (fp32: ort, int8: ort-int8);
@@ -81,7 +82,8 @@ def main(args):
             **agreement,
             "int8_activations": int8_activations,
             **pruning_setup(args, model, path, encoded, pms, ltp_out),
-            "peak_memory": "CPU: growth of peak resident set (VmHWM) over the resident set before each method's runs; "
+            "peak_memory": "CPU: growth of peak resident set (VmHWM) over the resident set before each method's runs "
+                           "(ONNX Runtime rows: over a session opened and warmed up on the 8 shortest batches); "
                            "cuda: torch.cuda.max_memory_allocated growth",
             "torch": torch.__version__, "allocator": allocator,
         },
@@ -187,7 +189,8 @@ def load_references(args, model, path, pms, encoded, work_dir):
         # ort_max_abs_diff: per ort method, ONNX Runtime vs the fp32 packed routine, pruning off, 4 examples
         **({"onnxruntime": None, "ort_fused_ops": {}, "ort_max_abs_diff": {}} | ort_info),
         "ort_timing": ("a process of their own (benchmark.in_fresh_process): glibc mmap threshold 128 KiB, one session "
-                       "open at a time, rounds of ort, ltp-ort, ort-int8, ltp-ort-int8") if graphs else None}
+                       "open at a time, rounds of " + ", ".join(m for m in benchmark.ORT_TURNS if m in graphs))
+                      if graphs else None}
 
 
 def run_setup(args, model, path, encoded, pms):

@@ -208,8 +208,8 @@ def in_fresh_process(fn, *args):
     fn(*args) in a process of its own, started fresh (spawn), whose glibc mmap threshold is fixed at 128 KiB before fn
     runs, so before onnxruntime is imported there (cli.fix_mmap_threshold); returns fn's result (fn and args picklable).
     measure_rows runs time_ort so: the torch rows want the opposite setting, cli.tune_allocator's 32 MiB, and a process
-    has one. Under it, with every session open, the pruned int8 graph ran at batch 32 at 0.61-0.65x the speed that the
-    fixed threshold gave it in one run of two, ORT's unpruned int8 graph at 0.90x (bench.py, SST-2, AMD Zen 4).
+    has one setting (docs/results.md, "Throughput in bench.py", has the measurements). An exception in fn is raised
+    here; a crash of the process (out of memory, say) as concurrent.futures' BrokenProcessPool.
     """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor

@@ -105,7 +105,7 @@ def time_in_turns(runs, repeats, dev):
     `runs`. The repeats go round the runs, so a change in the machine's load hits every method alike. Returns each
     one's times (s) and peak memory (MB), the memory from one more pass of each, untimed: PeakMemory hands the
     freed heap back to the OS first (malloc_trim), and a timed pass would then pay for the page faults of memory
-    that torch's rows otherwise reuse (cli.tune_allocator), which ONNX Runtime's own arena never returns.
+    that torch's rows otherwise reuse (cli.tune_allocator).
     """
     for run in runs.values():
         run(8)

@@ -28,6 +28,9 @@ def main(args):
     ltp.ort.require()
     output_path(args.json, "--json")
     model, path, encoded = load_encoded(args)
+    if model.prune.mode == "off" or model.prune.method != "threshold":  # the graphs that ltp.export writes
+        raise ValueError(f"--model {args.model}: no pruned graph to time (no ltp.json and no --final-threshold, or a "
+                         f"rank-based baseline, which is not exported)")
     with tempfile.TemporaryDirectory() as d:
         graphs = build_graphs(model, path, d)
         timed = time_ort(graphs, encoded, model.cfg, args.batch_sizes, args.repeats, args.threads)

@@ -228,6 +228,16 @@ def test_ort_alone_times_each_graph_in_a_session_of_its_own(tmp_path, capsys):
     assert "| batch | ort | ltp-ort | ltp-ort / ort |" in capsys.readouterr().out
 
 
+def test_ort_alone_refuses_a_model_that_does_not_prune(tmp_path):
+    """scripts/ort_alone.py on a checkpoint without ltp.json: one line naming --model, before any graph is built."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import ort_alone
+    m, texts = pruned_checkpoint_and_texts(tmp_path)
+    (m / "ltp.json").unlink()
+    with pytest.raises(ValueError, match=f"--model {m}: no pruned graph to time"):
+        ort_alone.main(ort_alone.get_parser().parse_args(["--model", str(m), "--input", str(texts)]))
+
+
 def test_batch1_ceiling_sums_the_linears_at_the_kept_rows():
     """scripts/batch1_ceiling.py's bound: with costs proportional to rows it is the linears' FLOPs ratio (worked by
     hand below), with costs independent of rows 1; its interpolation is linear between measured rows and beyond."""
