@@ -101,9 +101,10 @@ def fix_mmap_threshold(nbytes=128 * 1024):
     """
     glibc only (a no-op elsewhere): blocks of nbytes and more always come from mmap, at glibc's initial threshold,
     which glibc otherwise raises (up to 32 MiB) each time such a block is freed. scripts/ort_alone.py, and
-    benchmark.in_fresh_process for bench.py's ONNX Runtime rows, set it before onnxruntime is imported: without it, its runs of batch 1 then batch 32 ran the pruned int8 graph at batch 32 at
-    about 0.55x the speed of a run of batch 32 alone, and ORT's own int8 graph at 0.85x (6 runs of 6); with it, at
-    full speed (5 of 5). Set after onnxruntime's import, it did not help. A process setting, like tune_allocator,
+    benchmark.in_fresh_process for bench.py's ONNX Runtime rows, set it before onnxruntime is imported. Without it,
+    runs of batch 1 then batch 32 in one process ran the pruned int8 graph at batch 32 at about 0.55x the speed of a
+    run of batch 32 alone, and ORT's own int8 graph at 0.85x (6 runs of 6); with it, at full speed (5 of 5). Set
+    after onnxruntime's import, it did not help. A process setting, like tune_allocator,
     whose 32 MiB threshold torch's rows want instead.
     """
     try:
